@@ -1,0 +1,1 @@
+"""FastAPI service for the MNIST VAE TorchScript artifacts."""

@@ -1,0 +1,108 @@
+"""Reading images out of a request: raw body, multipart `file` fields, or JSON.
+
+Every accepted form ends as one float32 tensor [B, 1, 28, 28]; every rejected one as
+an ApiError with the status a client can act on.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from typing import Annotated, Any
+
+import torch
+from fastapi import Request
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from starlette.datastructures import UploadFile
+
+from app.errors import ApiError
+from app.imaging import Preprocess, decode_image, pixels_to_tensor
+
+Row = Annotated[list[float], Field(min_length=28, max_length=28)]
+Grid = Annotated[list[Row], Field(min_length=28, max_length=28)]
+
+
+class ImagesIn(BaseModel):
+    """JSON body: base64-encoded image files, or 28x28 pixel arrays in [0, 1] (white digit on black)."""
+
+    images: list[str] | None = Field(None, description="base64 of PNG/JPEG/... files", min_length=1)
+    pixels: list[Grid] | None = Field(None, description="28x28 floats in [0, 1] per image", min_length=1)
+
+    @field_validator("pixels")
+    @classmethod
+    def _in_range(cls, v: list[Grid] | None) -> list[Grid] | None:
+        for grid in v or []:
+            for row in grid:
+                for p in row:
+                    if not (math.isfinite(p) and 0.0 <= p <= 1.0):
+                        raise ValueError("pixel values must be finite numbers in [0, 1]")
+        return v
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, "malformed JSON", str(e)) from e
+
+
+def _validation_error(e: ValidationError) -> ApiError:
+    errors = [{"loc": list(x["loc"]), "msg": x["msg"], "type": x["type"]} for x in e.errors()]
+    return ApiError(422, "invalid request", errors)
+
+
+async def read_images(request: Request, max_batch: int, max_pixels: int, prep: Preprocess) -> torch.Tensor:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        blobs = await _multipart(request, max_batch)
+        return _stack([decode_image(b, max_pixels, prep) for b in blobs], max_batch)
+    if ctype == "application/json":
+        try:
+            body = ImagesIn.model_validate(parse_json(await request.body()))
+        except ValidationError as e:
+            raise _validation_error(e) from e
+        if (body.images is None) == (body.pixels is None):
+            raise ApiError(422, "invalid request", "give exactly one of 'images' (base64 files) or 'pixels'")
+        if body.pixels is not None:
+            _check_batch(len(body.pixels), max_batch)
+            return torch.cat([pixels_to_tensor(p) for p in body.pixels]).unsqueeze(1)
+        assert body.images is not None
+        _check_batch(len(body.images), max_batch)
+        return _stack([decode_image(_b64(s, i), max_pixels, prep) for i, s in enumerate(body.images)], max_batch)
+    if ctype.startswith("image/") or ctype == "application/octet-stream":
+        return decode_image(await request.body(), max_pixels, prep).unsqueeze(0)
+    raise ApiError(415, "unsupported media type",
+                   f"got {ctype or 'no Content-Type'}; send image/* (raw bytes), multipart/form-data with field "
+                   "'file', or application/json with 'images' or 'pixels'")
+
+
+async def _multipart(request: Request, max_batch: int) -> list[bytes]:
+    try:
+        form = await request.form(max_files=max_batch + 1, max_fields=max_batch + 16)
+    except Exception as e:  # python-multipart / starlette raise several types for malformed or oversize forms
+        status = 413 if "Too many" in str(e) else 400
+        raise ApiError(status, "malformed multipart body" if status == 400 else "batch too large", str(e)) from e
+    files = [f for f in form.getlist("file") if isinstance(f, UploadFile)]
+    if not files:
+        raise ApiError(422, "invalid request", "multipart body needs one or more 'file' fields holding images")
+    _check_batch(len(files), max_batch)
+    return [await f.read() for f in files]
+
+
+def _b64(s: str, index: int) -> bytes:
+    try:
+        return base64.b64decode(s, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ApiError(422, "invalid request", f"images[{index}] is not valid base64") from e
+
+
+def _check_batch(n: int, max_batch: int) -> None:
+    if n > max_batch:
+        raise ApiError(413, "batch too large", f"{n} images; the limit is {max_batch} (VAE_MAX_BATCH)")
+
+
+def _stack(images: list[torch.Tensor], max_batch: int) -> torch.Tensor:
+    _check_batch(len(images), max_batch)
+    return torch.stack(images)

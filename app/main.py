@@ -1,0 +1,257 @@
+"""The FastAPI app: lifespan loads the models, routes stay thin.
+
+Where a request goes: inputs.py reads images out of it, imaging.py preprocesses them,
+inference.py runs the model (batching.py gathers concurrent calls), formats.py picks
+PNG or JSON, errors.py shapes every failure.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+import torch
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from app import errors, inference
+from app.errors import ApiError
+from app.formats import MEDIA, negotiate
+from app.imaging import Preprocess, to_png
+from app.inference import Engine
+from app.inputs import parse_json, read_images
+from app.middleware import ServiceMiddleware
+from app.models import ModelLoadError, load_models, resolve_device, warm_up
+from app.schemas import (
+    ERRORS,
+    IMAGE_BODY,
+    PNG_RESPONSE,
+    AnomalyOut,
+    DecodeIn,
+    EncodeOut,
+    ErrorOut,
+    Latent,
+    ScoreOut,
+)
+from app.settings import Settings, get_settings
+
+log = logging.getLogger("app")
+
+ModelName = Annotated[str | None, Query(description="model name from GET /models; default VAE_DEFAULT_MODEL")]
+FormatQ = Annotated[Literal["png", "json"] | None, Query(alias="format", description="png or json; overrides Accept")]
+InvertQ = Annotated[Literal["auto", "true", "false"], Query(description="auto: invert light-background images")]
+FitQ = Annotated[bool, Query(description="scale to fit 28x28 keeping aspect ratio, pad with black")]
+EncodingQ = Annotated[Literal["pixels", "base64"], Query(description="JSON output: pixel arrays or base64 PNGs")]
+Z_LIMIT = 1e4  # |z| beyond this is no latent a Gaussian prior produces; it only makes the decoder overflow
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = resolve_device(settings.device)
+    try:
+        models = load_models(settings.models_dir, device, settings.default_model)
+    except ModelLoadError as e:
+        log.error("start-up failed: %s", e)
+        raise  # uvicorn reports the start-up failed and exits with status 3: never a half-ready service
+    for m in models.values():
+        warm_up(m)
+        log.info("model %s ready on %s (latent_dim=%d, %s)", m.name, m.device, m.latent_dim, m.path)
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")  # one pass at a time
+    wait = settings.batch_max_wait_us / 1e6
+    app.state.engines = {n: Engine(m, executor, settings.batch_max_size, wait) for n, m in models.items()}
+    app.state.ready = True
+    try:
+        yield
+    finally:
+        app.state.ready = False
+        for engine in app.state.engines.values():
+            engine.close()
+        executor.shutdown(wait=True)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="MNIST VAE service",
+        version="0.1.0",
+        description="Encode, decode, sample, reconstruct and score digits with a variational autoencoder. "
+        "Output format: `?format=png|json` wins, else the Accept header, else the endpoint's default.",
+        lifespan=lifespan,
+        responses={k: v for k, v in ERRORS.items() if k in (400, 404, 422)},
+    )
+    app.state.settings = settings
+    app.state.ready = False
+    app.state.engines = {}
+    errors.install(app)
+    app.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_body_bytes)
+    add_routes(app, settings)
+    return app
+
+
+def engine_for(request: Request, name: str | None) -> Engine:
+    engines: dict[str, Engine] = request.app.state.engines
+    if not request.app.state.ready:
+        raise ApiError(503, "not ready", "models are still loading", {"Retry-After": "1"})
+    name = name or request.app.state.settings.default_model
+    if name not in engines:
+        raise ApiError(404, "unknown model", f"{name!r}; available: {sorted(engines)}")
+    request.state.model = name
+    return engines[name]
+
+
+def _pixels(images: torch.Tensor) -> list[list[list[float]]]:
+    return [[[round(v, 5) for v in row] for row in img[0].tolist()] for img in images]
+
+
+def images_response(fmt: str, encoding: str, images: torch.Tensor, payload: dict[str, Any],
+                    png: torch.Tensor | None = None, nrow: int | None = None,
+                    headers: dict[str, str] | None = None) -> Response:
+    if fmt == "png":
+        return Response(to_png(images if png is None else png, nrow), media_type=MEDIA["png"], headers=headers)
+    if encoding == "base64":
+        payload["png_base64"] = [base64.b64encode(to_png(img[None])).decode() for img in images]
+    else:
+        payload["images"] = _pixels(images)
+    return JSONResponse({k: v for k, v in payload.items() if v is not None}, headers=headers)
+
+
+def add_routes(app: FastAPI, settings: Settings) -> None:
+    @app.get("/healthz", tags=["ops"], summary="Process is alive")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"], summary="200 once every model is loaded and warmed up, 503 before",
+             responses={503: ERRORS[503]})
+    async def readyz(request: Request) -> JSONResponse:
+        if not request.app.state.ready:
+            return JSONResponse({"error": "not ready", "detail": "models are loading"}, 503,
+                                headers={"Retry-After": "1"})
+        return JSONResponse({"status": "ready", "models": sorted(request.app.state.engines)})
+
+    @app.get("/models", tags=["ops"], summary="Each model's meta.json plus the device it runs on")
+    async def models(request: Request) -> dict[str, Any]:
+        engines: dict[str, Engine] = request.app.state.engines
+        return {"default": settings.default_model, "models": [e.model.describe() for e in engines.values()]}
+
+    @app.post("/encode", tags=["model"], summary="Image(s) to the posterior mean and log-variance",
+              response_model=EncodeOut, response_model_exclude_none=True, openapi_extra=IMAGE_BODY,
+              responses={k: ERRORS[k] for k in (406, 413, 415)})
+    async def encode(request: Request, model: ModelName = None, invert: InvertQ = "auto", fit: FitQ = True,
+                     fmt: FormatQ = None) -> Any:
+        negotiate(request, fmt, "json", allowed=("json",))
+        engine = engine_for(request, model)
+        x = await read_images(request, settings.max_batch, settings.max_image_pixels, Preprocess(invert, fit))
+        mu, logvar = await inference.encode(engine, x)
+        out = EncodeOut(model=engine.model.name, latent_dim=engine.model.latent_dim)
+        if x.shape[0] == 1:
+            out.mu, out.logvar = mu[0].tolist(), logvar[0].tolist()
+        else:
+            out.results = [Latent(mu=m.tolist(), logvar=lv.tolist()) for m, lv in zip(mu, logvar, strict=True)]
+        return out
+
+    @app.post("/decode", tags=["model"], summary="Latent vectors to images (PNG grid or JSON)",
+              responses={**PNG_RESPONSE, **{k: ERRORS[k] for k in (406, 413)}},
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": {"$ref": "#/components/schemas/DecodeIn"}, "example": {"z": [[0.0, 0.0]]}}}}})
+    async def decode(request: Request, model: ModelName = None, fmt: FormatQ = None,
+                     encoding: EncodingQ = "pixels") -> Response:
+        chosen = negotiate(request, fmt, "png")
+        engine = engine_for(request, model)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise ApiError(415, "unsupported media type", "send application/json: {\"z\": [[...], ...]}")
+        try:
+            body = DecodeIn.model_validate(parse_json(await request.body()))
+        except ValidationError as e:
+            raise ApiError(422, "invalid request",
+                           [{"loc": list(x["loc"]), "msg": x["msg"], "type": x["type"]} for x in e.errors()]) from e
+        d = engine.model.latent_dim
+        if len(body.z) > settings.max_batch:
+            raise ApiError(413, "batch too large", f"{len(body.z)} vectors; the limit is {settings.max_batch}")
+        for i, row in enumerate(body.z):
+            if len(row) != d:
+                raise ApiError(422, "wrong latent size", f"z[{i}] has {len(row)} values; model "
+                               f"{engine.model.name!r} has latent_dim={d}")
+            if not all(math.isfinite(v) and abs(v) <= Z_LIMIT for v in row):
+                raise ApiError(422, "invalid latent", f"z[{i}] must hold finite numbers with |z| <= {Z_LIMIT:g}")
+        images = await inference.decode(engine, torch.tensor(body.z, dtype=torch.float32))
+        return images_response(chosen, encoding, images, {"model": engine.model.name})
+
+    @app.get("/sample", tags=["model"], summary="n images from z ~ N(0, T² I)",
+             responses={**PNG_RESPONSE, **{k: ERRORS[k] for k in (406, 413)}})
+    async def sample(request: Request, n: Annotated[int, Query(ge=1, description="number of images")] = 16,
+                     seed: Annotated[int | None, Query(ge=0, lt=2**63, description="same seed, same images")] = None,
+                     temperature: Annotated[float, Query(gt=0, le=10, allow_inf_nan=False)] = 1.0,
+                     model: ModelName = None, fmt: FormatQ = None, encoding: EncodingQ = "pixels") -> Response:
+        chosen = negotiate(request, fmt, "png")
+        engine = engine_for(request, model)
+        if n > settings.max_samples:
+            raise ApiError(413, "too many samples", f"n={n}; the limit is {settings.max_samples} (VAE_MAX_SAMPLES)")
+        seed = inference.new_seed() if seed is None else seed
+        z, images = await inference.sample(engine, n, seed, temperature)
+        return images_response(chosen, encoding, images,
+                               {"model": engine.model.name, "seed": seed, "z": z.tolist()},
+                               headers={"X-Seed": str(seed)})
+
+    @app.post("/reconstruct", tags=["model"], summary="Image(s) to reconstruction(s): PNG rows of original | "
+              "reconstruction, or JSON", openapi_extra=IMAGE_BODY,
+              responses={**PNG_RESPONSE, **{k: ERRORS[k] for k in (406, 413, 415)}})
+    async def reconstruct(request: Request, model: ModelName = None, invert: InvertQ = "auto", fit: FitQ = True,
+                          fmt: FormatQ = None, encoding: EncodingQ = "pixels") -> Response:
+        chosen = negotiate(request, fmt, "png")
+        engine = engine_for(request, model)
+        x = await read_images(request, settings.max_batch, settings.max_image_pixels, Preprocess(invert, fit))
+        recon = await inference.reconstruct(engine, x)
+        pairs = torch.stack([x, recon], dim=1).reshape(-1, 1, 28, 28)  # original, reconstruction, ...
+        payload: dict[str, Any] = {"model": engine.model.name}
+        if chosen == "json" and encoding == "pixels":
+            payload["originals"] = _pixels(x)
+        return images_response(chosen, encoding, recon, payload, png=pairs, nrow=2)
+
+    @app.post("/anomaly-score", tags=["model"], summary="-log p(x) bound per image, its percentile among MNIST "
+              "test digits, and an anomaly flag", response_model=AnomalyOut, response_model_exclude_none=True,
+              openapi_extra=IMAGE_BODY, responses={k: ERRORS[k] for k in (406, 413, 415)})
+    async def anomaly_score(
+        request: Request,
+        k: Annotated[int | None, Query(ge=1, description="importance samples (default VAE_DEFAULT_K)")] = None,
+        threshold_percentile: Annotated[float | None, Query(gt=0, lt=100, allow_inf_nan=False)] = None,
+        seed: Annotated[int, Query(ge=0, lt=2**63, description="noise seed; fixed so equal images score equally")] = 0,
+        model: ModelName = None, invert: InvertQ = "auto", fit: FitQ = True, fmt: FormatQ = None,
+    ) -> Any:
+        negotiate(request, fmt, "json", allowed=("json",))
+        engine = engine_for(request, model)
+        k = k or settings.default_k
+        if k > settings.max_k:
+            raise ApiError(422, "k too large", f"k={k}; the limit is {settings.max_k} (VAE_MAX_K)")
+        pct = threshold_percentile or settings.default_threshold_percentile
+        x = await read_images(request, settings.max_batch, settings.max_image_pixels, Preprocess(invert, fit))
+        threshold = engine.model.threshold(pct)
+        scores = await inference.anomaly_scores(engine, x, k, seed, threshold)
+        out = AnomalyOut(model=engine.model.name, k=k, threshold=threshold, threshold_percentile=pct,
+                         calibration_k=engine.model.calibration_k)
+        if len(scores) == 1:
+            out.score, out.percentile, out.is_anomaly = scores[0].score, scores[0].percentile, scores[0].is_anomaly
+        else:
+            out.results = [ScoreOut(score=s.score, percentile=s.percentile, is_anomaly=s.is_anomaly) for s in scores]
+        return out
+
+    if settings.bare_endpoint:
+        @app.post("/_bare", tags=["ops"], summary="Reads the body, returns {}: the HTTP ceiling for benchmarks",
+                  responses={413: ERRORS[413]})
+        async def bare(request: Request) -> dict[str, Any]:
+            await request.body()
+            return {}
+
+    _ = ErrorOut  # referenced by ERRORS for the schema
+
+
+app = create_app()

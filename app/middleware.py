@@ -1,0 +1,96 @@
+"""Pure-ASGI middleware (no per-request task switch, unlike BaseHTTPMiddleware).
+
+- Request ids: echo the client's X-Request-ID or make one, put it on the response.
+- Body limit: refuse bodies above the limit with 413, by Content-Length before
+  reading, or by counting the stream for chunked uploads.
+- Access log: one JSON line per request with id, method, path, status, latency.
+- Start-up failures: the lifespan already logged one line naming the file and the
+  fault; Starlette's traceback on top of it would only bury that line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import ApiError, error_response
+
+access_log = logging.getLogger("app.access")
+
+
+class ServiceMiddleware:
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app, self.max_body_bytes = app, max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, _quiet_startup_failure(send))
+            return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        headers = dict(scope["headers"])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode("latin-1"))]
+            await send(message)
+
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            response = error_response(413, "request body too large",
+                                      f"{int(length)} bytes; the limit is {self.max_body_bytes} (VAE_MAX_BODY_BYTES)")
+            await response(scope, receive, send_with_id)
+            self._log(scope, rid, status, start)
+            return
+
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise ApiError(413, "request body too large", f"the limit is {self.max_body_bytes} bytes")
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send_with_id)
+        finally:
+            self._log(scope, rid, status, start)
+
+    @staticmethod
+    def _log(scope: Scope, rid: str, status: int, start: float) -> None:
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        record: dict[str, Any] = {
+            "request_id": rid, "method": scope["method"], "path": scope["path"],
+            "query": scope.get("query_string", b"").decode("latin-1"), "status": status,
+            "latency_ms": round((time.perf_counter() - start) * 1000, 2),
+        }
+        model = scope.get("state", {}).get("model")
+        if model:
+            record["model"] = model
+        access_log.info(json.dumps(record))
+
+
+def _quiet_startup_failure(send: Send) -> Send:
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "lifespan.startup.failed":
+            message = {**message, "message": ""}
+        await send(message)
+
+    return wrapped

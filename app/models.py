@@ -1,0 +1,168 @@
+"""Loading the TorchScript artifacts and checking them against the contract.
+
+The artifact is the single source of truth: shapes, latent size and calibration come
+from its `meta.json` and are verified by calling its methods once, so a file that
+lies fails start-up instead of failing a user's request later.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("app.models")
+warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated", category=FutureWarning)
+
+METHODS = ("encode", "decode", "forward", "log_likelihood", "log_likelihood_with_noise")
+INPUT_SHAPE = [1, 28, 28]
+
+
+class ModelLoadError(Exception):
+    """A models folder or artifact the service must not start with; the message names the file."""
+
+
+@dataclass
+class ServedModel:
+    name: str
+    path: Path
+    module: torch.jit.ScriptModule
+    meta: dict[str, Any]
+    device: torch.device
+    latent_dim: int
+    # (percentile, score) points of the in-distribution calibration, sorted by score.
+    calibration: list[tuple[float, float]] = field(default_factory=list)
+    calibration_k: int | None = None
+
+    def percentile(self, score: float) -> float | None:
+        """Where a score falls among the calibration scores, by linear interpolation between quantiles."""
+        if not self.calibration:
+            return None
+        scores = [s for _, s in self.calibration]
+        i = bisect.bisect_left(scores, score)
+        if i == 0:
+            return self.calibration[0][0] if score == scores[0] else max(0.0, self.calibration[0][0] * 0.5)
+        if i == len(scores):
+            return 100.0 if score > scores[-1] else self.calibration[-1][0]
+        (p0, s0), (p1, s1) = self.calibration[i - 1], self.calibration[i]
+        return p0 + (p1 - p0) * (score - s0) / (s1 - s0) if s1 > s0 else p1
+
+    def threshold(self, percentile: float) -> float | None:
+        """The score at a percentile of the calibration set (inverse of `percentile`)."""
+        if not self.calibration:
+            return None
+        ps = [p for p, _ in self.calibration]
+        if percentile <= ps[0]:
+            return self.calibration[0][1]
+        if percentile >= ps[-1]:
+            return self.calibration[-1][1]
+        i = bisect.bisect_left(ps, percentile)
+        (p0, s0), (p1, s1) = self.calibration[i - 1], self.calibration[i]
+        return s0 + (s1 - s0) * (percentile - p0) / (p1 - p0)
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.meta, "device": str(self.device), "file": self.path.name}
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting == "cuda" and not torch.cuda.is_available():
+        # Documented choice: a GPU-less host still serves (slower) rather than crash-looping.
+        log.warning("VAE_DEVICE=cuda but no CUDA device is available; falling back to CPU")
+        return torch.device("cpu")
+    return torch.device(setting)
+
+
+def _calibration_points(meta: dict[str, Any]) -> tuple[list[tuple[float, float]], int | None]:
+    cal = meta.get("anomaly_calibration") or {}
+    points = []
+    for key, value in (cal.get("quantiles") or {}).items():
+        points.append((float(key.lstrip("p")), float(value)))
+    points.sort(key=lambda p: p[0])
+    return points, cal.get("k")
+
+
+def load_model(path: Path, device: torch.device) -> ServedModel:
+    extra = {"meta.json": ""}
+    try:
+        module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+    except Exception as e:  # torch raises RuntimeError/ValueError/OSError variously for bad archives
+        raise ModelLoadError(f"{path}: not a loadable TorchScript archive ({str(e).splitlines()[0]})") from e
+    try:
+        meta = json.loads(extra["meta.json"])
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path}: meta.json missing or not JSON ({e})") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) \
+            or not isinstance(meta.get("latent_dim"), int):
+        raise ModelLoadError(f"{path}: meta.json must give a string 'name' and an integer 'latent_dim'")
+    if meta.get("input_shape", INPUT_SHAPE) != INPUT_SHAPE:
+        raise ModelLoadError(f"{path}: input_shape {meta.get('input_shape')} is not {INPUT_SHAPE}")
+    missing = [m for m in METHODS if not hasattr(module, m)]
+    if missing:
+        raise ModelLoadError(f"{path}: artifact lacks method(s) {', '.join(missing)}")
+    for p in module.parameters():
+        p.requires_grad_(False)
+    module.eval()
+    calibration, cal_k = _calibration_points(meta)
+    model = ServedModel(meta["name"], path, module, meta, device, meta["latent_dim"], calibration, cal_k)
+    check_contract(model)
+    return model
+
+
+@torch.no_grad()
+def check_contract(model: ServedModel) -> None:
+    """Call every method once on known inputs; shapes, ranges and finiteness must hold."""
+    d, m, path = model.latent_dim, model.module, model.path
+    x = torch.full((2, 1, 28, 28), 0.5, device=model.device)
+    try:
+        mu, logvar = m.encode(x)
+        probs = m.decode(torch.zeros(2, d, device=model.device))
+        ll = m.log_likelihood_with_noise(x, torch.zeros(2, 2, d, device=model.device))
+    except Exception as e:
+        raise ModelLoadError(f"{path}: calling the artifact failed ({str(e).splitlines()[0]}); "
+                             f"does meta.json's latent_dim={d} match the model?") from e
+    if tuple(mu.shape) != (2, d) or tuple(logvar.shape) != (2, d):
+        raise ModelLoadError(f"{path}: encode returned {tuple(mu.shape)}, but meta.json says latent_dim={d}")
+    if tuple(probs.shape) != (2, 1, 28, 28) or not bool(((probs >= 0) & (probs <= 1)).all()):
+        raise ModelLoadError(f"{path}: decode must return [B,1,28,28] in [0,1], got {tuple(probs.shape)}")
+    if tuple(ll.shape) != (2,) or not all(math.isfinite(v) for v in ll.tolist()):
+        raise ModelLoadError(f"{path}: log_likelihood_with_noise must return [B] finite values")
+
+
+@torch.no_grad()
+def warm_up(model: ServedModel, passes: int = 3) -> None:
+    """Run each method at a few batch sizes so the first user request pays no JIT profiling cost."""
+    for _ in range(passes):
+        for b in (1, 8):
+            x = torch.rand(b, 1, 28, 28, device=model.device)
+            model.module.encode(x)
+            model.module.forward(x)
+            model.module.decode(torch.randn(b, model.latent_dim, device=model.device))
+            model.module.log_likelihood_with_noise(x, torch.randn(4, b, model.latent_dim, device=model.device))
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+
+
+def load_models(folder: Path, device: torch.device, default: str) -> dict[str, ServedModel]:
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder}: models folder does not exist")
+    files = sorted(folder.glob("*.pt"))
+    if not files:
+        raise ModelLoadError(f"{folder}: no *.pt model files in the models folder")
+    models: dict[str, ServedModel] = {}
+    for path in files:
+        model = load_model(path, device)
+        if model.name in models:
+            raise ModelLoadError(f"{path}: model name {model.name!r} already used by {models[model.name].path}")
+        models[model.name] = model
+    if default not in models:
+        raise ModelLoadError(f"{folder}: default model {default!r} not among {sorted(models)} (set VAE_DEFAULT_MODEL)")
+    return models

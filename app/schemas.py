@@ -1,0 +1,96 @@
+"""Request/response bodies and the OpenAPI descriptions of the hand-parsed image bodies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+IMAGE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "One image as the raw body (any format Pillow reads), one or more multipart fields "
+        "named `file`, or JSON with base64 `images` or 28x28 `pixels` in [0, 1].",
+        "content": {
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    "required": ["file"],
+                }
+            },
+            "application/json": {
+                "schema": {"$ref": "#/components/schemas/ImagesIn"},
+                "example": {"pixels": [[[0.0] * 28] * 28]},
+            },
+        },
+    }
+}
+
+PNG_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+          "description": "PNG (default), or JSON with format=json / Accept: application/json"},
+}
+
+
+class ErrorOut(BaseModel):
+    error: str = Field(examples=["image too large"])
+    detail: Any = Field(None, examples=["100000x100000 pixels; the limit is 16000000 pixels"])
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut, "description": text}
+    for code, text in {
+        400: "malformed request", 404: "unknown model", 406: "format not available", 413: "over a size limit",
+        415: "unsupported media type or undecodable image", 422: "invalid values or shapes",
+        503: "not ready or overloaded",
+    }.items()
+}
+
+
+class Latent(BaseModel):
+    mu: list[float]
+    logvar: list[float]
+
+
+class EncodeOut(BaseModel):
+    model: str = Field(examples=["vae"])
+    latent_dim: int = Field(examples=[32])
+    mu: list[float] | None = None
+    logvar: list[float] | None = None
+    results: list[Latent] | None = Field(None, description="one entry per image when a batch was sent")
+
+
+class DecodeIn(BaseModel):
+    z: list[list[float]] = Field(min_length=1, description="latent vectors, each of the model's latent_dim",
+                                 examples=[[[0.0, 0.0]]])
+
+
+class ImagesOut(BaseModel):
+    model: str
+    images: list[list[list[float]]] | None = Field(None, description="28x28 pixel arrays (encoding=pixels)")
+    png_base64: list[str] | None = Field(None, description="one PNG per image (encoding=base64)")
+    z: list[list[float]] | None = Field(None, description="the latents used (sample)")
+    seed: int | None = Field(None, description="seed that reproduces this sample")
+    originals: list[list[list[float]]] | None = Field(None, description="the preprocessed inputs (reconstruct)")
+
+
+class ScoreOut(BaseModel):
+    score: float = Field(description="-log p(x) upper bound in nats (IWAE with k samples); higher = more unusual")
+    percentile: float | None = Field(description="percentile of the score among MNIST test images")
+    is_anomaly: bool | None
+
+
+class AnomalyOut(BaseModel):
+    model: str
+    k: int
+    threshold: float | None = Field(description="score at threshold_percentile of the calibration set")
+    threshold_percentile: float
+    calibration_k: int | None
+    score: float | None = None
+    percentile: float | None = None
+    is_anomaly: bool | None = None
+    results: list[ScoreOut] | None = None

@@ -1,0 +1,45 @@
+"""All service settings in one place, read from VAE_* environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VAE_", protected_namespaces=())
+
+    models_dir: Path = Field(Path("models"), description="folder whose *.pt TorchScript artifacts are served")
+    default_model: str = Field("vae", description="model used when a request names none (?model=NAME)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA when torch.cuda.is_available(), else CPU; cuda without a GPU falls back "
+        "to CPU with a warning")
+    host: str = Field("127.0.0.1", description="vae-serve bind address (the container sets 0.0.0.0)")
+    port: int = Field(8000, description="vae-serve port")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 leaves torch's default (one per core)")
+
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest request body accepted (413 above)")
+    max_image_pixels: int = Field(16_000_000, ge=784, description="largest decoded image, width x height "
+                                  "(413 above; guards against decompression bombs)")
+    max_batch: int = Field(64, ge=1, description="most images in one request (413 above)")
+    max_samples: int = Field(256, ge=1, description="largest n for /sample (413 above)")
+    default_k: int = Field(64, ge=1, description="importance samples for /anomaly-score when the request gives none")
+    max_k: int = Field(1000, ge=1, description="largest k a request may ask for")
+    default_threshold_percentile: float = Field(
+        99.0, gt=0, lt=100, description="an image scoring above this percentile of the calibration set is an anomaly")
+
+    batch_max_size: int = Field(64, ge=1, description="dynamic batching: most images in one forward pass")
+    batch_max_wait_us: int = Field(500, ge=0, description="dynamic batching: how long a forward pass waits for "
+                                   "more requests once one is queued (0 = only what is already queued)")
+    bare_endpoint: bool = Field(False, description="serve POST /_bare, which only reads the body: the HTTP "
+                                "ceiling the benchmark compares against")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

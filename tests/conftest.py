@@ -1,0 +1,56 @@
+"""Shared fixtures: the MNIST copy beside the repository and two tiny real artifacts.
+
+The artifacts are trained by the real training program (1 epoch on 2,000 images), so
+the API tests exercise exactly what the training side exports.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from training import train
+from training.data import MNIST, load_mnist
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("VAE_TEST_DATA_DIR", REPO.parent / "shared" / "data" / "mnist"))
+TEST_DATA = Path(__file__).resolve().parent / "data"
+
+TINY_RUNS = {
+    # name: extra arguments
+    "vae": ["--arch", "mlp", "--latent-dim", "2", "--hidden", "64"],
+    "deep-tiny": ["--arch", "deep", "--latent-dim", "8", "--hidden", "64", "--iw-k", "2", "--binarize", "dynamic"],
+}
+
+
+@pytest.fixture(scope="session")
+def mnist() -> MNIST:
+    if not DATA_DIR.is_dir():
+        pytest.fail(f"MNIST copy not found at {DATA_DIR} (set VAE_TEST_DATA_DIR)")
+    return load_mnist(DATA_DIR, allow_download=False)
+
+
+def tiny_args(out: Path, name: str) -> list[str]:
+    return ["--data-dir", str(DATA_DIR), "--no-download", "--no-progress", "--epochs", "1", "--train-limit", "2000",
+            "--eval-k", "16", "--eval-limit", "500", "--out", str(out / f"{name}.pt"), *TINY_RUNS[name]]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory, mnist: MNIST) -> Path:
+    """Folder holding vae.pt and deep-tiny.pt with their metrics and pictures."""
+    out = tmp_path_factory.mktemp("trained")
+    for name in TINY_RUNS:
+        assert train.main(tiny_args(out, name)) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory, trained: Path) -> Path:
+    """Only the artifacts, as the service expects its models folder."""
+    folder = tmp_path_factory.mktemp("models")
+    for p in trained.glob("*.pt"):
+        shutil.copy(p, folder / p.name)
+    return folder

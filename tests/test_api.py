@@ -1,0 +1,360 @@
+"""The real app, with real tiny artifacts, through TestClient (httpx)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.imaging import Preprocess, decode_image
+from app.main import create_app
+from app.models import ModelLoadError
+from app.settings import Settings
+from tests.conftest import TEST_DATA
+from training import export
+
+DIGIT = (TEST_DATA / "mnist_test_0_digit_7.png").read_bytes()
+DIGITS = sorted(TEST_DATA.glob("mnist_test_*.png"))
+PHOTO = (TEST_DATA / "photo_dark_on_light_digit_4.jpg").read_bytes()
+
+
+def settings(models_dir: Path, **overrides) -> Settings:
+    return Settings(**{"models_dir": models_dir, "default_model": "vae", **overrides})
+
+
+@pytest.fixture(scope="module")
+def client(models_dir: Path) -> Iterator[TestClient]:
+    app = create_app(settings(models_dir, max_body_bytes=2_000_000, max_batch=8, max_samples=64, max_k=256))
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def artifact(models_dir: Path) -> torch.jit.ScriptModule:
+    return export.load(models_dir / "vae.pt")[0]
+
+
+def png_of(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def prep(data: bytes) -> torch.Tensor:
+    return decode_image(data, 10**8, Preprocess())
+
+
+# --- readiness and metadata ------------------------------------------------------------
+
+def test_readyz_is_503_before_startup_and_200_after(models_dir: Path) -> None:
+    app = create_app(settings(models_dir))
+    cold = TestClient(app)  # no lifespan yet: models not loaded
+    r = cold.get("/readyz")
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert cold.get("/healthz").status_code == 200
+    assert cold.post("/encode", content=DIGIT, headers={"content-type": "image/png"}).status_code == 503
+    with TestClient(app) as warm:
+        assert warm.get("/readyz").json() == {"status": "ready", "models": ["deep-tiny", "vae"]}
+
+
+def test_models_lists_meta_and_device(client: TestClient) -> None:
+    body = client.get("/models").json()
+    assert body["default"] == "vae"
+    by_name = {m["name"]: m for m in body["models"]}
+    assert by_name["vae"]["latent_dim"] == 2 and by_name["deep-tiny"]["latent_dim"] == 8
+    assert by_name["vae"]["device"] == "cpu" and "anomaly_calibration" in by_name["vae"]
+
+
+# --- encode ----------------------------------------------------------------------------
+
+def test_encode_raw_png_matches_artifact(client: TestClient, artifact) -> None:
+    r = client.post("/encode", content=DIGIT, headers={"content-type": "image/png"})
+    assert r.status_code == 200
+    body = r.json()
+    mu, logvar = artifact.encode(prep(DIGIT)[None])
+    assert body["model"] == "vae" and body["latent_dim"] == 2
+    torch.testing.assert_close(torch.tensor(body["mu"]), mu[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(body["logvar"]), logvar[0], rtol=0, atol=1e-6)
+
+
+def test_encode_multipart_batch_keeps_order(client: TestClient, artifact) -> None:
+    files = [("file", (p.name, p.read_bytes(), "image/png")) for p in DIGITS]
+    body = client.post("/encode", files=files).json()
+    x = torch.stack([prep(p.read_bytes()) for p in DIGITS])
+    mu, _ = artifact.encode(x)
+    assert len(body["results"]) == len(DIGITS)
+    for row, expected in zip(body["results"], mu, strict=True):
+        torch.testing.assert_close(torch.tensor(row["mu"]), expected, rtol=0, atol=1e-5)
+
+
+def test_encode_json_base64_and_pixels_agree(client: TestClient) -> None:
+    b64 = client.post("/encode", json={"images": [base64.b64encode(DIGIT).decode()]}).json()
+    pixels = prep(DIGIT)[0].tolist()
+    px = client.post("/encode", json={"pixels": [pixels]}).json()
+    raw = client.post("/encode", content=DIGIT, headers={"content-type": "image/png"}).json()
+    assert b64["mu"] == raw["mu"]
+    torch.testing.assert_close(torch.tensor(px["mu"]), torch.tensor(raw["mu"]), rtol=0, atol=1e-5)
+
+
+def test_other_model_by_name(client: TestClient) -> None:
+    body = client.post("/encode?model=deep-tiny", content=DIGIT, headers={"content-type": "image/png"}).json()
+    assert body["model"] == "deep-tiny" and len(body["mu"]) == 8
+
+
+# --- decode, sample, reconstruct -------------------------------------------------------
+
+def test_decode_png_and_json(client: TestClient, artifact) -> None:
+    z = [[0.5, -1.0], [0.0, 0.0], [2.0, 1.0], [-1.0, 0.3]]
+    r = client.post("/decode", json={"z": z})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(r.content)).size == (2 * 30 + 2, 2 * 30 + 2)
+    body = client.post("/decode", json={"z": z}, headers={"accept": "application/json"}).json()
+    expected = artifact.decode(torch.tensor(z))[:, 0]
+    torch.testing.assert_close(torch.tensor(body["images"]), expected, rtol=0, atol=1e-5)
+
+
+def test_single_decoded_image_is_28x28(client: TestClient) -> None:
+    r = client.post("/decode?format=png", json={"z": [[0.0, 0.0]]})
+    assert Image.open(io.BytesIO(r.content)).size == (28, 28)
+
+
+def test_sample_seed_reproducible_and_json_forms(client: TestClient, artifact) -> None:
+    a = client.get("/sample?n=16&seed=42")
+    b = client.get("/sample?n=16&seed=42")
+    c = client.get("/sample?n=16&seed=43")
+    assert a.status_code == 200 and a.headers["content-type"] == "image/png" and a.headers["x-seed"] == "42"
+    assert a.content == b.content != c.content
+    assert Image.open(io.BytesIO(a.content)).size == (4 * 30 + 2, 4 * 30 + 2)
+    body = client.get("/sample?n=3&seed=42&format=json").json()
+    z = torch.randn(3, 2, generator=torch.Generator().manual_seed(42))
+    torch.testing.assert_close(torch.tensor(body["z"]), z)
+    torch.testing.assert_close(torch.tensor(body["images"]), artifact.decode(z)[:, 0], rtol=0, atol=1e-5)
+    b64 = client.get("/sample?n=3&seed=42&format=json&encoding=base64").json()
+    assert len(b64["png_base64"]) == 3
+    assert Image.open(io.BytesIO(base64.b64decode(b64["png_base64"][0]))).size == (28, 28)
+    cooler = client.get("/sample?n=3&seed=42&format=json&temperature=0.5").json()
+    torch.testing.assert_close(torch.tensor(cooler["z"]), z * 0.5)
+
+
+def test_sample_without_seed_returns_the_seed_used(client: TestClient) -> None:
+    body = client.get("/sample?n=2&format=json").json()
+    again = client.get(f"/sample?n=2&format=json&seed={body['seed']}").json()
+    assert again["images"] == body["images"]
+
+
+def test_reconstruct_png_pairs_and_json(client: TestClient, artifact) -> None:
+    files = [("file", (p.name, p.read_bytes(), "image/png")) for p in DIGITS[:3]]
+    r = client.post("/reconstruct", files=files)
+    assert r.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(r.content)).size == (2 * 30 + 2, 3 * 30 + 2)
+    body = client.post("/reconstruct?format=json", content=DIGIT, headers={"content-type": "image/png"}).json()
+    x = prep(DIGIT)[None]
+    mu, _ = artifact.encode(x)
+    torch.testing.assert_close(torch.tensor(body["images"][0]), artifact.decode(mu)[0, 0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(body["originals"][0]), x[0, 0], rtol=0, atol=1e-5)
+
+
+# --- anomaly score ---------------------------------------------------------------------
+
+def test_anomaly_score_matches_artifact_and_calibration(client: TestClient, artifact) -> None:
+    body = client.post("/anomaly-score?k=32&seed=5", content=DIGIT, headers={"content-type": "image/png"}).json()
+    eps = torch.randn(32, 1, 2, generator=torch.Generator().manual_seed(5))
+    expected = -artifact.log_likelihood_with_noise(prep(DIGIT)[None], eps)[0].detach()
+    assert body["k"] == 32 and body["threshold_percentile"] == 99.0
+    assert math.isclose(body["score"], float(expected), rel_tol=1e-5)
+    models = {m["name"]: m for m in client.get("/models").json()["models"]}
+    calibration = models["vae"]["anomaly_calibration"]
+    assert body["calibration_k"] == calibration["k"]
+    assert math.isclose(body["threshold"], calibration["quantiles"]["p99"], rel_tol=1e-6)
+    assert 0 <= body["percentile"] <= 100
+    assert body["is_anomaly"] == (body["score"] > body["threshold"])
+
+
+def test_noise_scores_higher_than_digits(client: TestClient) -> None:
+    noise = png_of(Image.fromarray(torch.randint(0, 256, (28, 28), dtype=torch.uint8, generator=torch.Generator()
+                                                 .manual_seed(0)).numpy(), "L"))
+    files = [("file", ("d.png", DIGIT, "image/png")), ("file", ("n.png", noise, "image/png"))]
+    digit, rand = client.post("/anomaly-score?invert=false", files=files).json()["results"]
+    assert rand["score"] > digit["score"] and rand["is_anomaly"] and rand["percentile"] == 100.0
+
+
+def test_score_depends_on_image_and_seed_only(client: TestClient) -> None:
+    files = [("file", (p.name, p.read_bytes(), "image/png")) for p in DIGITS]
+    batch = client.post("/anomaly-score?seed=3", files=files).json()["results"]
+    for i in (0, 2):
+        alone = client.post("/anomaly-score?seed=3", files=files[i : i + 1]).json()
+        assert math.isclose(batch[i]["score"], alone["score"], rel_tol=1e-5)
+
+
+# --- real-world images -----------------------------------------------------------------
+
+def test_photo_of_dark_digit_is_inverted_levelled_and_centred() -> None:
+    x = prep(PHOTO)[0]
+    assert x.shape == (28, 28)
+    border = torch.cat([x[0], x[-1], x[:, 0], x[:, -1]])
+    assert float(border.max()) < 0.05  # black background, as MNIST
+    assert float(x.max()) > 0.9  # a white digit
+    ys, xs = torch.nonzero(x > 0.3, as_tuple=True)
+    assert 9 <= float(ys.float().mean()) <= 19 and 9 <= float(xs.float().mean()) <= 19
+
+
+def test_preprocessing_switches(client: TestClient) -> None:
+    inverted = png_of(Image.fromarray(255 - prep(DIGIT)[0].mul(255).round().byte().numpy(), "L"))
+    auto = prep(inverted)
+    torch.testing.assert_close(auto, prep(DIGIT), rtol=0, atol=1.5 / 255)
+    forced = decode_image(DIGIT, 10**8, Preprocess(invert="true"))
+    assert float(forced[0, 0, 0]) == 1.0  # background turned white
+    big = png_of(Image.new("L", (40, 30), 0))
+    r = client.post("/encode?fit=false", content=big, headers={"content-type": "image/png"})
+    assert r.status_code == 422 and "28x28" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "I;16", "RGB", "LA", "1"])
+def test_image_modes_are_accepted(client: TestClient, mode: str) -> None:
+    base = Image.open(io.BytesIO(DIGIT))
+    img = base.convert(mode) if mode != "I;16" else Image.fromarray(prep(DIGIT)[0].mul(65535).numpy().astype("uint16"))
+    r = client.post("/encode", content=png_of(img), headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "JPEG", "BMP", "TIFF"])
+def test_other_formats_are_accepted(client: TestClient, fmt: str) -> None:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(DIGIT)).save(buf, fmt)
+    r = client.post("/encode", content=buf.getvalue(), headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 200, r.text
+
+
+# --- errors ----------------------------------------------------------------------------
+
+def bomb_png(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 1000)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(("kwargs", "status", "error"), [
+    ({"content": b"", "headers": {"content-type": "image/png"}}, 400, "empty image"),
+    ({"content": DIGIT[:60], "headers": {"content-type": "image/png"}}, 415, "cannot decode image"),
+    ({"content": b"<svg xmlns='http://www.w3.org/2000/svg'/>", "headers": {"content-type": "image/png"}}, 415,
+     "cannot decode image"),
+    ({"content": bomb_png(100_000, 100_000), "headers": {"content-type": "image/png"}}, 413, "image too large"),
+    ({"content": b"x" * 2_000_001, "headers": {"content-type": "image/png"}}, 413, "request body too large"),
+    ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "unsupported media type"),
+    ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "malformed JSON"),
+    ({"json": {"images": ["%%%"]}}, 422, "invalid request"),
+    ({"json": {"pixels": [[[0.5] * 28] * 27]}}, 422, "invalid request"),
+    ({"json": {"pixels": [[[2.0] * 28] * 28]}}, 422, "invalid request"),
+    ({"json": {}}, 422, "invalid request"),
+    ({"json": {"pixels": [[[0.0] * 28] * 28] * 9}}, 413, "batch too large"),
+    ({"files": [("file", ("a.png", DIGIT, "image/png"))] * 9}, 413, "batch too large"),
+    ({"files": [("other", ("a.png", DIGIT, "image/png"))]}, 422, "invalid request"),
+])
+def test_bad_images_get_clear_errors(client: TestClient, kwargs: dict, status: int, error: str) -> None:
+    for path in ("/encode", "/reconstruct", "/anomaly-score"):
+        r = client.post(path, **kwargs)
+        assert r.status_code == status, (path, r.text)
+        assert r.json()["error"] == error
+
+
+@pytest.mark.parametrize(("body", "status"), [
+    ({"z": [[0.0, 0.0, 0.0]]}, 422),
+    ({"z": [[0.0]]}, 422),
+    ({"z": []}, 422),
+    ({"z": [0.0, 0.0]}, 422),
+    ({"z": [[[0.0, 0.0]]]}, 422),
+    ({"z": [[1e308, 0.0]]}, 422),
+    ({"z": [[0.0, 0.0]] * 9}, 413),
+])
+def test_bad_latents(client: TestClient, body: dict, status: int) -> None:
+    r = client.post("/decode", json=body)
+    assert r.status_code == status, r.text
+    assert "error" in r.json()
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_latents(client: TestClient, literal: str) -> None:
+    r = client.post("/decode", content=f'{{"z": [[{literal}, 0.0]]}}', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"] == "invalid latent"
+
+
+@pytest.mark.parametrize(("query", "status"), [
+    ("n=0", 422), ("n=-1", 422), ("n=abc", 422), (f"n={10**9}", 413), ("n=65", 413),
+    ("temperature=0", 422), ("temperature=nan", 422), ("format=gif", 422), ("model=nope", 404),
+])
+def test_bad_sample_queries(client: TestClient, query: str, status: int) -> None:
+    r = client.get(f"/sample?{query}")
+    assert r.status_code == status, r.text
+    assert r.json()["error"]
+
+
+@pytest.mark.parametrize(("query", "status"), [("k=0", 422), ("k=257", 422), ("threshold_percentile=100", 422),
+                                               ("model=nope", 404), ("format=png", 406)])
+def test_bad_anomaly_queries(client: TestClient, query: str, status: int) -> None:
+    r = client.post(f"/anomaly-score?{query}", content=DIGIT, headers={"content-type": "image/png"})
+    assert r.status_code == status, r.text
+
+
+def test_format_rule(client: TestClient) -> None:
+    png = {"accept": "image/png"}
+    js = {"accept": "application/json"}
+    assert client.get("/sample?n=1&seed=1", headers=js).headers["content-type"] == "application/json"
+    assert client.get("/sample?n=1&seed=1&format=png", headers=js).headers["content-type"] == "image/png"
+    assert client.get("/sample?n=1&seed=1", headers={"accept": "text/html,*/*"}).headers["content-type"] == "image/png"
+    both = {"accept": "image/png;q=0.5, application/json"}
+    assert client.get("/sample?n=1&seed=1", headers=both).headers["content-type"] == "application/json"
+    assert client.post("/encode", content=DIGIT, headers={"content-type": "image/png", **png}).status_code == 406
+
+
+def test_request_id_is_echoed_or_made(client: TestClient) -> None:
+    assert client.get("/healthz", headers={"x-request-id": "abc-123"}).headers["x-request-id"] == "abc-123"
+    assert len(client.get("/healthz").headers["x-request-id"]) == 32
+
+
+def test_openapi_documents_bodies_and_png(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    encode = spec["paths"]["/encode"]["post"]
+    assert {"image/png", "multipart/form-data", "application/json"} <= set(encode["requestBody"]["content"])
+    assert "image/png" in spec["paths"]["/sample"]["get"]["responses"]["200"]["content"]
+    assert client.get("/docs").status_code == 200
+
+
+# --- start-up failures -----------------------------------------------------------------
+
+def start(folder: Path, **kw) -> None:
+    with TestClient(create_app(settings(folder, **kw))):
+        pass
+
+
+def test_broken_model_file_fails_startup(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "vae.pt").write_bytes(b"not a model")
+    with pytest.raises(ModelLoadError):
+        start(tmp_path)
+    assert any("vae.pt" in r.getMessage() and "TorchScript" in r.getMessage() for r in caplog.records)
+
+
+def test_lying_meta_fails_startup(tmp_path: Path, models_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    module, meta = export.load(models_dir / "vae.pt")
+    export.save(module, tmp_path / "vae.pt", {**meta, "latent_dim": 5})
+    with pytest.raises(ModelLoadError):
+        start(tmp_path)
+    assert any("latent_dim=5" in r.getMessage() for r in caplog.records)
+
+
+def test_empty_folder_and_missing_default_fail_startup(tmp_path: Path, models_dir: Path) -> None:
+    with pytest.raises(ModelLoadError):
+        start(tmp_path)
+    with pytest.raises(ModelLoadError):
+        start(models_dir, default_model="absent")

@@ -1,0 +1,1 @@
+"""Training program for the MNIST VAE: data, models, loop, evaluation, pictures, export."""

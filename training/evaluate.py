@@ -1,0 +1,131 @@
+"""Evaluation of a model or a TorchScript artifact: both expose the same methods.
+
+`vae-eval MODEL.pt` works from the artifact alone, so the numbers in a model card can
+be re-derived by anyone holding only the shipped file and the data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from training.data import DataError, binarize, load_mnist, to_float
+from training.model import loss_function
+
+CALIBRATION_QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999)
+DEFAULT_ANOMALY_K = 64  # the service's default k for /anomaly-score; calibration must use the same k
+
+
+def _batches(x: Tensor, batch_size: int, desc: str, progress: bool):
+    starts = range(0, x.shape[0], batch_size)
+    for start in tqdm(starts, desc=desc, leave=False, disable=not progress, unit="batch"):
+        yield x[start : start + batch_size]
+
+
+@torch.no_grad()  # not inference_mode: TorchScript graphs with grad-requiring params reject inference tensors
+def negative_elbo(model: Any, x: Tensor, device: torch.device, batch_size: int = 500, progress: bool = False) -> float:
+    """The reference's test number: loss per data point on continuous pixels with a sampled z."""
+    total = 0.0
+    for xb in _batches(x, batch_size, "neg-ELBO", progress):
+        xb = xb.to(device)
+        mu, logvar = model.encode(xb)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        total += loss_function(model.decode(z), xb, mu, logvar).item()
+    return total / x.shape[0]
+
+
+@torch.no_grad()  # not inference_mode: TorchScript graphs with grad-requiring params reject inference tensors
+def log_likelihoods(
+    model: Any, x: Tensor, k: int, device: torch.device, batch_size: int = 64, progress: bool = False
+) -> Tensor:
+    """Per-image IWAE lower bound on log p(x), in nats."""
+    out = [model.log_likelihood(xb.to(device), k).cpu() for xb in _batches(x, batch_size, f"log p(x), k={k}", progress)]
+    return torch.cat(out)
+
+
+def test_nll(model: Any, x: Tensor, k: int, device: torch.device, binarized: bool, seed: int = 0,
+             progress: bool = False) -> float:
+    """IWAE estimate of the test NLL; binarised test data uses one fixed draw so numbers are comparable."""
+    torch.manual_seed(seed)
+    if binarized:
+        x = binarize(x, torch.Generator().manual_seed(seed))
+    return -log_likelihoods(model, x, k, device, progress=progress).mean().item()
+
+
+def calibration(scores: Tensor, k: int) -> dict[str, Any]:
+    """Quantiles of in-distribution anomaly scores: the service turns a score into a percentile with them."""
+    q = torch.quantile(scores.double(), torch.tensor(CALIBRATION_QUANTILES, dtype=torch.float64))
+    return {
+        "k": k,
+        "n": int(scores.numel()),
+        "data": "MNIST test set, continuous pixels",
+        "quantiles": {f"p{100 * p:g}": round(float(v), 4) for p, v in zip(CALIBRATION_QUANTILES, q, strict=True)},
+        "mean": round(float(scores.mean()), 4),
+        "std": round(float(scores.std()), 4),
+    }
+
+
+def evaluate(model: Any, test_x: Tensor, device: torch.device, nll_k: int, binarized: bool, limit: int | None = None,
+             anomaly_k: int = DEFAULT_ANOMALY_K, progress: bool = True, seed: int = 0) -> dict[str, Any]:
+    x = test_x[:limit] if limit else test_x
+    torch.manual_seed(seed)
+    neg_elbo = negative_elbo(model, x, device, progress=progress)
+    nll = test_nll(model, x, nll_k, device, binarized, seed=seed, progress=progress)
+    torch.manual_seed(seed)
+    scores = -log_likelihoods(model, x, anomaly_k, device, progress=progress)
+    return {
+        "test_images": int(x.shape[0]),
+        "neg_elbo": round(neg_elbo, 4),
+        "nll": round(nll, 4),
+        "nll_k": nll_k,
+        "nll_data": "dynamically binarised test set (fixed seed)" if binarized else "continuous test pixels",
+        "calibration": calibration(scores, anomaly_k),
+    }
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but torch.cuda.is_available() is False")
+    return torch.device(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vae-eval", description="Evaluate a TorchScript VAE artifact on MNIST test.")
+    p.add_argument("model", type=Path)
+    p.add_argument("--data-dir", type=Path, default=Path("data/mnist"))
+    p.add_argument("--k", type=int, default=1000, help="importance samples for the NLL bound")
+    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images only")
+    p.add_argument("--binarize", choices=["auto", "dynamic", "none"], default="auto",
+                   help="auto: as the model was trained (from meta.json)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    device = pick_device(args.device)
+    extra = {"meta.json": ""}
+    model = torch.jit.load(str(args.model), map_location=device, _extra_files=extra).eval()
+    meta = json.loads(extra["meta.json"] or "{}")
+    try:
+        data = load_mnist(args.data_dir)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    trained_binarized = meta.get("config", {}).get("binarize") == "dynamic"
+    binarized = trained_binarized if args.binarize == "auto" else args.binarize == "dynamic"
+    result = evaluate(model, to_float(data.test_images), device, args.k, binarized, args.limit, seed=args.seed)
+    result["model"] = meta.get("name", args.model.stem)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
