@@ -23,6 +23,10 @@ from torch import Tensor
 Result = Tensor | tuple[Tensor, ...]
 
 
+class ComputeTimeout(Exception):
+    """The forward pass did not finish within the request's time budget."""
+
+
 @dataclass
 class _Item:
     args: tuple[Tensor, ...]
@@ -32,8 +36,8 @@ class _Item:
 
 class Batcher:
     def __init__(self, fn: Callable[..., Result], batch_dims: Sequence[int], max_size: int, max_wait_s: float,
-                 executor: Executor) -> None:
-        self.fn, self.batch_dims = fn, tuple(batch_dims)
+                 executor: Executor, timeout_s: float | None = None) -> None:
+        self.fn, self.batch_dims, self.timeout_s = fn, tuple(batch_dims), timeout_s
         self.max_size, self.max_wait_s, self.executor = max_size, max_wait_s, executor
         self.queue: collections.deque[_Item] = collections.deque()
         self.wakeup = asyncio.Event()
@@ -48,7 +52,11 @@ class Batcher:
         self.wakeup.set()
         if self.worker is None or self.worker.done():
             self.worker = asyncio.create_task(self._run_forever())
-        return await item.future
+        try:
+            return await asyncio.wait_for(item.future, self.timeout_s)
+        except TimeoutError:
+            # wait_for cancelled the future: the worker skips it if it has not started yet.
+            raise ComputeTimeout(self.timeout_s) from None
 
     def close(self) -> None:
         if self.worker is not None:

@@ -9,6 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.batching import ComputeTimeout
+
 
 class ApiError(Exception):
     def __init__(self, status: int, error: str, detail: Any = None, headers: dict[str, str] | None = None) -> None:
@@ -37,6 +39,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail), None, getattr(exc, "headers", None))
+
+    @app.exception_handler(ComputeTimeout)
+    async def _timeout(_: Request, exc: ComputeTimeout) -> JSONResponse:
+        return error_response(504, "compute timeout", f"no result within {exc.args[0]} s (VAE_REQUEST_TIMEOUT_S)")
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

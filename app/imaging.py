@@ -103,7 +103,7 @@ def _decode_pillow(data: bytes, max_pixels: int) -> np.ndarray:
 def decode_image(data: bytes, max_pixels: int, prep: Preprocess) -> torch.Tensor:
     """Image bytes -> float32 [1, 28, 28] in [0, 1], white digit on black."""
     if not data:
-        raise ApiError(400, "empty image", "the request carried no image bytes")
+        raise ApiError(422, "empty image", "the request carried no image bytes")
     header = _png_header(data)
     if header is not None and header[0] * header[1] > max_pixels:
         raise ApiError(413, "image too large", f"{header[0]}x{header[1]} pixels; the limit is {max_pixels} pixels")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import math
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -17,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import torch
 from fastapi import FastAPI, Query, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
@@ -25,7 +25,7 @@ from app.errors import ApiError
 from app.formats import MEDIA, negotiate
 from app.imaging import Preprocess, to_png
 from app.inference import Engine
-from app.inputs import parse_json, read_images
+from app.inputs import ImagesIn, parse_json, read_images
 from app.middleware import ServiceMiddleware
 from app.models import ModelLoadError, load_models, resolve_device, warm_up
 from app.schemas import (
@@ -45,10 +45,10 @@ log = logging.getLogger("app")
 
 ModelName = Annotated[str | None, Query(description="model name from GET /models; default VAE_DEFAULT_MODEL")]
 FormatQ = Annotated[Literal["png", "json"] | None, Query(alias="format", description="png or json; overrides Accept")]
+JsonFormatQ = Annotated[Literal["json"] | None, Query(alias="format", description="json only (the default)")]
 InvertQ = Annotated[Literal["auto", "true", "false"], Query(description="auto: invert light-background images")]
 FitQ = Annotated[bool, Query(description="scale to fit 28x28 keeping aspect ratio, pad with black")]
 EncodingQ = Annotated[Literal["pixels", "base64"], Query(description="JSON output: pixel arrays or base64 PNGs")]
-Z_LIMIT = 1e4  # |z| beyond this is no latent a Gaussian prior produces; it only makes the decoder overflow
 
 
 @asynccontextmanager
@@ -67,7 +67,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("model %s ready on %s (latent_dim=%d, %s)", m.name, m.device, m.latent_dim, m.path)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")  # one pass at a time
     wait = settings.batch_max_wait_us / 1e6
-    app.state.engines = {n: Engine(m, executor, settings.batch_max_size, wait) for n, m in models.items()}
+    app.state.engines = {n: Engine(m, executor, settings.batch_max_size, wait, settings.request_timeout_s)
+                         for n, m in models.items()}
     app.state.ready = True
     try:
         yield
@@ -78,23 +79,50 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         executor.shutdown(wait=True)
 
 
+def configure_logging(level: str) -> None:
+    """Give the app's loggers a handler when nobody else did (plain `uvicorn app.main:app`)."""
+    logger = logging.getLogger("app")
+    logger.setLevel(level.upper())
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    configure_logging(settings.log_level)
     app = FastAPI(
         title="MNIST VAE service",
         version="0.1.0",
         description="Encode, decode, sample, reconstruct and score digits with a variational autoencoder. "
         "Output format: `?format=png|json` wins, else the Accept header, else the endpoint's default.",
         lifespan=lifespan,
-        responses={k: v for k, v in ERRORS.items() if k in (400, 404, 422)},
+        responses={k: v for k, v in ERRORS.items() if k in (400, 404, 422, 503, 504)},
     )
     app.state.settings = settings
     app.state.ready = False
     app.state.engines = {}
     errors.install(app)
-    app.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_body_bytes, max_in_flight=settings.max_in_flight)
     add_routes(app, settings)
+    app.openapi = lambda: openapi_with_bodies(app)  # type: ignore[method-assign]
     return app
+
+
+def openapi_with_bodies(app: FastAPI) -> dict[str, Any]:
+    """The hand-parsed request bodies (ImagesIn, DecodeIn) are not route parameters, so FastAPI
+    would leave their $refs dangling; add their schemas to the components."""
+    if app.openapi_schema is None:
+        spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = spec.setdefault("components", {}).setdefault("schemas", {})
+        for model in (ImagesIn, DecodeIn):
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(schema.pop("$defs", {}))
+            components[model.__name__] = schema
+        app.openapi_schema = spec
+    return app.openapi_schema
 
 
 def engine_for(request: Request, name: str | None) -> Engine:
@@ -146,7 +174,7 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
               response_model=EncodeOut, response_model_exclude_none=True, openapi_extra=IMAGE_BODY,
               responses={k: ERRORS[k] for k in (406, 413, 415)})
     async def encode(request: Request, model: ModelName = None, invert: InvertQ = "auto", fit: FitQ = True,
-                     fmt: FormatQ = None) -> Any:
+                     fmt: JsonFormatQ = None) -> Any:
         negotiate(request, fmt, "json", allowed=("json",))
         engine = engine_for(request, model)
         x = await read_images(request, settings.max_batch, settings.max_image_pixels, Preprocess(invert, fit))
@@ -159,7 +187,7 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
         return out
 
     @app.post("/decode", tags=["model"], summary="Latent vectors to images (PNG grid or JSON)",
-              responses={**PNG_RESPONSE, **{k: ERRORS[k] for k in (406, 413)}},
+              responses={**PNG_RESPONSE, **{k: ERRORS[k] for k in (406, 413, 415)}},
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                   "schema": {"$ref": "#/components/schemas/DecodeIn"}, "example": {"z": [[0.0, 0.0]]}}}}})
     async def decode(request: Request, model: ModelName = None, fmt: FormatQ = None,
@@ -181,8 +209,6 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
             if len(row) != d:
                 raise ApiError(422, "wrong latent size", f"z[{i}] has {len(row)} values; model "
                                f"{engine.model.name!r} has latent_dim={d}")
-            if not all(math.isfinite(v) and abs(v) <= Z_LIMIT for v in row):
-                raise ApiError(422, "invalid latent", f"z[{i}] must hold finite numbers with |z| <= {Z_LIMIT:g}")
         images = await inference.decode(engine, torch.tensor(body.z, dtype=torch.float32))
         return images_response(chosen, encoding, images, {"model": engine.model.name})
 
@@ -225,7 +251,7 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
         k: Annotated[int | None, Query(ge=1, description="importance samples (default VAE_DEFAULT_K)")] = None,
         threshold_percentile: Annotated[float | None, Query(gt=0, lt=100, allow_inf_nan=False)] = None,
         seed: Annotated[int, Query(ge=0, lt=2**63, description="noise seed; fixed so equal images score equally")] = 0,
-        model: ModelName = None, invert: InvertQ = "auto", fit: FitQ = True, fmt: FormatQ = None,
+        model: ModelName = None, invert: InvertQ = "auto", fit: FitQ = True, fmt: JsonFormatQ = None,
     ) -> Any:
         negotiate(request, fmt, "json", allowed=("json",))
         engine = engine_for(request, model)

@@ -1,6 +1,7 @@
 """Pure-ASGI middleware (no per-request task switch, unlike BaseHTTPMiddleware).
 
 - Request ids: echo the client's X-Request-ID or make one, put it on the response.
+- Load limit: beyond `max_in_flight` model requests, answer 503 + Retry-After at once.
 - Body limit: refuse bodies above the limit with 413, by Content-Length before
   reading, or by counting the stream for chunked uploads.
 - Access log: one JSON line per request with id, method, path, status, latency.
@@ -21,11 +22,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.errors import ApiError, error_response
 
 access_log = logging.getLogger("app.access")
+UNLIMITED = {"/healthz", "/readyz", "/models", "/docs", "/openapi.json"}  # probes never get a 503 for load
 
 
 class ServiceMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
-        self.app, self.max_body_bytes = app, max_body_bytes
+    def __init__(self, app: ASGIApp, max_body_bytes: int, max_in_flight: int) -> None:
+        self.app, self.max_body_bytes, self.max_in_flight = app, max_body_bytes, max_in_flight
+        self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -48,6 +51,14 @@ class ServiceMiddleware:
                 message["headers"] = [*message["headers"], (b"x-request-id", rid.encode("latin-1"))]
             await send(message)
 
+        limited = scope["path"] not in UNLIMITED
+        if limited and self.in_flight >= self.max_in_flight:
+            response = error_response(503, "overloaded", f"{self.in_flight} requests in progress; the limit is "
+                                      f"{self.max_in_flight} (VAE_MAX_IN_FLIGHT)", {"Retry-After": "1"})
+            await response(scope, receive, send_with_id)
+            self._log(scope, rid, status, start)
+            return
+
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             response = error_response(413, "request body too large",
@@ -67,9 +78,11 @@ class ServiceMiddleware:
                     raise ApiError(413, "request body too large", f"the limit is {self.max_body_bytes} bytes")
             return message
 
+        self.in_flight += limited
         try:
             await self.app(scope, counting_receive, send_with_id)
         finally:
+            self.in_flight -= limited
             self._log(scope, rid, status, start)
 
     @staticmethod

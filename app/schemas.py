@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 
@@ -46,7 +46,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for code, text in {
         400: "malformed request", 404: "unknown model", 406: "format not available", 413: "over a size limit",
         415: "unsupported media type or undecodable image", 422: "invalid values or shapes",
-        503: "not ready or overloaded",
+        503: "not ready, or overloaded (Retry-After)", 504: "compute timeout",
     }.items()
 }
 
@@ -64,9 +64,13 @@ class EncodeOut(BaseModel):
     results: list[Latent] | None = Field(None, description="one entry per image when a batch was sent")
 
 
+Z_LIMIT = 1e4  # |z| beyond this is no latent a Gaussian prior produces; it only makes the decoder overflow
+LatentValue = Annotated[float, Field(ge=-Z_LIMIT, le=Z_LIMIT)]  # NaN and inf fail the bounds
+
+
 class DecodeIn(BaseModel):
-    z: list[list[float]] = Field(min_length=1, description="latent vectors, each of the model's latent_dim",
-                                 examples=[[[0.0, 0.0]]])
+    z: list[Annotated[list[LatentValue], Field(min_length=1)]] = Field(
+        min_length=1, description="latent vectors, each of the model's latent_dim", examples=[[[0.0, 0.0]]])
 
 
 class ImagesOut(BaseModel):

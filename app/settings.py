@@ -20,7 +20,8 @@ class Settings(BaseSettings):
         "to CPU with a warning")
     host: str = Field("127.0.0.1", description="vae-serve bind address (the container sets 0.0.0.0)")
     port: int = Field(8000, description="vae-serve port")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="app log level; info logs one JSON line per request (app.access)")
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 leaves torch's default (one per core)")
 
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest request body accepted (413 above)")
@@ -36,6 +37,12 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(64, ge=1, description="dynamic batching: most images in one forward pass")
     batch_max_wait_us: int = Field(500, ge=0, description="dynamic batching: how long a forward pass waits for "
                                    "more requests once one is queued (0 = only what is already queued)")
+    max_in_flight: int = Field(256, ge=1, description="most model requests in progress at once; beyond it the "
+                               "service answers 503 with Retry-After at once instead of queueing")
+    request_timeout_s: float = Field(30.0, gt=0, description="longest a request may wait for its forward pass "
+                                     "(504 after)")
+    shutdown_grace_s: float = Field(20.0, gt=0, description="on SIGTERM: stop accepting, let in-flight requests "
+                                    "finish for at most this long, then exit 0")
     bare_endpoint: bool = Field(False, description="serve POST /_bare, which only reads the body: the HTTP "
                                 "ceiling the benchmark compares against")
 

@@ -108,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="auto: as the model was trained (from meta.json)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ood", action="store_true", help="anomaly-detection evaluation (AUROC, FPR@95%%TPR) against "
+                   "Fashion-MNIST, uniform noise and flipped digits, instead of the NLL evaluation")
+    p.add_argument("--ood-k", type=int, nargs="+", default=[1, DEFAULT_ANOMALY_K], help="k values for --ood")
+    p.add_argument("--fashion-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
     args = p.parse_args(argv)
 
     device = pick_device(args.device)
@@ -119,6 +123,17 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.ood:
+        from training.ood import evaluate_ood
+
+        try:
+            rows = evaluate_ood(model, meta, to_float(data.test_images).to(device), args.fashion_dir, args.ood_k,
+                                limit=args.limit)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(rows, indent=2))
+        return 0
     trained_binarized = meta.get("config", {}).get("binarize") == "dynamic"
     binarized = trained_binarized if args.binarize == "auto" else args.binarize == "dynamic"
     result = evaluate(model, to_float(data.test_images), device, args.k, binarized, args.limit, seed=args.seed)

@@ -1,0 +1,34 @@
+# MNIST VAE service. The same image runs on CPU, and on the GPU under the NVIDIA
+# container runtime (PyPI's torch wheel carries CUDA); see docker-compose.gpu.yml.
+FROM python:3.11-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VAE_MODELS_DIR=/srv/models
+
+WORKDIR /srv
+
+# A PyPI mirror, if the build needs one (pip reads these from the environment).
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+
+# Dependencies first, from pyproject.toml alone: this layer is reused until they change.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+    && pip install --requirement /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+
+COPY app ./app
+COPY models ./models
+
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin vae
+USER 10001
+
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=2).status != 200)"]
+
+CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--no-access-log", "--timeout-graceful-shutdown", "20"]

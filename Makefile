@@ -1,0 +1,39 @@
+# Two commands for a fresh machine with Python 3.11+ (see README):
+#   make serve   - create .venv, install, start the service on the bundled models/
+#   make test    - create .venv, install, run the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: serve test lint bench models docker-smoke clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ needed"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/vae-serve
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/docker-compose -f docker-compose.yml config -q
+	$(BIN)/docker-compose -f docker-compose.yml -f docker-compose.gpu.yml config -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/serve.py
+
+models: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH scripts/train-models.sh
+
+docker-smoke:
+	bash scripts/docker-smoke.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

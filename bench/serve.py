@@ -1,0 +1,151 @@
+"""Serving benchmark: the real service under wrk on loopback, against the HTTP ceiling.
+
+Starts `uvicorn app.main:app` (one worker, bundled models, the bare /_bare endpoint on),
+drives each endpoint with wrk (bounded: fixed duration, fixed connections) at several
+concurrencies, and prints requests/second and p50/p99 latency, each also as a ratio
+to the bare upload endpoint measured in the same run. Run it with dynamic batching on
+and off (--batching both). Needs `wrk` (Debian: apt-get install wrk).
+
+    python bench/serve.py [--duration 5] [--concurrency 1 32 128] [--batching both]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DIGIT = REPO / "tests" / "data" / "mnist_test_0_digit_7.png"
+BOUNDARY = "vaebenchboundary"
+
+
+def lua_script(folder: Path, method: str, body: Path | None, content_type: str | None) -> Path:
+    lines = [f'wrk.method = "{method}"']
+    if body is not None:
+        lines += [f'local f = io.open("{body}", "rb")', "wrk.body = f:read('*all')", "f:close()"]
+    if content_type:
+        lines.append(f'wrk.headers["Content-Type"] = "{content_type}"')
+    path = folder / f"{method}-{abs(hash((body, content_type)))}.lua"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def multipart_body(folder: Path) -> Path:
+    png = DIGIT.read_bytes()
+    body = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"d.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{BOUNDARY}--\r\n".encode()
+    path = folder / "multipart.bin"
+    path.write_bytes(body)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(port: int, env_extra: dict[str, str]) -> subprocess.Popen:
+    env = {**os.environ, "VAE_BARE_ENDPOINT": "true", "VAE_LOG_LEVEL": "warning", **env_extra}
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port",
+                             str(port), "--no-access-log", "--log-level", "warning"], cwd=REPO, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("server did not become ready in 120 s")
+
+
+def parse_wrk(out: str) -> dict[str, float]:
+    def ms(value: str, unit: str) -> float:
+        return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    pct = {p: ms(v, u) for p, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)}
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    return {"rps": rps, "p50_ms": pct["50"], "p99_ms": pct["99"], "non2xx": int(errors.group(1)) if errors else 0,
+            "socket_errors": socket_errors.group(1) if socket_errors else ""}
+
+
+def wrk(url: str, script: Path, connections: int, duration: int) -> dict[str, float]:
+    threads = 1 if connections == 1 else 2
+    cmd = ["wrk", "--latency", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "-s", str(script), url]
+    return parse_wrk(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+
+
+def run(batching: str, duration: int, concurrency: list[int]) -> list[dict]:
+    env = {"VAE_BATCH_MAX_SIZE": "64" if batching == "on" else "1"}
+    port = free_port()
+    server = start_server(port, env)
+    base = f"http://127.0.0.1:{port}"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        targets = {
+            "bare upload (ceiling)": (f"{base}/_bare", lua_script(folder, "POST", DIGIT, "image/png")),
+            "POST /encode (raw PNG)": (f"{base}/encode", lua_script(folder, "POST", DIGIT, "image/png")),
+            "POST /encode (multipart)": (f"{base}/encode", lua_script(
+                folder, "POST", multipart_body(folder), f"multipart/form-data; boundary={BOUNDARY}")),
+            "POST /anomaly-score": (f"{base}/anomaly-score", lua_script(folder, "POST", DIGIT, "image/png")),
+            "GET /sample?n=16 (PNG)": (f"{base}/sample?n=16", lua_script(folder, "GET", None, None)),
+        }
+        try:
+            for c in concurrency:
+                ceiling = None
+                for name, (url, script) in targets.items():
+                    wrk(url, script, c, 1)  # warm the path and the connection pool
+                    r = wrk(url, script, c, duration)
+                    ceiling = ceiling or r
+                    row = {"batching": batching, "concurrency": c, "endpoint": name, **r,
+                           "rps_ratio": r["rps"] / ceiling["rps"], "p50_ratio": r["p50_ms"] / ceiling["p50_ms"]}
+                    rows.append(row)
+                    print(f"{batching:>3} c={c:<4} {name:<26} {r['rps']:>8.0f} req/s ({row['rps_ratio']:.2f} of "
+                          f"ceiling)  p50 {r['p50_ms']:7.2f} ms ({row['p50_ratio']:.2f}x)  p99 {r['p99_ms']:7.2f} ms"
+                          f"{'  non-2xx ' + str(r['non2xx']) if r['non2xx'] else ''}", flush=True)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(30)
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=int, default=5, help="seconds per measurement")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 128])
+    p.add_argument("--batching", choices=["on", "off", "both"], default="both")
+    p.add_argument("--json", type=Path, help="also write the rows here")
+    args = p.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk not found: apt-get install wrk")
+    import torch
+
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, device "
+          f"{'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}; "
+          f"wrk on the same machine; {args.duration} s per figure")
+    rows = []
+    for mode in (["on", "off"] if args.batching == "both" else [args.batching]):
+        rows += run(mode, args.duration, args.concurrency)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Soak and shutdown: sustained mixed load, memory over time, then SIGTERM under load.
+
+1. Starts `python -m app.cli` (vae-serve) on loopback with the bundled models.
+2. Soak: `--seconds` (60) at `--concurrency` (64) with an httpx async loop mixing every
+   endpoint; counts statuses; resident memory (VmRSS) after warm-up and at the end.
+3. Drain: load at concurrency 16, SIGTERM after 2 s; requests already in flight must complete
+   with 200, later ones are refused (connection errors), and the process must exit 0 within
+   the grace period.
+Bounded (fixed duration, fixed workers), loopback only.
+
+    python bench/soak.py [--seconds 60] [--concurrency 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+DIGIT = (REPO / "tests" / "data" / "mnist_test_0_digit_7.png").read_bytes()
+PHOTO = (REPO / "tests" / "data" / "photo_dark_on_light_digit_4.jpg").read_bytes()
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def requests_mix(latent_dim: int) -> list[tuple[str, str, dict]]:
+    png = {"content": DIGIT, "headers": {"content-type": "image/png"}}
+    pair = [("file", ("a.png", DIGIT, "image/png")), ("file", ("b.jpg", PHOTO, "image/jpeg"))]
+    return [
+        ("POST", "/encode", png),
+        ("POST", "/encode", {"files": pair}),
+        ("POST", "/encode", {"json": {"images": [base64.b64encode(DIGIT).decode()]}}),
+        ("POST", "/decode?format=png", {"json": {"z": [[0.1] * latent_dim] * 4}}),
+        ("GET", "/sample?n=16", {}),
+        ("GET", "/sample?n=4&format=json&seed=1", {}),
+        ("POST", "/reconstruct", png),
+        ("POST", "/anomaly-score", png),
+        ("POST", "/anomaly-score?k=256", {"content": PHOTO, "headers": {"content-type": "image/jpeg"}}),
+    ]
+
+
+async def load(base: str, mix: list, workers: int, seconds: float, statuses: Counter, stop: asyncio.Event) -> None:
+    deadline = time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=workers, max_keepalive_connections=workers)
+    async with httpx.AsyncClient(base_url=base, timeout=30, limits=limits) as client:
+        async def worker(i: int) -> None:
+            n = i
+            while time.monotonic() < deadline and not stop.is_set():
+                method, path, kwargs = mix[n % len(mix)]
+                n += 1
+                try:
+                    r = await client.request(method, path, **kwargs)
+                    statuses[r.status_code] += 1
+                except httpx.HTTPError as e:
+                    statuses[type(e).__name__] += 1
+                    if stop.is_set():
+                        return
+                    await asyncio.sleep(0.05)
+
+        await asyncio.gather(*(worker(i) for i in range(workers)))
+
+
+def start(port: int) -> subprocess.Popen:
+    env = {**os.environ, "VAE_PORT": str(port), "VAE_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli"], cwd=REPO, env=env)
+    for _ in range(600):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("service did not become ready")
+
+
+async def soak(args: argparse.Namespace) -> None:
+    port = free_port()
+    proc = start(port)
+    base = f"http://127.0.0.1:{port}"
+    latent_dim = next(m["latent_dim"] for m in httpx.get(f"{base}/models").json()["models"] if m["name"] == "vae")
+    mix = requests_mix(latent_dim)
+    stop = asyncio.Event()
+    statuses: Counter = Counter()
+    await load(base, mix, args.concurrency, 5, Counter(), stop)  # warm-up
+    rss_start = rss_mb(proc.pid)
+    t0 = time.monotonic()
+    await load(base, mix, args.concurrency, args.seconds, statuses, stop)
+    elapsed = time.monotonic() - t0
+    rss_end = rss_mb(proc.pid)
+    total = sum(statuses.values())
+    print(f"soak: {args.seconds} s at concurrency {args.concurrency}, {total} requests ({total / elapsed:.0f}/s), "
+          f"statuses {dict(statuses)}")
+    print(f"soak: RSS after warm-up {rss_start:.1f} MB, at the end {rss_end:.1f} MB "
+          f"({100 * (rss_end - rss_start) / rss_start:+.2f}%)")
+
+    # Drain: SIGTERM in the middle of load.
+    drain: Counter = Counter()
+    task = asyncio.create_task(load(base, mix, 16, 30, drain, stop))
+    await asyncio.sleep(2)
+    before = sum(drain.values())
+    t_term = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(proc.wait, 60)
+    exit_s = time.monotonic() - t_term
+    stop.set()
+    await task
+    print(f"drain: {before} requests answered before SIGTERM; after it: statuses {dict(drain)} in all; "
+          f"process exited with {code} after {exit_s:.2f} s")
+    ok = code == 0 and all(k == 200 for k in statuses if isinstance(k, int)) and \
+        all(k == 200 or k == 503 for k in drain if isinstance(k, int))
+    print("PASS" if ok else "FAIL")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=60)
+    p.add_argument("--concurrency", type=int, default=64)
+    asyncio.run(soak(p.parse_args()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

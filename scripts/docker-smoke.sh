@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Builds and runs the real Dockerfile on a machine without a registry, then checks the service.
+#
+# - starts its own dockerd (Debian's docker.io) on a private socket, no iptables/bridge;
+# - the Dockerfile's base image cannot be pulled here, so a stand-in with the same tag is made
+#   with debootstrap (Debian bookworm: python3 3.11 + pip + the host's CA bundle) and `docker import`;
+# - if this machine keeps a local PyPI mirror (/opt/pypi*), it is served on loopback and passed to
+#   the build as PIP_EXTRA_INDEX_URL (a build arg of the Dockerfile), so torch is not downloaded again;
+# - builds the image, runs it read-only as in docker-compose.yml, waits for /readyz and the
+#   container's HEALTHCHECK, calls /encode with a test PNG and /sample?n=16, checks the answers;
+# - cleans up: removes the container, stops the mirror and the daemon it started, by PID.
+# Needs root, docker.io and debootstrap (apt-get install docker.io debootstrap).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=${WORK:-/tmp/vae-docker-smoke}
+SOCK="unix://$WORK/docker.sock"
+BASE=$(awk '/^FROM/ {print $2; exit}' Dockerfile)
+IMAGE=mnist-vae-service:smoke
+NAME=vae-smoke
+PORT=8000
+export DOCKER_HOST=$SOCK
+mkdir -p "$WORK"
+t0=$(date +%s)
+say() { printf '[%4ds] %s\n' "$(( $(date +%s) - t0 ))" "$*"; }
+
+DOCKERD_PID= MIRROR_PID=
+cleanup() {
+  docker rm -f "$NAME" >/dev/null 2>&1 || true
+  [ -n "$MIRROR_PID" ] && kill "$MIRROR_PID" 2>/dev/null || true
+  if [ -n "$DOCKERD_PID" ]; then kill "$DOCKERD_PID" 2>/dev/null || true; wait "$DOCKERD_PID" 2>/dev/null || true; fi
+  say "cleaned up (container removed, mirror and dockerd stopped)"
+}
+trap cleanup EXIT
+
+if (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null; then echo "port $PORT is busy; stop what listens there" >&2; exit 1; fi
+
+say "starting dockerd on $SOCK"
+dockerd --host "$SOCK" --data-root "$WORK/data" --exec-root "$WORK/exec" --pidfile "$WORK/dockerd.pid" \
+  --iptables=false --ip6tables=false --bridge=none >"$WORK/dockerd.log" 2>&1 &
+DOCKERD_PID=$!
+for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+docker info --format 'dockerd {{.ServerVersion}}, storage {{.Driver}}'
+
+if ! docker image inspect "$BASE" >/dev/null 2>&1; then
+  if [ ! -x "$WORK/rootfs/usr/bin/python3" ]; then
+    say "debootstrap bookworm (python3, pip) for the stand-in $BASE"
+    debootstrap --variant=minbase --include=python3,python3-pip,ca-certificates bookworm "$WORK/rootfs" \
+      http://deb.debian.org/debian >"$WORK/debootstrap.log" 2>&1
+  fi
+  ln -sf python3 "$WORK/rootfs/usr/bin/python"
+  ln -sf pip3 "$WORK/rootfs/usr/bin/pip"
+  rm -f "$WORK"/rootfs/usr/lib/python3*/EXTERNALLY-MANAGED   # the official image's Python is pip-managed too
+  cp /etc/ssl/certs/ca-certificates.crt "$WORK/rootfs/etc/ssl/certs/ca-certificates.crt"
+  say "importing the stand-in as $BASE"
+  tar -C "$WORK/rootfs" -c . | docker import \
+    --change 'ENV PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    --change 'ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt' \
+    --change 'CMD ["python3"]' - "$BASE" >/dev/null
+fi
+
+BUILD_ARGS=()
+if [ -d /opt/pypi-more/simple ]; then
+  MIRROR_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  python3 -m http.server "$MIRROR_PORT" --bind 127.0.0.1 --directory /opt >"$WORK/mirror.log" 2>&1 &
+  MIRROR_PID=$!
+  BUILD_ARGS=(--build-arg "PIP_EXTRA_INDEX_URL=http://127.0.0.1:$MIRROR_PORT/pypi-more/simple http://127.0.0.1:$MIRROR_PORT/pypi/simple")
+  say "local PyPI mirror on 127.0.0.1:$MIRROR_PORT"
+fi
+
+say "docker build"
+docker build --network host "${BUILD_ARGS[@]}" -t "$IMAGE" . >"$WORK/build.log" 2>&1 || { tail -30 "$WORK/build.log"; exit 1; }
+docker image inspect "$IMAGE" --format 'image {{.Id}}: {{.Size}} bytes, user {{.Config.User}}, exposes {{.Config.ExposedPorts}}'
+
+say "docker run (read-only root, tmpfs /tmp, all capabilities dropped, as in docker-compose.yml)"
+docker run -d --name "$NAME" --network host --read-only --tmpfs /tmp --cap-drop ALL \
+  --security-opt no-new-privileges:true "$IMAGE" >/dev/null
+for i in $(seq 120); do
+  if curl -fsS "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1; then say "ready after ${i}s"; break; fi
+  sleep 1
+done
+curl -fsS "http://127.0.0.1:$PORT/readyz"; echo
+for _ in $(seq 60); do
+  status=$(docker inspect --format '{{.State.Health.Status}}' "$NAME")
+  [ "$status" = healthy ] && break
+  sleep 1
+done
+say "container health: $status"
+[ "$status" = healthy ]
+
+say "POST /encode with tests/data/mnist_test_0_digit_7.png"
+curl -fsS -X POST -H 'Content-Type: image/png' --data-binary @tests/data/mnist_test_0_digit_7.png \
+  "http://127.0.0.1:$PORT/encode" | tee "$WORK/encode.json"; echo
+python3 -c "import json,sys; b=json.load(open(sys.argv[1])); assert b['model']=='vae' and len(b['mu'])==b['latent_dim']" \
+  "$WORK/encode.json"
+
+say "GET /sample?n=16&seed=0"
+curl -fsS -o "$WORK/sample.png" -w 'HTTP %{http_code}, %{content_type}, %{size_download} bytes\n' \
+  "http://127.0.0.1:$PORT/sample?n=16&seed=0"
+python3 -c "import struct,sys; d=open(sys.argv[1],'rb').read(); assert d[:8]==b'\x89PNG\r\n\x1a\n'; \
+print('PNG %dx%d' % struct.unpack('>II', d[16:24]))" "$WORK/sample.png"
+docker logs "$NAME" 2>&1 | tail -5
+say "docker smoke test passed"
