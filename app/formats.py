@@ -10,11 +10,20 @@ from __future__ import annotations
 
 from typing import Literal
 
+import pydantic_core
 from fastapi import Request
+from fastapi.responses import JSONResponse
 
 from app.errors import ApiError
 
 Format = Literal["png", "json"]
+
+
+class JsonResponse(JSONResponse):
+    """JSON rendered by pydantic-core (Rust): float arrays serialise ~10x faster than with the stdlib."""
+
+    def render(self, content: object) -> bytes:
+        return pydantic_core.to_json(content)
 MEDIA = {"png": "image/png", "json": "application/json"}
 
 

@@ -109,9 +109,12 @@ def decode_image(data: bytes, max_pixels: int, prep: Preprocess) -> torch.Tensor
         raise ApiError(413, "image too large", f"{header[0]}x{header[1]} pixels; the limit is {max_pixels} pixels")
     fast = _fast_png(data)
     gray = fast.numpy() if fast is not None else _decode_pillow(data, max_pixels)
-    if _should_invert(gray, prep.invert):
-        gray = 255 - gray
-    gray = _level_background(gray)
+    border = _border(gray)
+    if border.any() or prep.invert == "true":  # an all-black border (MNIST itself) needs neither step
+        if _should_invert(border, prep.invert):
+            gray = 255 - gray
+            border = 255 - border
+        gray = _level_background(gray, border)
     if gray.shape != (28, 28):
         if not prep.fit:
             raise ApiError(422, "wrong image size", f"image is {gray.shape[1]}x{gray.shape[0]}; with fit=false "
@@ -124,8 +127,8 @@ def _border(gray: np.ndarray) -> np.ndarray:
     return np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
 
 
-def _level_background(gray: np.ndarray) -> np.ndarray:
-    background, top = float(np.median(_border(gray))), float(gray.max())
+def _level_background(gray: np.ndarray, border: np.ndarray) -> np.ndarray:
+    background, top = float(np.median(border)), float(gray.max())
     if background <= 0 or top <= background:
         return gray
     return np.clip((gray.astype(np.float32) - background) * (255.0 / (top - background)), 0, 255).astype(np.uint8)
@@ -141,10 +144,10 @@ def _fit_like_mnist(gray: np.ndarray) -> np.ndarray:
     return np.asarray(canvas, dtype=np.uint8)
 
 
-def _should_invert(gray: np.ndarray, mode: str) -> bool:
+def _should_invert(border: np.ndarray, mode: str) -> bool:
     if mode != "auto":
         return mode == "true"
-    return float(_border(gray).mean()) > 127.5  # light background: a dark digit on paper
+    return float(border.mean()) > 127.5  # light background: a dark digit on paper
 
 
 def pixels_to_tensor(pixels: list[list[float]]) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import sys
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -106,6 +107,6 @@ async def anomaly_scores(engine: Engine, x: Tensor, k: int, seed: int, threshold
     ll = await engine.log_likelihood(k)(x, eps)
     out = []
     for value in (-ll).tolist():
-        score = value if math.isfinite(value) else float("inf")
+        score = value if math.isfinite(value) else sys.float_info.max  # JSON has no infinity
         out.append(Score(score, engine.model.percentile(score), None if threshold is None else score > threshold))
     return out

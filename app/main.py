@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
 import torch
@@ -22,7 +24,7 @@ from pydantic import ValidationError
 
 from app import errors, inference
 from app.errors import ApiError
-from app.formats import MEDIA, negotiate
+from app.formats import MEDIA, JsonResponse, negotiate
 from app.imaging import Preprocess, to_png
 from app.inference import Engine
 from app.inputs import ImagesIn, parse_json, read_images
@@ -36,8 +38,7 @@ from app.schemas import (
     DecodeIn,
     EncodeOut,
     ErrorOut,
-    Latent,
-    ScoreOut,
+    ImagesOut,
 )
 from app.settings import Settings, get_settings
 
@@ -54,9 +55,10 @@ EncodingQ = Annotated[Literal["pixels", "base64"], Query(description="JSON outpu
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
     device = resolve_device(settings.device)
+    threads = settings.threads or (max(1, (os.cpu_count() or 1) - 1) if device.type == "cpu" else 0)
+    if threads:
+        torch.set_num_threads(threads)
     try:
         models = load_models(settings.models_dir, device, settings.default_model)
     except ModelLoadError as e:
@@ -65,7 +67,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     for m in models.values():
         warm_up(m)
         log.info("model %s ready on %s (latent_dim=%d, %s)", m.name, m.device, m.latent_dim, m.path)
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")  # one pass at a time
+    # One pass at a time, on one thread. OpenMP's thread count is per calling thread, so the
+    # compute thread sets its own.
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute",
+                                  initializer=torch.set_num_threads if threads else None,
+                                  initargs=(threads,) if threads else ())
     wait = settings.batch_max_wait_us / 1e6
     app.state.engines = {n: Engine(m, executor, settings.batch_max_size, wait, settings.request_timeout_s)
                          for n, m in models.items()}
@@ -117,7 +123,7 @@ def openapi_with_bodies(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema is None:
         spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = spec.setdefault("components", {}).setdefault("schemas", {})
-        for model in (ImagesIn, DecodeIn):
+        for model in (ImagesIn, DecodeIn, ImagesOut):
             schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(schema.pop("$defs", {}))
             components[model.__name__] = schema
@@ -149,7 +155,7 @@ def images_response(fmt: str, encoding: str, images: torch.Tensor, payload: dict
         payload["png_base64"] = [base64.b64encode(to_png(img[None])).decode() for img in images]
     else:
         payload["images"] = _pixels(images)
-    return JSONResponse({k: v for k, v in payload.items() if v is not None}, headers=headers)
+    return JsonResponse({k: v for k, v in payload.items() if v is not None}, headers=headers)
 
 
 def add_routes(app: FastAPI, settings: Settings) -> None:
@@ -179,12 +185,12 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
         engine = engine_for(request, model)
         x = await read_images(request, settings.max_batch, settings.max_image_pixels, Preprocess(invert, fit))
         mu, logvar = await inference.encode(engine, x)
-        out = EncodeOut(model=engine.model.name, latent_dim=engine.model.latent_dim)
+        out: dict[str, Any] = {"model": engine.model.name, "latent_dim": engine.model.latent_dim}
         if x.shape[0] == 1:
-            out.mu, out.logvar = mu[0].tolist(), logvar[0].tolist()
+            out["mu"], out["logvar"] = mu[0].tolist(), logvar[0].tolist()
         else:
-            out.results = [Latent(mu=m.tolist(), logvar=lv.tolist()) for m, lv in zip(mu, logvar, strict=True)]
-        return out
+            out["results"] = [{"mu": m, "logvar": lv} for m, lv in zip(mu.tolist(), logvar.tolist(), strict=True)]
+        return JsonResponse(out)  # a Response skips FastAPI's re-validation of what we just built
 
     @app.post("/decode", tags=["model"], summary="Latent vectors to images (PNG grid or JSON)",
               responses={**PNG_RESPONSE, **{k: ERRORS[k] for k in (406, 413, 415)}},
@@ -262,13 +268,13 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
         x = await read_images(request, settings.max_batch, settings.max_image_pixels, Preprocess(invert, fit))
         threshold = engine.model.threshold(pct)
         scores = await inference.anomaly_scores(engine, x, k, seed, threshold)
-        out = AnomalyOut(model=engine.model.name, k=k, threshold=threshold, threshold_percentile=pct,
-                         calibration_k=engine.model.calibration_k)
+        out: dict[str, Any] = {"model": engine.model.name, "k": k, "threshold": threshold,
+                               "threshold_percentile": pct, "calibration_k": engine.model.calibration_k}
         if len(scores) == 1:
-            out.score, out.percentile, out.is_anomaly = scores[0].score, scores[0].percentile, scores[0].is_anomaly
+            out.update(asdict(scores[0]))
         else:
-            out.results = [ScoreOut(score=s.score, percentile=s.percentile, is_anomaly=s.is_anomaly) for s in scores]
-        return out
+            out["results"] = [asdict(s) for s in scores]
+        return JsonResponse(out)
 
     if settings.bare_endpoint:
         @app.post("/_bare", tags=["ops"], summary="Reads the body, returns {}: the HTTP ceiling for benchmarks",

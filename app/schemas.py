@@ -31,7 +31,8 @@ IMAGE_BODY: dict[str, Any] = {
 }
 
 PNG_RESPONSE: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+    200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
+                      "application/json": {"schema": {"$ref": "#/components/schemas/ImagesOut"}}},
           "description": "PNG (default), or JSON with format=json / Accept: application/json"},
 }
 

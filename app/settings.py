@@ -22,7 +22,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, description="vae-serve port")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="app log level; info logs one JSON line per request (app.access)")
-    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 leaves torch's default (one per core)")
+    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = one per core less one on CPU (the "
+                         "event loop needs a core; more threads only spin), torch's default on GPU")
 
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest request body accepted (413 above)")
     max_image_pixels: int = Field(16_000_000, ge=784, description="largest decoded image, width x height "
@@ -35,7 +36,7 @@ class Settings(BaseSettings):
         99.0, gt=0, lt=100, description="an image scoring above this percentile of the calibration set is an anomaly")
 
     batch_max_size: int = Field(64, ge=1, description="dynamic batching: most images in one forward pass")
-    batch_max_wait_us: int = Field(500, ge=0, description="dynamic batching: how long a forward pass waits for "
+    batch_max_wait_us: int = Field(0, ge=0, description="dynamic batching: how long a forward pass waits for "
                                    "more requests once one is queued (0 = only what is already queued)")
     max_in_flight: int = Field(256, ge=1, description="most model requests in progress at once; beyond it the "
                                "service answers 503 with Retry-After at once instead of queueing")

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import requests
 import schemathesis
-from schemathesis.config import SchemathesisConfig
 from hypothesis import HealthCheck, settings
+from schemathesis.config import SchemathesisConfig
 
 from app.main import create_app
 from app.settings import Settings

@@ -38,7 +38,7 @@ def test_artifact_contract_shapes_and_ranges(trained: Path, batch: torch.Tensor,
     d = meta["latent_dim"]
     mu, logvar = module.encode(batch)
     assert mu.shape == logvar.shape == (32, d)
-    probs = module.decode(torch.randn(5, d))
+    probs = module.decode(torch.randn(5, d)).detach()
     assert probs.shape == (5, 1, 28, 28)
     assert float(probs.min()) >= 0 and float(probs.max()) <= 1
     recon, mu2, _ = module.forward(batch)
