@@ -60,7 +60,7 @@ fi
 
 BUILD_ARGS=()
 if [ -d /opt/pypi-more/simple ]; then
-  MIRROR_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  MIRROR_PORT=${MIRROR_PORT:-18765}  # fixed, so the build arg (and the cached dependency layer) stays the same
   python3 -m http.server "$MIRROR_PORT" --bind 127.0.0.1 --directory /opt >"$WORK/mirror.log" 2>&1 &
   MIRROR_PID=$!
   BUILD_ARGS=(--build-arg "PIP_EXTRA_INDEX_URL=http://127.0.0.1:$MIRROR_PORT/pypi-more/simple http://127.0.0.1:$MIRROR_PORT/pypi/simple")
@@ -74,10 +74,13 @@ docker image inspect "$IMAGE" --format 'image {{.Id}}: {{.Size}} bytes, user {{.
 say "docker run (read-only root, tmpfs /tmp, all capabilities dropped, as in docker-compose.yml)"
 docker run -d --name "$NAME" --network host --read-only --tmpfs /tmp --cap-drop ALL \
   --security-opt no-new-privileges:true "$IMAGE" >/dev/null
+ready=
 for i in $(seq 120); do
-  if curl -fsS "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1; then say "ready after ${i}s"; break; fi
+  if curl -fsS "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1; then ready=1; say "ready after ${i}s"; break; fi
+  [ "$(docker inspect --format '{{.State.Running}}' "$NAME")" = true ] || break
   sleep 1
 done
+if [ -z "$ready" ]; then echo "the container did not become ready; its log:" >&2; docker logs "$NAME" >&2; exit 1; fi
 curl -fsS "http://127.0.0.1:$PORT/readyz"; echo
 for _ in $(seq 60); do
   status=$(docker inspect --format '{{.State.Health.Status}}' "$NAME")

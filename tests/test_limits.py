@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import resource
 from pathlib import Path
 
 import httpx
@@ -49,3 +50,27 @@ def test_compute_timeout_answers_504(models_dir: Path) -> None:
         r = client.post("/anomaly-score?k=256", content=DIGIT, headers={"content-type": "image/png"})
         assert r.status_code == 504 and r.json()["error"] == "compute timeout"
         assert client.get("/readyz").status_code == 200  # the service itself carries on
+
+
+def test_cuda_without_gpu_falls_back_to_cpu(models_dir: Path, caplog) -> None:
+    settings = Settings(models_dir=models_dir, default_model="vae", device="cuda")
+    with TestClient(create_app(settings)) as client:
+        devices = {m["device"] for m in client.get("/models").json()["models"]}
+    if devices == {"cpu"}:  # on a GPU machine the setting is simply honoured
+        assert any("falling back to CPU" in r.getMessage() for r in caplog.records)
+    else:
+        assert devices == {"cuda:0"} or devices == {"cuda"}
+
+
+def test_hostile_bodies_are_refused_without_reading_or_decoding_them(models_dir: Path) -> None:
+    """A 50 MB body and a PNG declaring 100,000 x 100,000 pixels: refused before any allocation of that size."""
+    from tests.test_api import bomb_png
+
+    with TestClient(create_app(Settings(models_dir=models_dir, default_model="vae"))) as client:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        big = client.post("/encode", content=b"\0" * (50 * 1024 * 1024), headers={"content-type": "image/png"})
+        bomb = client.post("/encode", content=bomb_png(100_000, 100_000), headers={"content-type": "image/png"})
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert big.status_code == 413 and bomb.status_code == 413
+    # The test client itself holds the 50 MB body (and a copy); the service adds nothing near 10 GB of pixels.
+    assert (after - before) / 1024 < 200
