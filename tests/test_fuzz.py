@@ -86,4 +86,5 @@ def test_served_schema_is_the_fuzzed_one(server: str) -> None:
 
 def test_enough_requests_were_generated() -> None:
     total = sum(SENT.values())
+    print(f"\nschemathesis sent {total} requests: {dict(SENT)}")
     assert total >= 2000, dict(SENT)
