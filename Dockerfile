@@ -6,7 +6,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    VAE_MODELS_DIR=/srv/models
+    VAE_MODELS_DIR=/srv/models \
+    VAE_HOST=0.0.0.0 \
+    VAE_PORT=8000
 
 WORKDIR /srv
 
@@ -31,4 +33,6 @@ EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=2).status != 200)"]
 
-CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--no-access-log", "--timeout-graceful-shutdown", "20"]
+# vae-serve = uvicorn with the VAE_* settings; on SIGTERM it drains in-flight requests
+# (VAE_SHUTDOWN_GRACE_S) and exits 0.
+CMD ["python", "-m", "app.cli"]

@@ -31,6 +31,9 @@ def main(data_dir: str) -> None:
     gray = blurred + np.random.default_rng(0).normal(0, 6, blurred.shape)
     rgb = np.stack([gray, gray * 0.97, gray * 0.92], axis=-1).clip(0, 255).astype(np.uint8)
     Image.fromarray(rgb, "RGB").save(OUT / f"photo_dark_on_light_digit_{int(data.test_labels[4])}.jpg", quality=85)
+    # Uniform noise: something that is no digit at all.
+    noise = np.random.default_rng(1).integers(0, 256, (28, 28), dtype=np.uint8)
+    Image.fromarray(noise, "L").save(OUT / "noise_28x28.png")
 
 if __name__ == "__main__":
     main(sys.argv[1] if len(sys.argv) > 1 else "../shared/data/mnist")
