@@ -44,15 +44,18 @@ def server(models_dir: Path) -> Iterator[str]:
     proc = subprocess.Popen([sys.executable, "-m", "app.cli"], cwd=REPO, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
+        deadline = time.monotonic() + 180  # a loaded CI machine can take a while to import torch
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"service exited with {proc.returncode} before becoming ready")
             try:
-                if requests.get(f"{base}/readyz", timeout=1).status_code == 200:
+                if requests.get(f"{base}/readyz", timeout=2).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:
                 pass
-            time.sleep(0.1)
-        else:
-            pytest.fail("service did not become ready")
+            if time.monotonic() > deadline:
+                pytest.fail("service did not become ready within 180 s")
+            time.sleep(0.2)
         yield base
     finally:
         proc.terminate()
