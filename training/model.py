@@ -12,8 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-
 # TorchScript is deprecated upstream in favour of torch.export, but it is still the one
 # format that carries several methods (encode/decode/log_likelihood) in one file.
 warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated", category=FutureWarning)
