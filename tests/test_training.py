@@ -43,7 +43,7 @@ def test_artifact_contract_shapes_and_ranges(trained: Path, batch: torch.Tensor,
     assert float(probs.min()) >= 0 and float(probs.max()) <= 1
     recon, mu2, _ = module.forward(batch)
     assert recon.shape == batch.shape and torch.allclose(mu, mu2)
-    ll = module.log_likelihood(batch, 4)
+    ll = module.log_likelihood(batch, 4).detach()
     assert ll.shape == (32,) and bool(torch.isfinite(ll).all()) and float(ll.max()) < 0
     for key in ("name", "arch", "latent_dim", "input_shape", "likelihood", "pixels", "config", "dataset", "metrics",
                 "anomaly_calibration", "torch_version", "created"):
