@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -22,9 +23,9 @@ def error_response(status: int, error: str, detail: Any = None, headers: dict[st
     return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
 
-def _jsonable_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+def validation_details(errors: Sequence[Any]) -> list[dict[str, Any]]:
     # pydantic puts the offending value (maybe NaN/inf, not valid JSON) and exception objects in ctx.
-    return [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
+    return [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in errors]
 
 
 def install(app: FastAPI) -> None:
@@ -34,7 +35,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, "invalid request", _jsonable_errors(exc))
+        return error_response(422, "invalid request", validation_details(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

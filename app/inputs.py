@@ -9,16 +9,17 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Annotated, Any
+from typing import Annotated, TypeVar
 
 import torch
 from fastapi import Request
 from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 
-from app.errors import ApiError
+from app.errors import ApiError, validation_details
 from app.imaging import Preprocess, decode_image, pixels_to_tensor
 
+Body = TypeVar("Body", bound=BaseModel)
 Pixel = Annotated[float, Field(ge=0.0, le=1.0)]  # NaN fails both bounds
 Row = Annotated[list[Pixel], Field(min_length=28, max_length=28)]
 Grid = Annotated[list[Row], Field(min_length=28, max_length=28)]
@@ -32,16 +33,16 @@ class ImagesIn(BaseModel):
     pixels: list[Grid] | None = Field(None, description="28x28 floats in [0, 1] per image", min_length=1)
 
 
-def parse_json(body: bytes) -> Any:
+def parse_body(model: type[Body], body: bytes) -> Body:
+    """A JSON request body into `model`: 400 when it is not JSON, 422 when it does not fit."""
     try:
-        return json.loads(body)
+        data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, "malformed JSON", str(e)) from e
-
-
-def _validation_error(e: ValidationError) -> ApiError:
-    errors = [{"loc": list(x["loc"]), "msg": x["msg"], "type": x["type"]} for x in e.errors()]
-    return ApiError(422, "invalid request", errors)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ApiError(422, "invalid request", validation_details(e.errors())) from e
 
 
 async def read_images(request: Request, max_batch: int, max_pixels: int, prep: Preprocess) -> torch.Tensor:
@@ -50,10 +51,7 @@ async def read_images(request: Request, max_batch: int, max_pixels: int, prep: P
         blobs = await _multipart(request, max_batch)
         return _stack([decode_image(b, max_pixels, prep) for b in blobs], max_batch)
     if ctype == "application/json":
-        try:
-            body = ImagesIn.model_validate(parse_json(await request.body()))
-        except ValidationError as e:
-            raise _validation_error(e) from e
+        body = parse_body(ImagesIn, await request.body())
         if (body.images is None) == (body.pixels is None):
             raise ApiError(422, "invalid request", "give exactly one of 'images' (base64 files) or 'pixels'")
         if body.pixels is not None:

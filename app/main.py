@@ -20,14 +20,13 @@ import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
 
 from app import errors, inference
-from app.errors import ApiError
+from app.errors import ApiError, error_response
 from app.formats import MEDIA, JsonResponse, negotiate
 from app.imaging import Preprocess, to_png
 from app.inference import Engine
-from app.inputs import ImagesIn, parse_json, read_images
+from app.inputs import ImagesIn, parse_body, read_images
 from app.middleware import ServiceMiddleware
 from app.models import ModelLoadError, load_models, resolve_device, warm_up
 from app.schemas import (
@@ -37,7 +36,6 @@ from app.schemas import (
     AnomalyOut,
     DecodeIn,
     EncodeOut,
-    ErrorOut,
     ImagesOut,
 )
 from app.settings import Settings, get_settings
@@ -167,8 +165,7 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
              responses={503: ERRORS[503]})
     async def readyz(request: Request) -> JSONResponse:
         if not request.app.state.ready:
-            return JSONResponse({"error": "not ready", "detail": "models are loading"}, 503,
-                                headers={"Retry-After": "1"})
+            return error_response(503, "not ready", "models are loading", {"Retry-After": "1"})
         return JSONResponse({"status": "ready", "models": sorted(request.app.state.engines)})
 
     @app.get("/models", tags=["ops"], summary="Each model's meta.json plus the device it runs on")
@@ -203,11 +200,7 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json":
             raise ApiError(415, "unsupported media type", "send application/json: {\"z\": [[...], ...]}")
-        try:
-            body = DecodeIn.model_validate(parse_json(await request.body()))
-        except ValidationError as e:
-            raise ApiError(422, "invalid request",
-                           [{"loc": list(x["loc"]), "msg": x["msg"], "type": x["type"]} for x in e.errors()]) from e
+        body = parse_body(DecodeIn, await request.body())
         d = engine.model.latent_dim
         if len(body.z) > settings.max_batch:
             raise ApiError(413, "batch too large", f"{len(body.z)} vectors; the limit is {settings.max_batch}")
@@ -282,8 +275,6 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
         async def bare(request: Request) -> dict[str, Any]:
             await request.body()
             return {}
-
-    _ = ErrorOut  # referenced by ERRORS for the schema
 
 
 app = create_app()

@@ -73,7 +73,7 @@ def parse_idx(raw: bytes, name: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def _read(path: Path) -> bytes:
+def read_bytes(path: Path) -> bytes:
     try:
         if path.suffix == ".gz":
             with gzip.open(path, "rb") as f:
@@ -109,7 +109,7 @@ def load_mnist(folder: str | Path, allow_download: bool = True) -> MNIST:
     sha: dict[str, str] = {}
     for key, path in paths.items():
         assert path is not None
-        raw = _read(path)
+        raw = read_bytes(path)
         sha[FILES[key]] = hashlib.sha256(raw).hexdigest()
         arr = parse_idx(raw, str(path))
         if arr.shape != SHAPES[key]:

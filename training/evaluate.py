@@ -23,7 +23,7 @@ CALIBRATION_QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.99
 DEFAULT_ANOMALY_K = 64  # the service's default k for /anomaly-score; calibration must use the same k
 
 
-def _batches(x: Tensor, batch_size: int, desc: str, progress: bool):
+def batches(x: Tensor, batch_size: int, desc: str, progress: bool):
     starts = range(0, x.shape[0], batch_size)
     for start in tqdm(starts, desc=desc, leave=False, disable=not progress, unit="batch"):
         yield x[start : start + batch_size]
@@ -33,7 +33,7 @@ def _batches(x: Tensor, batch_size: int, desc: str, progress: bool):
 def negative_elbo(model: Any, x: Tensor, device: torch.device, batch_size: int = 500, progress: bool = False) -> float:
     """The reference's test number: loss per data point on continuous pixels with a sampled z."""
     total = 0.0
-    for xb in _batches(x, batch_size, "neg-ELBO", progress):
+    for xb in batches(x, batch_size, "neg-ELBO", progress):
         xb = xb.to(device)
         mu, logvar = model.encode(xb)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
@@ -46,7 +46,7 @@ def log_likelihoods(
     model: Any, x: Tensor, k: int, device: torch.device, batch_size: int = 64, progress: bool = False
 ) -> Tensor:
     """Per-image IWAE lower bound on log p(x), in nats."""
-    out = [model.log_likelihood(xb.to(device), k).cpu() for xb in _batches(x, batch_size, f"log p(x), k={k}", progress)]
+    out = [model.log_likelihood(xb.to(device), k).cpu() for xb in batches(x, batch_size, f"log p(x), k={k}", progress)]
     return torch.cat(out)
 
 

@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score, roc_curve
 from torch import Tensor
-from tqdm import tqdm
 
-from training.data import DataError, _read, parse_idx, to_float
+from training.data import DataError, parse_idx, read_bytes, to_float
+from training.evaluate import batches
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -31,7 +31,7 @@ def load_fashion_test(folder: Path = FASHION_DIR) -> Tensor:
     path = folder / "t10k-images-idx3-ubyte.gz"
     if not path.is_file():
         raise DataError(f"Fashion-MNIST not found at {path} (Debian: apt-get install dataset-fashion-mnist)")
-    return to_float(torch.from_numpy(parse_idx(_read(path), str(path)).copy()))
+    return to_float(torch.from_numpy(parse_idx(read_bytes(path), str(path)).copy()))
 
 
 @torch.no_grad()
@@ -39,11 +39,8 @@ def scores(model: Any, x: Tensor, k: int, seed: int = 0, batch_size: int = 100, 
     """The service's anomaly score for each image (same noise for every image, as the service draws it)."""
     d = int(model.encode(x[:1])[0].shape[1])
     noise = torch.randn(k, 1, d, generator=torch.Generator().manual_seed(seed)).to(x.device)
-    out = []
-    for start in tqdm(range(0, x.shape[0], batch_size), desc=f"scores k={k}", leave=False, disable=not progress):
-        xb = x[start : start + batch_size]
-        out.append(-model.log_likelihood_with_noise(xb, noise.expand(k, xb.shape[0], d)))
-    return torch.cat(out)
+    return torch.cat([-model.log_likelihood_with_noise(xb, noise.expand(k, xb.shape[0], d))
+                      for xb in batches(x, batch_size, f"scores k={k}", progress)])
 
 
 def png_bits(x: Tensor) -> Tensor:
