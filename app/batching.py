@@ -1,18 +1,25 @@
 """Dynamic batching: concurrent calls of one model method become one forward pass.
 
-One worker task per (model, method, key) drains a queue: it takes what is queued,
-waits at most `max_wait` for more (up to `max_size` rows), concatenates along each
-argument's batch dimension, runs the function on the single compute thread and
-splits the result back. Requests that arrive while a pass runs form the next batch,
-so a loaded server batches itself even with `max_wait` = 0, and an idle one adds no
-delay. If a batched call raises, each request is retried alone so one bad input
-cannot fail its neighbours.
+The first call that finds the batcher idle schedules a drain for the next turn of the
+event loop (or `max_wait` later); every call that arrives before it runs joins the
+same pass, up to `max_size` rows. Requests that arrive while a pass runs form the
+next batch, so a loaded server batches itself even with `max_wait` = 0, and an idle
+one adds no delay. If a batched call raises, each request is retried alone so one
+bad input cannot fail its neighbours.
+
+Where a pass runs is decided per pass, from its measured cost. A short pass runs on
+the event loop thread itself: handing it to another thread costs more than the pass
+(~85 µs of wake-ups on a small VM, and a Python thread needs the GIL back between
+torch ops, which a busy event loop holds). A pass expected to take longer than
+`inline_max_s` goes to the compute thread so health checks and other requests keep
+being answered meanwhile. No measurement yet means the compute thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -21,6 +28,7 @@ import torch
 from torch import Tensor
 
 Result = Tensor | tuple[Tensor, ...]
+Outcome = tuple[Result | None, BaseException | None]
 
 
 class ComputeTimeout(Exception):
@@ -36,83 +44,123 @@ class _Item:
 
 class Batcher:
     def __init__(self, fn: Callable[..., Result], batch_dims: Sequence[int], max_size: int, max_wait_s: float,
-                 executor: Executor, timeout_s: float | None = None) -> None:
+                 executor: Executor | None, timeout_s: float | None = None, inline_max_s: float = 0.0) -> None:
         self.fn, self.batch_dims, self.timeout_s = fn, tuple(batch_dims), timeout_s
         self.max_size, self.max_wait_s, self.executor = max_size, max_wait_s, executor
+        self.inline_max_s = inline_max_s
         self.queue: collections.deque[_Item] = collections.deque()
-        self.wakeup = asyncio.Event()
-        self.worker: asyncio.Task[None] | None = None
+        self.queued_rows = 0
+        self.drain_handle: asyncio.Handle | None = None
+        self.busy = False  # a pass is running on the compute thread
+        self.closed = False
+        self.seconds_per_row: float | None = None  # moving average over passes
         self.batches = 0  # passes run; with `requests`, tells how much batching happened
         self.requests = 0
+        self.inline_batches = 0
 
     async def __call__(self, *args: Tensor) -> Result:
-        size = args[0].shape[self.batch_dims[0]]
-        item = _Item(args, size, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        item = _Item(args, args[0].shape[self.batch_dims[0]], loop.create_future())
         self.queue.append(item)
-        self.wakeup.set()
-        if self.worker is None or self.worker.done():
-            self.worker = asyncio.create_task(self._run_forever())
+        self.queued_rows += item.size
+        if not self.busy:
+            if self.queued_rows >= self.max_size:
+                self._schedule(loop, 0.0)
+            elif self.drain_handle is None:
+                self._schedule(loop, self.max_wait_s)
+        timer = loop.call_later(self.timeout_s, _expire, item.future, self.timeout_s) if self.timeout_s else None
         try:
-            return await asyncio.wait_for(item.future, self.timeout_s)
-        except TimeoutError:
-            # wait_for cancelled the future: the worker skips it if it has not started yet.
-            raise ComputeTimeout(self.timeout_s) from None
+            return await item.future
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def close(self) -> None:
-        if self.worker is not None:
-            self.worker.cancel()
+        self.closed = True
+        if self.drain_handle is not None:
+            self.drain_handle.cancel()
+        for item in self.queue:
+            item.future.cancel()
+        self.queue.clear()
 
-    async def _run_forever(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self.queue:
-                self.wakeup.clear()
-                await self.wakeup.wait()
-            items = [self.queue.popleft()]
-            size = items[0].size
-            deadline = loop.time() + self.max_wait_s
-            while size < self.max_size:
-                if not self.queue:
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        break
-                    self.wakeup.clear()
-                    try:
-                        await asyncio.wait_for(self.wakeup.wait(), remaining)
-                    except TimeoutError:
-                        break
-                    continue
-                if size + self.queue[0].size > self.max_size:
-                    break
-                item = self.queue.popleft()
+    def _schedule(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:
+        if self.drain_handle is not None:
+            self.drain_handle.cancel()
+        self.drain_handle = loop.call_later(delay, self._drain) if delay > 0 else loop.call_soon(self._drain)
+
+    def _take(self) -> list[_Item]:
+        """Up to max_size rows from the queue; requests that timed out or went away are dropped."""
+        items: list[_Item] = []
+        size = 0
+        while self.queue and (not items or size + self.queue[0].size <= self.max_size):
+            item = self.queue.popleft()
+            self.queued_rows -= item.size
+            if not item.future.done():
                 items.append(item)
                 size += item.size
-            items = [i for i in items if not i.future.cancelled()]
-            if items:
-                await loop.run_in_executor(self.executor, self._run_batch, items, loop)
+        return items
 
-    def _run_batch(self, items: list[_Item], loop: asyncio.AbstractEventLoop) -> None:
-        """Runs on the compute thread; results are handed back to the event loop thread-safely."""
+    def _drain(self) -> None:
+        """Runs on the event loop: start the next pass, inline when it is known to be short."""
+        self.drain_handle = None
+        loop = asyncio.get_running_loop()
+        while self.queue and not self.busy and not self.closed:
+            items = self._take()
+            if not items:
+                continue
+            if self._runs_inline(sum(it.size for it in items)):
+                self.inline_batches += 1
+                _settle(items, self._compute(items))
+                if self.queue:  # more than max_size rows were queued: let the loop breathe, then go on
+                    self._schedule(loop, 0.0)
+                return
+            self.busy = True
+            done = loop.run_in_executor(self.executor, self._compute, items)
+            done.add_done_callback(lambda f, items=items: self._pass_done(f, items))  # type: ignore[misc]
+            return
+
+    def _runs_inline(self, rows: int) -> bool:
+        if self.executor is None:
+            return True
+        return self.seconds_per_row is not None and rows * self.seconds_per_row <= self.inline_max_s
+
+    def _pass_done(self, done: asyncio.Future[list[Outcome]], items: list[_Item]) -> None:
+        self.busy = False
+        if done.cancelled():
+            outcomes: list[Outcome] = [(None, asyncio.CancelledError())] * len(items)
+        elif done.exception() is not None:
+            outcomes = [(None, done.exception())] * len(items)
+        else:
+            outcomes = done.result()
+        _settle(items, outcomes)
+        if self.queue and not self.closed:
+            self._drain()
+
+    def _compute(self, items: list[_Item]) -> list[Outcome]:
+        """One pass over the gathered requests; runs on whichever thread `_drain` chose."""
+        start = time.perf_counter()
         self.batches += 1
         self.requests += len(items)
         try:
             if len(items) == 1:
-                results = [self.fn(*items[0].args)]
+                outcomes: list[Outcome] = [(self.fn(*items[0].args), None)]
             else:
                 args = [torch.cat([it.args[a] for it in items], dim=d) for a, d in enumerate(self.batch_dims)]
-                results = _split(self.fn(*args), [it.size for it in items])
+                outcomes = [(r, None) for r in _split(self.fn(*args), [it.size for it in items])]
         except Exception as e:
             if len(items) == 1:
-                _settle(loop, items[0], None, e)
-                return
-            for it in items:  # isolate the failure: each request alone
-                try:
-                    _settle(loop, it, self.fn(*it.args), None)
-                except Exception as e:
-                    _settle(loop, it, None, e)
-            return
-        for it, res in zip(items, results, strict=True):
-            _settle(loop, it, res, None)
+                return [(None, e)]
+            outcomes = [_alone(self.fn, it) for it in items]  # isolate the failure: each request alone
+        per_row = (time.perf_counter() - start) / sum(it.size for it in items)
+        self.seconds_per_row = per_row if self.seconds_per_row is None else 0.8 * self.seconds_per_row + 0.2 * per_row
+        return outcomes
+
+
+def _alone(fn: Callable[..., Result], item: _Item) -> Outcome:
+    try:
+        return fn(*item.args), None
+    except Exception as e:
+        return None, e
 
 
 def _split(result: Result, sizes: list[int]) -> list[Result]:
@@ -122,13 +170,16 @@ def _split(result: Result, sizes: list[int]) -> list[Result]:
     return list(torch.split(result, sizes, dim=0))
 
 
-def _settle(loop: asyncio.AbstractEventLoop, item: _Item, result: Result | None, exc: BaseException | None) -> None:
-    def apply() -> None:
+def _settle(items: list[_Item], outcomes: list[Outcome]) -> None:
+    for item, (result, exc) in zip(items, outcomes, strict=True):
         if item.future.done():
-            return
+            continue
         if exc is not None:
             item.future.set_exception(exc)
         else:
             item.future.set_result(result)  # type: ignore[arg-type]
 
-    loop.call_soon_threadsafe(apply)
+
+def _expire(future: asyncio.Future[Result], timeout_s: float) -> None:
+    if not future.done():
+        future.set_exception(ComputeTimeout(timeout_s))

@@ -71,7 +71,7 @@ async def _multipart(request: Request, max_batch: int) -> list[bytes]:
     try:
         form = await request.form(max_files=max_batch + 1, max_fields=max_batch + 16)
     except Exception as e:  # python-multipart / starlette raise several types for malformed or oversize forms
-        status = 413 if "Too many" in str(e) else 400
+        status = 413 if "Too many files" in str(e) else 400  # too many other fields: a malformed form
         raise ApiError(status, "malformed multipart body" if status == 400 else "batch too large", str(e)) from e
     files = [f for f in form.getlist("file") if isinstance(f, UploadFile)]
     if not files:

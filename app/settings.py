@@ -22,8 +22,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, description="vae-serve port")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="app log level; info logs one JSON line per request (app.access)")
-    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = one per core less one on CPU (the "
-                         "event loop needs a core; more threads only spin), torch's default on GPU")
+    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = on CPU every core for short passes "
+                         "(they run on the event loop, which waits for them anyway) and one per core less one "
+                         "on the compute thread (the event loop keeps a core); torch's default on GPU")
 
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest request body accepted (413 above)")
     max_image_pixels: int = Field(16_000_000, ge=784, description="largest decoded image, width x height "
@@ -38,6 +39,9 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(64, ge=1, description="dynamic batching: most images in one forward pass")
     batch_max_wait_us: int = Field(0, ge=0, description="dynamic batching: how long a forward pass waits for "
                                    "more requests once one is queued (0 = only what is already queued)")
+    inline_max_us: int = Field(2000, ge=0, description="a forward pass expected (from measured passes) to take "
+                               "less runs on the event loop thread, saving a thread hand-off; longer ones run on "
+                               "the compute thread so the service keeps answering (0 = always the compute thread)")
     max_in_flight: int = Field(256, ge=1, description="most model requests in progress at once; beyond it the "
                                "service answers 503 with Retry-After at once instead of queueing")
     request_timeout_s: float = Field(30.0, gt=0, description="longest a request may wait for its forward pass "

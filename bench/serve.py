@@ -90,7 +90,7 @@ def wrk(url: str, script: Path, connections: int, duration: int) -> dict[str, fl
     return parse_wrk(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
 
 
-def run(batching: str, duration: int, concurrency: list[int]) -> list[dict]:
+def run(batching: str, duration: int, concurrency: list[int], only: list[str] | None = None) -> list[dict]:
     env = {"VAE_BATCH_MAX_SIZE": "64" if batching == "on" else "1"}
     port = free_port()
     server = start_server(port, env)
@@ -106,6 +106,8 @@ def run(batching: str, duration: int, concurrency: list[int]) -> list[dict]:
             "POST /anomaly-score": (f"{base}/anomaly-score", lua_script(folder, "POST", DIGIT, "image/png")),
             "GET /sample?n=16 (PNG)": (f"{base}/sample?n=16", lua_script(folder, "GET", None, None)),
         }
+        if only:  # the ceiling always runs: every figure is a ratio to it
+            targets = {n: t for i, (n, t) in enumerate(targets.items()) if i == 0 or any(o in n for o in only)}
         try:
             for c in concurrency:
                 ceiling = None
@@ -130,6 +132,7 @@ def main() -> int:
     p.add_argument("--duration", type=int, default=5, help="seconds per measurement")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 128])
     p.add_argument("--batching", choices=["on", "off", "both"], default="both")
+    p.add_argument("--only", nargs="+", metavar="TEXT", help="only endpoints whose name contains TEXT")
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
     if shutil.which("wrk") is None:
@@ -141,7 +144,7 @@ def main() -> int:
           f"wrk on the same machine; {args.duration} s per figure")
     rows = []
     for mode in (["on", "off"] if args.batching == "both" else [args.batching]):
-        rows += run(mode, args.duration, args.concurrency)
+        rows += run(mode, args.duration, args.concurrency, args.only)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0

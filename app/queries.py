@@ -1,0 +1,100 @@
+"""Each endpoint's query parameters as one pydantic model, validated in one call.
+
+FastAPI's per-parameter machinery costs ~35 µs a request for five parameters, a
+quarter of what the HTTP layer itself costs; one pydantic-core validation of the
+whole query costs ~5 µs. The models also write the OpenAPI parameter list, so the
+docs and the fuzz tests see exactly what is validated. Errors keep FastAPI's shape:
+422 with `loc` = ["query", name].
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
+
+from app.errors import ApiError, validation_details
+from app.imaging import Preprocess
+
+MAX_SEED = 2**63
+
+Query = TypeVar("Query", bound="QueryModel")
+
+
+class QueryModel(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    model: str | None = Field(None, description="model name from GET /models; default VAE_DEFAULT_MODEL")
+
+
+class ImageQuery(QueryModel):
+    invert: Literal["auto", "true", "false"] = Field("auto", description="auto: invert light-background images")
+    fit: bool = Field(True, description="scale to fit 28x28 keeping aspect ratio, pad with black")
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess(self.invert, self.fit)
+
+
+Encoding = Annotated[Literal["pixels", "base64"], Field(description="JSON output: pixel arrays or base64 PNGs")]
+AnyFormat = Annotated[Literal["png", "json"] | None, Field(alias="format", description="png or json; overrides Accept")]
+JsonFormat = Annotated[Literal["json"] | None, Field(alias="format", description="json only (the default)")]
+
+
+class EncodeQuery(ImageQuery):
+    fmt: JsonFormat = None
+
+
+class DecodeQuery(QueryModel):
+    fmt: AnyFormat = None
+    encoding: Encoding = "pixels"
+
+
+class SampleQuery(DecodeQuery):
+    n: int = Field(16, ge=1, description="number of images")
+    seed: int | None = Field(None, ge=0, lt=MAX_SEED, description="same seed, same images")
+    temperature: float = Field(1.0, gt=0, le=10, allow_inf_nan=False, description="z ~ N(0, T² I)")
+
+
+class ReconstructQuery(ImageQuery):
+    fmt: AnyFormat = None
+    encoding: Encoding = "pixels"
+
+
+class AnomalyQuery(ImageQuery):
+    fmt: JsonFormat = None
+    k: int | None = Field(None, ge=1, description="importance samples (default VAE_DEFAULT_K)")
+    threshold_percentile: float | None = Field(None, gt=0, lt=100, allow_inf_nan=False,
+                                               description="default VAE_DEFAULT_THRESHOLD_PERCENTILE")
+    seed: int = Field(0, ge=0, lt=MAX_SEED, description="noise seed; fixed so equal images score equally")
+
+
+_defaults: dict[type[QueryModel], QueryModel] = {}
+
+
+def parse_query(model: type[Query], request: Request) -> Query:
+    if not request.scope["query_string"]:  # the common case: every default, validated once
+        if model not in _defaults:
+            _defaults[model] = model()
+        return _defaults[model]  # type: ignore[return-value]
+    try:
+        return model.model_validate(dict(request.query_params))
+    except ValidationError as e:
+        details = validation_details(e.errors())
+        for d in details:
+            d["loc"] = ["query", *d["loc"]]
+        raise ApiError(422, "invalid request", details) from e
+
+
+def openapi_parameters(model: type[QueryModel]) -> list[dict[str, Any]]:
+    """The OpenAPI `parameters` FastAPI would write had each field been a Query(...) argument."""
+    schema = model.model_json_schema(by_alias=True)
+    required = set(schema.get("required", ()))
+    params = []
+    for name, prop in schema["properties"].items():
+        param: dict[str, Any] = {"name": name, "in": "query", "required": name in required, "schema": prop}
+        if "description" in prop:
+            param["description"] = prop["description"]
+        params.append(param)
+    return params
