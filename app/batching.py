@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -53,7 +54,7 @@ class Batcher:
         self.drain_handle: asyncio.Handle | None = None
         self.busy = False  # a pass is running on the compute thread
         self.closed = False
-        self.seconds_per_row: float | None = None  # moving average over passes
+        self.pass_seconds: dict[int, float] = {}  # moving average of pass time by rows.bit_length()
         self.batches = 0  # passes run; with `requests`, tells how much batching happened
         self.requests = 0
         self.inline_batches = 0
@@ -122,7 +123,22 @@ class Batcher:
     def _runs_inline(self, rows: int) -> bool:
         if self.executor is None:
             return True
-        return self.seconds_per_row is not None and rows * self.seconds_per_row <= self.inline_max_s
+        expected = self.expected_seconds(rows)
+        return expected is not None and expected <= self.inline_max_s
+
+    def expected_seconds(self, rows: int) -> float | None:
+        """A pass's time from passes of similar size; over-estimates where it has to guess."""
+        bucket = rows.bit_length()
+        if bucket in self.pass_seconds:
+            return self.pass_seconds[bucket]
+        larger = [t for b, t in self.pass_seconds.items() if b > bucket]
+        if larger:
+            return min(larger)  # more rows never take less time
+        smaller = [b for b in self.pass_seconds if b < bucket]
+        if smaller:
+            b = max(smaller)
+            return self.pass_seconds[b] * rows / (1 << (b - 1))  # linear from the smallest row count it covers
+        return None
 
     def _pass_done(self, done: asyncio.Future[list[Outcome]], items: list[_Item]) -> None:
         self.busy = False
@@ -151,9 +167,45 @@ class Batcher:
             if len(items) == 1:
                 return [(None, e)]
             outcomes = [_alone(self.fn, it) for it in items]  # isolate the failure: each request alone
-        per_row = (time.perf_counter() - start) / sum(it.size for it in items)
-        self.seconds_per_row = per_row if self.seconds_per_row is None else 0.8 * self.seconds_per_row + 0.2 * per_row
+        elapsed, bucket = time.perf_counter() - start, sum(it.size for it in items).bit_length()
+        previous = self.pass_seconds.get(bucket, elapsed)
+        self.pass_seconds[bucket] = 0.8 * previous + 0.2 * elapsed
         return outcomes
+
+
+class Stage:
+    """Runs `fn` for every call made during one turn of the event loop, back to back.
+
+    For per-request CPU work that cannot share one tensor op, such as decoding each
+    uploaded PNG. Done inside each request's own handler, interleaved with the HTTP
+    stack, a 28x28 PNG decode took ~100 µs; back to back it takes ~27 µs because the
+    same code and data stay in the CPU caches (measured in-process; /encode at c=32
+    went from ~4,000 to ~4,850 req/s). One failing call fails only its own request.
+    """
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self.handle: asyncio.Handle | None = None
+
+    async def __call__(self, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.queue.append((args, future))
+        if self.handle is None:
+            self.handle = loop.call_soon(self._run)
+        return await future
+
+    def _run(self) -> None:
+        self.handle = None
+        queue, self.queue = self.queue, []
+        for args, future in queue:
+            if future.done():
+                continue
+            try:
+                future.set_result(self.fn(*args))
+            except Exception as e:
+                future.set_exception(e)
 
 
 def _alone(fn: Callable[..., Result], item: _Item) -> Outcome:

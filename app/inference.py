@@ -48,6 +48,13 @@ class Engine:
     def batchers(self) -> list[Batcher]:
         return [self.encode, self.decode, self.forward, *self._ll.values()]
 
+    def stats(self) -> dict[str, dict[str, int]]:
+        """How much batching happened, per method: requests served, passes run, passes run inline."""
+        named = {"encode": self.encode, "decode": self.decode, "forward": self.forward}
+        named.update({f"log_likelihood_k{k}": b for k, b in sorted(self._ll.items())})
+        return {name: {"requests": b.requests, "passes": b.batches, "inline_passes": b.inline_batches}
+                for name, b in named.items() if b.requests}
+
     def close(self) -> None:
         for b in self.batchers():
             b.close()

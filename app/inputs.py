@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
 
 import torch
@@ -16,8 +17,9 @@ from fastapi import Request
 from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 
+from app.batching import Stage
 from app.errors import ApiError, validation_details
-from app.imaging import Preprocess, decode_image, pixels_to_tensor
+from app.imaging import Preprocess, decode_batch, pixels_to_tensor
 
 Body = TypeVar("Body", bound=BaseModel)
 Pixel = Annotated[float, Field(ge=0.0, le=1.0)]  # NaN fails both bounds
@@ -45,11 +47,20 @@ def parse_body(model: type[Body], body: bytes) -> Body:
         raise ApiError(422, "invalid request", validation_details(e.errors())) from e
 
 
-async def read_images(request: Request, max_batch: int, max_pixels: int, prep: Preprocess) -> torch.Tensor:
+Decoder = Callable[[list[bytes], Preprocess], Awaitable[torch.Tensor]]
+
+
+def decoder(max_pixels: int) -> Decoder:
+    """Image files -> [B, 1, 28, 28], every request's files decoded together with the others
+    queued in the same event-loop turn (see batching.Stage for why)."""
+
+    return Stage(lambda blobs, prep: decode_batch(blobs, max_pixels, prep))
+
+
+async def read_images(request: Request, max_batch: int, decode: Decoder, prep: Preprocess) -> torch.Tensor:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        blobs = await _multipart(request, max_batch)
-        return _stack([decode_image(b, max_pixels, prep) for b in blobs], max_batch)
+        return await decode(await _multipart(request, max_batch), prep)
     if ctype == "application/json":
         body = parse_body(ImagesIn, await request.body())
         if (body.images is None) == (body.pixels is None):
@@ -59,9 +70,9 @@ async def read_images(request: Request, max_batch: int, max_pixels: int, prep: P
             return torch.cat([pixels_to_tensor(p) for p in body.pixels]).unsqueeze(1)
         assert body.images is not None
         _check_batch(len(body.images), max_batch)
-        return _stack([decode_image(_b64(s, i), max_pixels, prep) for i, s in enumerate(body.images)], max_batch)
+        return await decode([_b64(s, i) for i, s in enumerate(body.images)], prep)
     if ctype.startswith("image/") or ctype == "application/octet-stream":
-        return decode_image(await request.body(), max_pixels, prep).unsqueeze(0)
+        return await decode([await request.body()], prep)
     raise ApiError(415, "unsupported media type",
                    f"got {ctype or 'no Content-Type'}; send image/* (raw bytes), multipart/form-data with field "
                    "'file', or application/json with 'images' or 'pixels'")
@@ -90,8 +101,3 @@ def _b64(s: str, index: int) -> bytes:
 def _check_batch(n: int, max_batch: int) -> None:
     if n > max_batch:
         raise ApiError(413, "batch too large", f"{n} images; the limit is {max_batch} (VAE_MAX_BATCH)")
-
-
-def _stack(images: list[torch.Tensor], max_batch: int) -> torch.Tensor:
-    _check_batch(len(images), max_batch)
-    return torch.stack(images)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import gc
 import logging
-import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -27,7 +26,7 @@ from app.errors import ApiError, error_response
 from app.formats import MEDIA, JsonResponse, negotiate
 from app.imaging import to_png
 from app.inference import Engine
-from app.inputs import ImagesIn, parse_body, read_images
+from app.inputs import ImagesIn, decoder, parse_body, read_images
 from app.middleware import ServiceMiddleware
 from app.models import ModelLoadError, load_models, resolve_device, warm_up
 from app.queries import (
@@ -57,9 +56,8 @@ log = logging.getLogger("app")
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     device = resolve_device(settings.device)
-    inline_threads, compute_threads = thread_counts(settings.threads, device)
-    if inline_threads:
-        torch.set_num_threads(inline_threads)  # this thread runs the short passes (batching.py)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)  # this thread runs the short passes (batching.py)
     try:
         models = load_models(settings.models_dir, device, settings.default_model)
     except ModelLoadError as e:
@@ -71,8 +69,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Long passes, one at a time, on one thread. OpenMP's thread count is per calling
     # thread, so the compute thread sets its own.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute",
-                                  initializer=torch.set_num_threads if compute_threads else None,
-                                  initargs=(compute_threads,) if compute_threads else ())
+                                  initializer=torch.set_num_threads if settings.threads else None,
+                                  initargs=(settings.threads,) if settings.threads else ())
     wait, inline_max = settings.batch_max_wait_us / 1e6, settings.inline_max_us / 1e6
     app.state.engines = {n: Engine(m, executor, settings.batch_max_size, wait, settings.request_timeout_s, inline_max)
                          for n, m in models.items()}
@@ -89,21 +87,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             engine.close()
         executor.shutdown(wait=True)
         gc.unfreeze()
-
-
-def thread_counts(setting: int, device: torch.device) -> tuple[int, int]:
-    """torch intra-op threads for (event-loop passes, compute-thread passes); 0 keeps torch's default.
-
-    While a short pass runs on the event loop nothing else can, so it may use every core;
-    the compute thread leaves one core to the event loop, or its OpenMP threads spin
-    against it.
-    """
-    if setting:
-        return setting, setting
-    if device.type != "cpu":
-        return 0, 0
-    cores = os.cpu_count() or 1
-    return cores, max(1, cores - 1)
 
 
 def configure_logging(level: str) -> None:
@@ -131,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.ready = False
     app.state.engines = {}
+    app.state.decode = decoder(settings.max_image_pixels)
     errors.install(app)
     app.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_body_bytes, max_in_flight=settings.max_in_flight)
     add_routes(app, settings)
@@ -191,10 +175,12 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
             return error_response(503, "not ready", "models are loading", {"Retry-After": "1"})
         return JSONResponse({"status": "ready", "models": sorted(request.app.state.engines)})
 
-    @app.get("/models", tags=["ops"], summary="Each model's meta.json plus the device it runs on")
+    @app.get("/models", tags=["ops"], summary="Each model's meta.json, the device it runs on, and batching "
+             "counts since start (requests and forward passes per method)")
     async def models(request: Request) -> dict[str, Any]:
         engines: dict[str, Engine] = request.app.state.engines
-        return {"default": settings.default_model, "models": [e.model.describe() for e in engines.values()]}
+        return {"default": settings.default_model,
+                "models": [{**e.model.describe(), "batching": e.stats()} for e in engines.values()]}
 
     @app.post("/encode", tags=["model"], summary="Image(s) to the posterior mean and log-variance",
               response_model=EncodeOut, response_model_exclude_none=True,
@@ -204,7 +190,7 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
         q = parse_query(EncodeQuery, request)
         negotiate(request, q.fmt, "json", allowed=("json",))
         engine = engine_for(request, q.model)
-        x = await read_images(request, settings.max_batch, settings.max_image_pixels, q.preprocess)
+        x = await read_images(request, settings.max_batch, request.app.state.decode, q.preprocess)
         mu, logvar = await inference.encode(engine, x)
         out: dict[str, Any] = {"model": engine.model.name, "latent_dim": engine.model.latent_dim}
         if x.shape[0] == 1:
@@ -259,7 +245,7 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
         q = parse_query(ReconstructQuery, request)
         chosen = negotiate(request, q.fmt, "png")
         engine = engine_for(request, q.model)
-        x = await read_images(request, settings.max_batch, settings.max_image_pixels, q.preprocess)
+        x = await read_images(request, settings.max_batch, request.app.state.decode, q.preprocess)
         recon = await inference.reconstruct(engine, x)
         pairs = torch.stack([x, recon], dim=1).reshape(-1, 1, 28, 28)  # original, reconstruction, ...
         payload: dict[str, Any] = {"model": engine.model.name}
@@ -279,7 +265,7 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
         if k > settings.max_k:
             raise ApiError(422, "k too large", f"k={k}; the limit is {settings.max_k} (VAE_MAX_K)")
         pct = q.threshold_percentile or settings.default_threshold_percentile
-        x = await read_images(request, settings.max_batch, settings.max_image_pixels, q.preprocess)
+        x = await read_images(request, settings.max_batch, request.app.state.decode, q.preprocess)
         threshold = engine.model.threshold(pct)
         scores = await inference.anomaly_scores(engine, x, k, q.seed, threshold)
         out: dict[str, Any] = {"model": engine.model.name, "k": k, "threshold": threshold,

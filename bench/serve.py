@@ -98,16 +98,19 @@ def run(batching: str, duration: int, concurrency: list[int], only: list[str] | 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
+        png = lua_script(folder, "POST", DIGIT, "image/png")
         targets = {
             "bare upload (ceiling)": (f"{base}/_bare", lua_script(folder, "POST", DIGIT, "image/png")),
             "POST /encode (raw PNG)": (f"{base}/encode", lua_script(folder, "POST", DIGIT, "image/png")),
+            "POST /encode?model=vae-2d": (f"{base}/encode?model=vae-2d", png),
             "POST /encode (multipart)": (f"{base}/encode", lua_script(
                 folder, "POST", multipart_body(folder), f"multipart/form-data; boundary={BOUNDARY}")),
             "POST /anomaly-score": (f"{base}/anomaly-score", lua_script(folder, "POST", DIGIT, "image/png")),
             "GET /sample?n=16 (PNG)": (f"{base}/sample?n=16", lua_script(folder, "GET", None, None)),
         }
         if only:  # the ceiling always runs: every figure is a ratio to it
-            targets = {n: t for i, (n, t) in enumerate(targets.items()) if i == 0 or any(o in n for o in only)}
+            png = lua_script(folder, "POST", DIGIT, "image/png")
+        targets = {n: t for i, (n, t) in enumerate(targets.items()) if i == 0 or any(o in n for o in only)}
         try:
             for c in concurrency:
                 ceiling = None

@@ -74,6 +74,15 @@ def test_models_lists_meta_and_device(client: TestClient) -> None:
     assert by_name["vae"]["device"] == "cpu" and "anomaly_calibration" in by_name["vae"]
 
 
+def test_models_counts_requests_and_passes(client: TestClient) -> None:
+    before = {m["name"]: m["batching"] for m in client.get("/models").json()["models"]}["deep-tiny"]
+    for _ in range(3):
+        client.post("/encode?model=deep-tiny", content=DIGIT, headers={"content-type": "image/png"})
+    after = {m["name"]: m["batching"] for m in client.get("/models").json()["models"]}["deep-tiny"]["encode"]
+    assert after["requests"] - before.get("encode", {"requests": 0})["requests"] == 3
+    assert 1 <= after["passes"] <= after["requests"] and after["inline_passes"] <= after["passes"]
+
+
 # --- encode ----------------------------------------------------------------------------
 
 def test_encode_raw_png_matches_artifact(client: TestClient, artifact) -> None:
@@ -298,6 +307,13 @@ def test_bad_sample_queries(client: TestClient, query: str, status: int) -> None
     r = client.get(f"/sample?{query}")
     assert r.status_code == status, r.text
     assert r.json()["error"]
+
+
+def test_query_errors_name_the_parameter_and_unknown_ones_are_ignored(client: TestClient) -> None:
+    r = client.get("/sample?n=abc&temperature=0")
+    assert r.status_code == 422
+    assert sorted(d["loc"] for d in r.json()["detail"]) == [["query", "n"], ["query", "temperature"]]
+    assert client.get("/sample?n=2&seed=1&whatever=1").headers["x-seed"] == "1"
 
 
 @pytest.mark.parametrize(("query", "status"), [("k=0", 422), ("k=257", 422), ("threshold_percentile=100", 422),

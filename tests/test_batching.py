@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from app.batching import Batcher
+from app.batching import Batcher, ComputeTimeout, Stage
 
 
 def fragile(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -71,3 +73,95 @@ def test_one_bad_request_does_not_fail_its_neighbours() -> None:
     torch.testing.assert_close(first, torch.full((2,), 6.0))
     assert isinstance(second, ValueError)
     torch.testing.assert_close(third, torch.full((2,), 6.0))
+
+
+def test_inline_batcher_gathers_one_loop_turn_into_one_pass() -> None:
+    gen = torch.Generator().manual_seed(1)
+    inputs = [(torch.randn(n, 3, generator=gen), torch.randn(4, n, 2, generator=gen)) for n in (2, 1, 3)]
+
+    async def main() -> tuple[list[torch.Tensor], Batcher]:
+        b = Batcher(fragile, (0, 1), max_size=64, max_wait_s=0.0, executor=None)
+        return await asyncio.gather(*(b(x, e) for x, e in inputs)), b
+
+    results, b = run(main())
+    assert (b.batches, b.inline_batches, b.requests) == (1, 1, 3)
+    for (x, e), got in zip(inputs, results, strict=True):
+        torch.testing.assert_close(got, fragile(x, e))
+
+
+def test_short_passes_move_inline_once_measured_and_long_ones_stay_on_the_thread() -> None:
+    executor = ThreadPoolExecutor(1, thread_name_prefix="compute")
+    threads: list[str] = []
+
+    def quick(x: torch.Tensor) -> torch.Tensor:
+        threads.append(threading.current_thread().name)
+        return x + 1
+
+    def slow(x: torch.Tensor) -> torch.Tensor:
+        threads.append(threading.current_thread().name)
+        time.sleep(0.02)
+        return x + 1
+
+    async def main(fn) -> Batcher:
+        b = Batcher(fn, (0,), max_size=64, max_wait_s=0.0, executor=executor, inline_max_s=0.01)
+        for _ in range(3):
+            assert float((await b(torch.zeros(1)))[0]) == 1.0
+        return b
+
+    b = run(main(quick))
+    assert threads[0].startswith("compute")  # nothing measured yet: the thread
+    assert threads[1] == threads[2] == threading.current_thread().name and b.inline_batches == 2
+    threads.clear()
+    b = run(main(slow))
+    assert all(t.startswith("compute") for t in threads) and b.inline_batches == 0
+
+
+def test_expected_pass_time_never_guesses_low() -> None:
+    b = Batcher(lambda x: x, (0,), max_size=64, max_wait_s=0.0, executor=None)
+    assert b.expected_seconds(8) is None
+    b.pass_seconds = {1: 1e-4, 6: 5e-4}  # measured: 1 row, and 32-63 rows
+    assert b.expected_seconds(1) == 1e-4
+    assert b.expected_seconds(5) == 5e-4  # bounded by the larger passes
+    assert b.expected_seconds(64) == pytest.approx(5e-4 * 64 / 32)  # scaled from the smallest count it covers
+
+
+def test_timeout_fails_the_waiting_request_and_the_batcher_goes_on() -> None:
+    executor = ThreadPoolExecutor(1)
+
+    def slow_once(x: torch.Tensor) -> torch.Tensor:
+        if float(x[0]) < 0:
+            time.sleep(0.2)
+        return x
+
+    async def main() -> torch.Tensor:
+        b = Batcher(slow_once, (0,), max_size=1, max_wait_s=0.0, executor=executor, timeout_s=0.05)
+        with pytest.raises(ComputeTimeout):
+            await b(torch.full((1,), -1.0))
+        b.timeout_s = 5.0
+        return await b(torch.ones(1))
+
+    assert float(run(main())[0]) == 1.0
+
+
+def test_stage_runs_one_turns_calls_back_to_back_and_isolates_errors() -> None:
+    runs: list[int] = []
+
+    def double(v: int) -> int:
+        if v < 0:
+            raise ValueError("negative")
+        return 2 * v
+
+    async def main() -> list:
+        stage = Stage(double)
+        original = stage._run
+
+        def counted() -> None:
+            runs.append(len(stage.queue))
+            original()
+
+        stage._run = counted  # type: ignore[method-assign]
+        return await asyncio.gather(stage(1), stage(-1), stage(3), return_exceptions=True)
+
+    first, second, third = run(main())
+    assert (first, third) == (2, 6) and isinstance(second, ValueError)
+    assert runs == [3]  # one callback for the three calls
