@@ -14,8 +14,10 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+from torchvision.io import decode_png
+from torchvision.utils import make_grid
 
-from app.imaging import Preprocess, decode_image
+from app.imaging import Preprocess, decode_image, grid, to_png
 from app.main import create_app
 from app.models import ModelLoadError
 from app.settings import Settings
@@ -214,6 +216,15 @@ def test_photo_of_dark_digit_is_inverted_levelled_and_centred() -> None:
     assert float(x.max()) > 0.9  # a white digit
     ys, xs = torch.nonzero(x > 0.3, as_tuple=True)
     assert 9 <= float(ys.float().mean()) <= 19 and 9 <= float(xs.float().mean()) <= 19
+
+
+@pytest.mark.parametrize(("count", "nrow"), [(2, 2), (5, 3), (7, 2), (16, 4), (64, 8)])
+def test_grid_matches_torchvision_make_grid(count: int, nrow: int) -> None:
+    images = torch.rand(count, 1, 28, 28, generator=torch.Generator().manual_seed(count))
+    expected = make_grid(images, nrow=nrow, padding=2, pad_value=0.5)[:1]
+    assert torch.equal(grid(images, nrow), expected)
+    png = decode_png(torch.frombuffer(bytearray(to_png(images, nrow)), dtype=torch.uint8))
+    assert torch.equal(png, expected.mul(255).round().to(torch.uint8))
 
 
 def test_preprocessing_switches(client: TestClient) -> None:
