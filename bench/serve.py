@@ -100,17 +100,16 @@ def run(batching: str, duration: int, concurrency: list[int], only: list[str] | 
         folder = Path(tmp)
         png = lua_script(folder, "POST", DIGIT, "image/png")
         targets = {
-            "bare upload (ceiling)": (f"{base}/_bare", lua_script(folder, "POST", DIGIT, "image/png")),
-            "POST /encode (raw PNG)": (f"{base}/encode", lua_script(folder, "POST", DIGIT, "image/png")),
+            "bare upload (ceiling)": (f"{base}/_bare", png),
+            "POST /encode (raw PNG)": (f"{base}/encode", png),
             "POST /encode?model=vae-2d": (f"{base}/encode?model=vae-2d", png),
             "POST /encode (multipart)": (f"{base}/encode", lua_script(
                 folder, "POST", multipart_body(folder), f"multipart/form-data; boundary={BOUNDARY}")),
-            "POST /anomaly-score": (f"{base}/anomaly-score", lua_script(folder, "POST", DIGIT, "image/png")),
+            "POST /anomaly-score": (f"{base}/anomaly-score", png),
             "GET /sample?n=16 (PNG)": (f"{base}/sample?n=16", lua_script(folder, "GET", None, None)),
         }
         if only:  # the ceiling always runs: every figure is a ratio to it
-            png = lua_script(folder, "POST", DIGIT, "image/png")
-        targets = {n: t for i, (n, t) in enumerate(targets.items()) if i == 0 or any(o in n for o in only)}
+            targets = {n: t for i, (n, t) in enumerate(targets.items()) if i == 0 or any(o in n for o in only)}
         try:
             for c in concurrency:
                 ceiling = None
@@ -128,6 +127,16 @@ def run(batching: str, duration: int, concurrency: list[int], only: list[str] | 
             server.send_signal(signal.SIGTERM)
             server.wait(30)
     return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    """The rows as the table in docs/benchmarks.md."""
+    lines = ["| batching | c | endpoint | req/s | ratio to ceiling | p50 ms | p50 ratio | p99 ms |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['batching']} | {r['concurrency']} | {r['endpoint']} | {r['rps']:.0f} | "
+                     f"{r['rps_ratio']:.2f} | {r['p50_ms']:.2f} | {r['p50_ratio']:.2f}x | {r['p99_ms']:.1f} |")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -148,6 +157,8 @@ def main() -> int:
     rows = []
     for mode in (["on", "off"] if args.batching == "both" else [args.batching]):
         rows += run(mode, args.duration, args.concurrency, args.only)
+    print()
+    print(markdown(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0
