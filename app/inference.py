@@ -10,27 +10,26 @@ from __future__ import annotations
 import math
 import secrets
 import sys
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from app.batching import Batcher
+from app.batching import Batcher, ComputeThread
 from app.models import ServedModel
 
 
 class Engine:
     """A served model plus one batcher per method."""
 
-    def __init__(self, model: ServedModel, executor: Executor | None, max_size: int, max_wait_s: float,
+    def __init__(self, model: ServedModel, compute: ComputeThread | None, max_size: int, max_wait_s: float,
                  timeout_s: float | None = None, inline_max_s: float = 0.0) -> None:
         self.model = model
         m = model.module
 
         def batcher(fn: Any, dims: tuple[int, ...]) -> Batcher:
-            return Batcher(fn, dims, max_size, max_wait_s, executor, timeout_s, inline_max_s)
+            return Batcher(fn, dims, max_size, max_wait_s, compute, timeout_s, inline_max_s)
 
         self.encode = batcher(self._on_device(m.encode), (0,))
         self.decode = batcher(self._on_device(m.decode), (0,))

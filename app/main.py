@@ -12,7 +12,6 @@ import gc
 import logging
 import os
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from typing import Any
@@ -23,6 +22,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 
 from app import errors, inference
+from app.batching import ComputeThread
 from app.errors import ApiError, error_response
 from app.formats import MEDIA, JsonResponse, negotiate
 from app.imaging import to_png
@@ -58,8 +58,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     device = resolve_device(settings.device)
     inline_threads, compute_threads = thread_counts(settings.threads, device)
-    if inline_threads:
-        torch.set_num_threads(inline_threads)  # this thread runs the short passes (batching.py)
     try:
         models = load_models(settings.models_dir, device, settings.default_model)
     except ModelLoadError as e:
@@ -68,13 +66,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     for m in models.values():
         warm_up(m)
         log.info("model %s ready on %s (latent_dim=%d, %s)", m.name, m.device, m.latent_dim, m.path)
-    # Long passes, one at a time, on one thread. OpenMP's thread count is per calling
-    # thread, so the compute thread sets its own.
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute",
-                                  initializer=torch.set_num_threads if compute_threads else None,
-                                  initargs=(compute_threads,) if compute_threads else ())
+    compute = ComputeThread(inline_threads, compute_threads)
     wait, inline_max = settings.batch_max_wait_us / 1e6, settings.inline_max_us / 1e6
-    app.state.engines = {n: Engine(m, executor, settings.batch_max_size, wait, settings.request_timeout_s, inline_max)
+    app.state.engines = {n: Engine(m, compute, settings.batch_max_size, wait, settings.request_timeout_s, inline_max)
                          for n, m in models.items()}
     # Everything loaded so far lives as long as the process: move it out of the garbage
     # collector's sight, or each full collection walks ~400k objects (a 100 ms stall at p99).
@@ -87,15 +81,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.ready = False
         for engine in app.state.engines.values():
             engine.close()
-        executor.shutdown(wait=True)
+        compute.shutdown()
         gc.unfreeze()
 
 
 def thread_counts(setting: int, device: torch.device) -> tuple[int, int]:
     """torch intra-op threads for (event-loop passes, compute-thread passes); 0 keeps torch's default.
 
-    A short pass on the event loop may use every core: nothing else runs meanwhile. The
-    compute thread gets one core less. Measured on 2 cores (docs/benchmarks.md): giving
+    A short pass on the event loop may use every core while the compute thread is idle
+    (batching.ComputeThread lowers it while that thread works). The compute thread gets
+    one core less. Measured on 2 cores (docs/benchmarks.md): giving
     it both made single-request /encode 60% slower (0.50 -> 0.80 ms p50), as its OpenMP
     team disturbs the event loop's; it would gain ~20% on pure /anomaly-score load.
     """

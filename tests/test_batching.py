@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from app.batching import Batcher, ComputeTimeout, Stage
+from app.batching import Batcher, ComputeThread, ComputeTimeout, Stage
 
 
 def fragile(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -26,12 +25,12 @@ def run(coro):
 
 @pytest.mark.parametrize("max_wait_s", [0.0, 0.01])
 def test_concurrent_calls_share_a_pass_and_match_unbatched(max_wait_s: float) -> None:
-    executor = ThreadPoolExecutor(1)
+    compute = ComputeThread()
     gen = torch.Generator().manual_seed(0)
     inputs = [(torch.randn(n, 3, generator=gen), torch.randn(4, n, 2, generator=gen)) for n in (1, 2, 1, 3)]
 
     async def main() -> tuple[list[torch.Tensor], Batcher]:
-        b = Batcher(fragile, (0, 1), max_size=64, max_wait_s=max_wait_s, executor=executor)
+        b = Batcher(fragile, (0, 1), max_size=64, max_wait_s=max_wait_s, compute=compute)
         out = await asyncio.gather(*(b(x, e) for x, e in inputs))
         b.close()
         return out, b
@@ -43,10 +42,10 @@ def test_concurrent_calls_share_a_pass_and_match_unbatched(max_wait_s: float) ->
 
 
 def test_max_size_splits_passes() -> None:
-    executor = ThreadPoolExecutor(1)
+    compute = ComputeThread()
 
     async def main() -> Batcher:
-        b = Batcher(lambda x: x + 1, (0,), max_size=4, max_wait_s=0.0, executor=executor)
+        b = Batcher(lambda x: x + 1, (0,), max_size=4, max_wait_s=0.0, compute=compute)
         outs = await asyncio.gather(*(b(torch.full((3, 1), float(i))) for i in range(4)))
         for i, o in enumerate(outs):
             assert o.shape == (3, 1) and float(o[0, 0]) == i + 1
@@ -58,13 +57,13 @@ def test_max_size_splits_passes() -> None:
 
 
 def test_one_bad_request_does_not_fail_its_neighbours() -> None:
-    executor = ThreadPoolExecutor(1)
+    compute = ComputeThread()
     good = torch.ones(2, 3)
     bad = torch.full((1, 3), float("nan"))
     eps = torch.zeros(1, 2, 2)
 
     async def main() -> list:
-        b = Batcher(fragile, (0, 1), max_size=64, max_wait_s=0.0, executor=executor)
+        b = Batcher(fragile, (0, 1), max_size=64, max_wait_s=0.0, compute=compute)
         out = await asyncio.gather(b(good, eps), b(bad, eps[:, :1]), b(good, eps), return_exceptions=True)
         b.close()
         return out
@@ -80,7 +79,7 @@ def test_inline_batcher_gathers_one_loop_turn_into_one_pass() -> None:
     inputs = [(torch.randn(n, 3, generator=gen), torch.randn(4, n, 2, generator=gen)) for n in (2, 1, 3)]
 
     async def main() -> tuple[list[torch.Tensor], Batcher]:
-        b = Batcher(fragile, (0, 1), max_size=64, max_wait_s=0.0, executor=None)
+        b = Batcher(fragile, (0, 1), max_size=64, max_wait_s=0.0, compute=None)
         return await asyncio.gather(*(b(x, e) for x, e in inputs)), b
 
     results, b = run(main())
@@ -90,7 +89,7 @@ def test_inline_batcher_gathers_one_loop_turn_into_one_pass() -> None:
 
 
 def test_short_passes_move_inline_once_measured_and_long_ones_stay_on_the_thread() -> None:
-    executor = ThreadPoolExecutor(1, thread_name_prefix="compute")
+    compute = ComputeThread()
     threads: list[str] = []
 
     def quick(x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +102,7 @@ def test_short_passes_move_inline_once_measured_and_long_ones_stay_on_the_thread
         return x + 1
 
     async def main(fn) -> Batcher:
-        b = Batcher(fn, (0,), max_size=64, max_wait_s=0.0, executor=executor, inline_max_s=0.01)
+        b = Batcher(fn, (0,), max_size=64, max_wait_s=0.0, compute=compute, inline_max_s=0.01)
         for _ in range(3):
             assert float((await b(torch.zeros(1)))[0]) == 1.0
         return b
@@ -117,7 +116,7 @@ def test_short_passes_move_inline_once_measured_and_long_ones_stay_on_the_thread
 
 
 def test_expected_pass_time_never_guesses_low() -> None:
-    b = Batcher(lambda x: x, (0,), max_size=64, max_wait_s=0.0, executor=None)
+    b = Batcher(lambda x: x, (0,), max_size=64, max_wait_s=0.0, compute=None)
     assert b.expected_seconds(8) is None
     b.pass_seconds = {1: 1e-4, 6: 5e-4}  # measured: 1 row, and 32-63 rows
     assert b.expected_seconds(1) == 1e-4
@@ -126,7 +125,7 @@ def test_expected_pass_time_never_guesses_low() -> None:
 
 
 def test_timeout_fails_the_waiting_request_and_the_batcher_goes_on() -> None:
-    executor = ThreadPoolExecutor(1)
+    compute = ComputeThread()
 
     def slow_once(x: torch.Tensor) -> torch.Tensor:
         if float(x[0]) < 0:
@@ -134,7 +133,7 @@ def test_timeout_fails_the_waiting_request_and_the_batcher_goes_on() -> None:
         return x
 
     async def main() -> torch.Tensor:
-        b = Batcher(slow_once, (0,), max_size=1, max_wait_s=0.0, executor=executor, timeout_s=0.05)
+        b = Batcher(slow_once, (0,), max_size=1, max_wait_s=0.0, compute=compute, timeout_s=0.05)
         with pytest.raises(ComputeTimeout):
             await b(torch.full((1,), -1.0))
         b.timeout_s = 5.0
@@ -165,3 +164,33 @@ def test_stage_runs_one_turns_calls_back_to_back_and_isolates_errors() -> None:
     first, second, third = run(main())
     assert (first, third) == (2, 6) and isinstance(second, ValueError)
     assert runs == [3]  # one callback for the three calls
+
+
+def test_short_passes_leave_the_busy_compute_threads_cores_alone() -> None:
+    compute = ComputeThread(inline_threads=2, compute_threads=1)
+    before = torch.get_num_threads()
+
+    async def one_long_pass() -> None:
+        started, release = threading.Event(), threading.Event()
+
+        def long(x: torch.Tensor) -> torch.Tensor:
+            started.set()
+            release.wait(5)
+            return x
+
+        pending = compute.submit(long, torch.zeros(1))
+        await asyncio.to_thread(started.wait, 5)
+        assert compute.busy == 1
+        compute.set_inline_threads()
+        assert torch.get_num_threads() == 1  # two cores, one taken by the compute thread
+        release.set()
+        await pending
+        assert compute.busy == 0
+        compute.set_inline_threads()
+        assert torch.get_num_threads() == 2
+
+    try:
+        run(one_long_pass())
+    finally:
+        torch.set_num_threads(before)
+        compute.shutdown()
