@@ -194,3 +194,25 @@ def test_short_passes_leave_the_busy_compute_threads_cores_alone() -> None:
     finally:
         torch.set_num_threads(before)
         compute.shutdown()
+
+
+def test_a_pass_timed_on_the_compute_thread_counts_for_its_fewer_cores() -> None:
+    compute = ComputeThread(inline_threads=2, compute_threads=1)
+    before = torch.get_num_threads()
+
+    def slow(x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.03)
+        return x
+
+    async def main() -> Batcher:
+        b = Batcher(slow, (0,), max_size=64, max_wait_s=0.0, compute=compute, inline_max_s=0.02)
+        await b(torch.zeros(1))  # unknown: the compute thread; 30 ms there ~ 15 ms on two cores
+        assert b.inline_batches == 0 and b.expected_seconds(1) == pytest.approx(0.015, rel=0.3)
+        await b(torch.zeros(1))
+        return b
+
+    try:
+        assert run(main()).inline_batches == 1
+    finally:
+        torch.set_num_threads(before)
+        compute.shutdown()
