@@ -58,6 +58,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     device = resolve_device(settings.device)
     inline_threads, compute_threads = thread_counts(settings.threads, device)
+    if inline_threads:
+        torch.set_num_threads(inline_threads)  # before any pass: this thread runs the short ones
     try:
         models = load_models(settings.models_dir, device, settings.default_model)
     except ModelLoadError as e:
