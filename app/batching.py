@@ -43,29 +43,14 @@ class _Item:
     future: asyncio.Future[Result]
 
 
-QUIET_S = 0.1  # seconds after a long pass during which short passes still leave its cores alone
-
-
 class ComputeThread:
-    """The one thread that runs long passes, and the torch thread counts that keep a short
-    pass on the event loop and a long pass here from asking for more cores than there are.
-
-    A short pass may use every core while this thread is quiet, but not while it works or
-    has just worked (QUIET_S): three OpenMP threads on two cores wait for each other at
-    every op, and the event loop's OpenMP worker keeps spinning on its core for a while
-    after each pass. Measured on 2 cores, 20 s soak over every endpoint: 142-157 req/s
-    when the count followed `busy` alone, 239-291 with the quiet period, 178-285 for the
-    previous all-on-this-thread design. 0 thread counts leave torch's default alone.
-    """
+    """The one thread that runs long passes, with its own torch thread count (OpenMP's
+    setting is per calling thread). 0 leaves torch's default alone."""
 
     def __init__(self, inline_threads: int = 0, compute_threads: int = 0) -> None:
-        self.inline_threads, self.compute_threads = inline_threads, compute_threads
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute",
                                            initializer=torch.set_num_threads if compute_threads else None,
                                            initargs=(compute_threads,) if compute_threads else ())
-        self.busy = 0
-        self._loop_threads = inline_threads  # what the event loop thread last told torch (the caller did)
-        self.last_busy = -1e9  # when the last long pass ended
         # A pass here uses fewer cores than the same pass on the event loop. Its time, scaled
         # by this, is what the event loop would take: the estimate that decides where a pass
         # runs. Without it a pass measured here just over the inline budget would never be
@@ -73,28 +58,7 @@ class ComputeThread:
         self.inline_scale = compute_threads / inline_threads if inline_threads and compute_threads else 1.0
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-        self.busy += 1
-        future = asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-        future.add_done_callback(self._done)
-        return future
-
-    def _done(self, _: asyncio.Future[Any]) -> None:
-        self.busy -= 1
-        self.last_busy = time.monotonic()
-
-    def set_inline_threads(self) -> None:
-        """Called on the event loop thread before each short pass; torch is told only when the
-        count changes. Measured, not understood: a torch.set_num_threads call after passes
-        had run, even one keeping the count, left later passes ~40% slower (/encode at c=32:
-        3,500 against 4,900 req/s), while setting it once before the first pass (lifespan)
-        and switching it when the compute thread starts or stops working did not."""
-        if not self.inline_threads:
-            return
-        recently = self.busy or time.monotonic() - self.last_busy < QUIET_S
-        wanted = max(1, self.inline_threads - self.compute_threads) if recently else self.inline_threads
-        if wanted != self._loop_threads:
-            torch.set_num_threads(wanted)
-            self._loop_threads = wanted
+        return asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=True)
@@ -168,8 +132,6 @@ class Batcher:
                 continue
             if self.compute is None or self._runs_inline(sum(it.size for it in items)):
                 self.inline_batches += 1
-                if self.compute is not None:
-                    self.compute.set_inline_threads()
                 outcomes, seconds = self._compute(items)
                 self._record(items, seconds)
                 _settle(items, outcomes)

@@ -90,11 +90,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def thread_counts(setting: int, device: torch.device) -> tuple[int, int]:
     """torch intra-op threads for (event-loop passes, compute-thread passes); 0 keeps torch's default.
 
-    A short pass on the event loop may use every core while the compute thread is idle
-    (batching.ComputeThread lowers it while that thread works). The compute thread gets
-    one core less. Measured on 2 cores (docs/benchmarks.md): giving
-    it both made single-request /encode 60% slower (0.50 -> 0.80 ms p50), as its OpenMP
-    team disturbs the event loop's; it would gain ~20% on pure /anomaly-score load.
+    Set once, before the first pass: changing the count at run time (to give the compute
+    thread its cores back while it works) left every later pass ~30% slower, for reasons
+    we did not find. Measured on 2 cores (docs/benchmarks.md#serving): every core for the
+    event loop's short passes and one less for the compute thread is best for /encode
+    (0.50 ms p50 at c=1, ~4,850 req/s at c=32); the compute thread with every core made
+    c=1 /encode 60% slower; one thread each (VAE_THREADS=1) is ~2x better for traffic
+    dominated by large anomaly scores, whose long passes then do not compete with the
+    event loop's OpenMP worker.
     """
     if setting:
         return setting, setting
