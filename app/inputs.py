@@ -53,7 +53,6 @@ Decoder = Callable[[list[bytes], Preprocess], Awaitable[torch.Tensor]]
 def decoder(max_pixels: int) -> Decoder:
     """Image files -> [B, 1, 28, 28], every request's files decoded together with the others
     queued in the same event-loop turn (see batching.Stage for why)."""
-
     return Stage(lambda blobs, prep: decode_batch(blobs, max_pixels, prep))
 
 

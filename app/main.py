@@ -1,8 +1,9 @@
 """The FastAPI app: lifespan loads the models, routes stay thin.
 
-Where a request goes: inputs.py reads images out of it, imaging.py preprocesses them,
-inference.py runs the model (batching.py gathers concurrent calls), formats.py picks
-PNG or JSON, errors.py shapes every failure.
+Where a request goes: queries.py validates its query string, inputs.py reads images
+out of it, imaging.py preprocesses them, inference.py runs the model (batching.py
+gathers concurrent calls and picks the thread), formats.py picks PNG or JSON,
+errors.py shapes every failure.
 """
 
 from __future__ import annotations
