@@ -23,7 +23,8 @@ def main() -> int:
     print(f"vae-serve: models from {settings.models_dir.resolve()}, serving on "
           f"http://{settings.host}:{settings.port} (docs at /docs)", flush=True)
     uvicorn.run("app.main:app", host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False, timeout_graceful_shutdown=settings.shutdown_grace_s)
+                access_log=False, timeout_graceful_shutdown=settings.shutdown_grace_s,
+                timeout_keep_alive=settings.keep_alive_s)
     return 0
 
 

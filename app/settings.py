@@ -46,6 +46,10 @@ class Settings(BaseSettings):
                                "service answers 503 with Retry-After at once instead of queueing")
     request_timeout_s: float = Field(30.0, gt=0, description="longest a request may wait for its forward pass "
                                      "(504 after)")
+    keep_alive_s: float = Field(75.0, gt=0, description="vae-serve: how long an idle keep-alive connection stays "
+                                "open; longer than clients' and proxies' own idle timeouts (httpx 5 s, nginx and "
+                                "cloud load balancers 60 s), so that they close first: a server that closes first "
+                                "races the client's next request on that connection, which then fails with a reset")
     shutdown_grace_s: float = Field(20.0, gt=0, description="on SIGTERM: stop accepting, let in-flight requests "
                                     "finish for at most this long, then exit 0")
     bare_endpoint: bool = Field(False, description="serve POST /_bare, which only reads the body: the HTTP "
