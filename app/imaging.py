@@ -60,14 +60,13 @@ def _png_header(data: bytes) -> tuple[int, int, int, int] | None:
     return width, height, depth, colour
 
 
-def _fast_png(data: bytes) -> np.ndarray | None:
+def _fast_png(data: bytes, header: tuple[int, int, int, int] | None) -> np.ndarray | None:
     """8-bit grayscale 28x28 PNG (what MNIST tooling writes) decoded by libpng via torchvision.
 
     The op is called directly: torchvision's Python wrapper adds a deprecation warning
     and usage logging that cost as much as the decode itself.
     """
-    header = _png_header(data)
-    if _decode_png is None or header is None or header != (28, 28, 8, 0):
+    if _decode_png is None or header != (28, 28, 8, 0):
         return None
     try:
         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -127,7 +126,7 @@ def decode_gray(data: bytes, max_pixels: int, prep: Preprocess) -> np.ndarray:
     header = _png_header(data)
     if header is not None and header[0] * header[1] > max_pixels:
         raise ApiError(413, "image too large", f"{header[0]}x{header[1]} pixels; the limit is {max_pixels} pixels")
-    fast = _fast_png(data)
+    fast = _fast_png(data, header)
     gray = fast if fast is not None else _decode_pillow(data, max_pixels)
     border = _border(gray)
     if np.count_nonzero(border) or prep.invert == "true":  # an all-black border (MNIST itself) needs neither step

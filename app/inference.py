@@ -44,18 +44,18 @@ class Engine:
             self._ll[k] = self._make(self._ll_fn, (0, 1))
         return self._ll[k]
 
-    def batchers(self) -> list[Batcher]:
-        return [self.encode, self.decode, self.forward, *self._ll.values()]
+    def batchers(self) -> dict[str, Batcher]:
+        named = {"encode": self.encode, "decode": self.decode, "forward": self.forward}
+        named.update({f"log_likelihood_k{k}": b for k, b in sorted(self._ll.items())})
+        return named
 
     def stats(self) -> dict[str, dict[str, int]]:
         """How much batching happened, per method: requests served, passes run, passes run inline."""
-        named = {"encode": self.encode, "decode": self.decode, "forward": self.forward}
-        named.update({f"log_likelihood_k{k}": b for k, b in sorted(self._ll.items())})
         return {name: {"requests": b.requests, "passes": b.batches, "inline_passes": b.inline_batches}
-                for name, b in named.items() if b.requests}
+                for name, b in self.batchers().items() if b.requests}
 
     def close(self) -> None:
-        for b in self.batchers():
+        for b in self.batchers().values():
             b.close()
 
     def _on_device(self, fn: Any) -> Any:
