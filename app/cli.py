@@ -6,6 +6,8 @@ import signal
 import sys
 
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors import Multiprocess
 
 from app.settings import get_settings
 
@@ -21,11 +23,19 @@ def main() -> int:
     signal.signal(signal.SIGINT, _exit_cleanly)
     settings = get_settings()
     print(f"vae-serve: models from {settings.models_dir.resolve()}, serving on "
-          f"http://{settings.host}:{settings.port} (docs at /docs)", flush=True)
-    uvicorn.run("app.main:app", host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False, timeout_graceful_shutdown=settings.shutdown_grace_s,
-                timeout_keep_alive=settings.keep_alive_s)
-    return 0
+          f"http://{settings.host}:{settings.port} with {settings.workers} worker(s) (docs at /docs)", flush=True)
+    options = {"host": settings.host, "port": settings.port, "log_level": settings.log_level, "access_log": False,
+               "timeout_graceful_shutdown": settings.shutdown_grace_s, "timeout_keep_alive": settings.keep_alive_s}
+    if settings.workers == 1:
+        uvicorn.run("app.main:app", **options)  # exits with status 3 itself when start-up fails
+        return 0
+    # What uvicorn.run does for several workers, keeping hold of the supervisor: it stops when
+    # a worker fails to start (a broken models folder) but returns as it does after SIGTERM, and
+    # uvicorn.run would then exit 0. A failed start must stay a failure, as with one worker.
+    config = uvicorn.Config("app.main:app", workers=settings.workers, **options)
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    return STARTUP_FAILURE if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes) else 0
 
 
 if __name__ == "__main__":

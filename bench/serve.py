@@ -1,12 +1,12 @@
 """Serving benchmark: the real service under wrk on loopback, against the HTTP ceiling.
 
-Starts `uvicorn app.main:app` (one worker, bundled models, the bare /_bare endpoint on),
-drives each endpoint with wrk (bounded: fixed duration, fixed connections) at several
+Starts `vae-serve` (one worker unless --workers, bundled models, the bare /_bare endpoint
+on), drives each endpoint with wrk (bounded: fixed duration, fixed connections) at several
 concurrencies, and prints requests/second and p50/p99 latency, each also as a ratio
 to the bare upload endpoint measured in the same run. Run it with dynamic batching on
 and off (--batching both). Needs `wrk` (Debian: apt-get install wrk).
 
-    python bench/serve.py [--duration 5] [--concurrency 1 32 128] [--batching both]
+    python bench/serve.py [--duration 5] [--concurrency 1 32 128] [--batching both] [--workers 1]
 """
 
 from __future__ import annotations
@@ -57,9 +57,9 @@ def free_port() -> int:
 
 
 def start_server(port: int, env_extra: dict[str, str]) -> subprocess.Popen:
-    env = {**os.environ, "VAE_BARE_ENDPOINT": "true", "VAE_LOG_LEVEL": "warning", **env_extra}
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port",
-                             str(port), "--no-access-log", "--log-level", "warning"], cwd=REPO, env=env)
+    env = {**os.environ, "VAE_BARE_ENDPOINT": "true", "VAE_LOG_LEVEL": "warning", "VAE_HOST": "127.0.0.1",
+           "VAE_PORT": str(port), **env_extra}
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli"], cwd=REPO, env=env, stdout=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -90,8 +90,9 @@ def wrk(url: str, script: Path, connections: int, duration: int) -> dict[str, fl
     return parse_wrk(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
 
 
-def run(batching: str, duration: int, concurrency: list[int], only: list[str] | None = None) -> list[dict]:
-    env = {"VAE_BATCH_MAX_SIZE": "64" if batching == "on" else "1"}
+def run(batching: str, duration: int, concurrency: list[int], only: list[str] | None = None,
+        workers: int = 1) -> list[dict]:
+    env = {"VAE_BATCH_MAX_SIZE": "64" if batching == "on" else "1", "VAE_WORKERS": str(workers)}
     port = free_port()
     server = start_server(port, env)
     base = f"http://127.0.0.1:{port}"
@@ -117,11 +118,12 @@ def run(batching: str, duration: int, concurrency: list[int], only: list[str] | 
                     wrk(url, script, c, 1)  # warm the path and the connection pool
                     r = wrk(url, script, c, duration)
                     ceiling = ceiling or r
-                    row = {"batching": batching, "concurrency": c, "endpoint": name, **r,
+                    row = {"workers": workers, "batching": batching, "concurrency": c, "endpoint": name, **r,
                            "rps_ratio": r["rps"] / ceiling["rps"], "p50_ratio": r["p50_ms"] / ceiling["p50_ms"]}
                     rows.append(row)
-                    print(f"{batching:>3} c={c:<4} {name:<26} {r['rps']:>8.0f} req/s ({row['rps_ratio']:.2f} of "
-                          f"ceiling)  p50 {r['p50_ms']:7.2f} ms ({row['p50_ratio']:.2f}x)  p99 {r['p99_ms']:7.2f} ms"
+                    print(f"w={workers} {batching:>3} c={c:<4} {name:<26} {r['rps']:>8.0f} req/s "
+                          f"({row['rps_ratio']:.2f} of ceiling)  p50 {r['p50_ms']:7.2f} ms "
+                          f"({row['p50_ratio']:.2f}x)  p99 {r['p99_ms']:7.2f} ms"
                           f"{'  non-2xx ' + str(r['non2xx']) if r['non2xx'] else ''}", flush=True)
         finally:
             server.send_signal(signal.SIGTERM)
@@ -131,10 +133,10 @@ def run(batching: str, duration: int, concurrency: list[int], only: list[str] | 
 
 def markdown(rows: list[dict]) -> str:
     """The rows as the table in docs/benchmarks.md."""
-    lines = ["| batching | c | endpoint | req/s | ratio to ceiling | p50 ms | p50 ratio | p99 ms |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| workers | batching | c | endpoint | req/s | ratio to ceiling | p50 ms | p50 ratio | p99 ms |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['batching']} | {r['concurrency']} | {r['endpoint']} | {r['rps']:.0f} | "
+        lines.append(f"| {r['workers']} | {r['batching']} | {r['concurrency']} | {r['endpoint']} | {r['rps']:.0f} | "
                      f"{r['rps_ratio']:.2f} | {r['p50_ms']:.2f} | {r['p50_ratio']:.2f}x | {r['p99_ms']:.1f} |")
     return "\n".join(lines)
 
@@ -144,6 +146,8 @@ def main() -> int:
     p.add_argument("--duration", type=int, default=5, help="seconds per measurement")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 128])
     p.add_argument("--batching", choices=["on", "off", "both"], default="both")
+    p.add_argument("--workers", type=int, default=1, help="vae-serve worker processes (VAE_WORKERS); the "
+                   "ceiling is measured with the same count")
     p.add_argument("--only", nargs="+", metavar="TEXT", help="only endpoints whose name contains TEXT")
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
@@ -156,7 +160,7 @@ def main() -> int:
           f"wrk on the same machine; {args.duration} s per figure")
     rows = []
     for mode in (["on", "off"] if args.batching == "both" else [args.batching]):
-        rows += run(mode, args.duration, args.concurrency, args.only)
+        rows += run(mode, args.duration, args.concurrency, args.only, args.workers)
     print()
     print(markdown(rows))
     if args.json:

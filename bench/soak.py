@@ -8,7 +8,7 @@
    the grace period.
 Bounded (fixed duration, fixed workers), loopback only.
 
-    python bench/soak.py [--seconds 60] [--concurrency 64]
+    python bench/soak.py [--seconds 60] [--concurrency 64]      (VAE_WORKERS=2 etc. pass through)
 """
 
 from __future__ import annotations
@@ -33,10 +33,13 @@ PHOTO = (REPO / "tests" / "data" / "photo_dark_on_light_digit_4.jpg").read_bytes
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Resident memory of the process and its descendants (the workers, with VAE_WORKERS > 1)."""
+    total = next((int(line.split()[1]) / 1024 for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                  if line.startswith("VmRSS:")), float("nan"))
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            total += rss_mb(int(child))
+    return total
 
 
 def free_port() -> int:

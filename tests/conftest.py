@@ -8,8 +8,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 
 from training import train
@@ -54,3 +61,37 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory, trained: Path) -> Path:
     for p in trained.glob("*.pt"):
         shutil.copy(p, folder / p.name)
     return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def vae_serve(env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`vae-serve` as a real process with these VAE_* settings: its base URL once /readyz says
+    ready, and the process; on leaving, SIGTERM, and the exit status must be 0."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli"], cwd=REPO,
+                            env={**os.environ, "VAE_LOG_LEVEL": "warning", **env, "VAE_PORT": str(port)})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180  # a loaded CI machine can take a while to import torch
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"service exited with {proc.returncode} before becoming ready")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("service did not become ready within 180 s")
+            time.sleep(0.2)
+        yield base, proc
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert proc.returncode == 0

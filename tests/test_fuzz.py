@@ -7,11 +7,6 @@ content type, headers, JSON body).
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,43 +19,16 @@ from schemathesis.config import SchemathesisConfig
 
 from app.main import create_app
 from app.settings import Settings
-from tests.conftest import REPO
+from tests.conftest import vae_serve
 
 SENT: Counter[str] = Counter()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(models_dir: Path) -> Iterator[str]:
-    port = _free_port()
-    env = {**os.environ, "VAE_MODELS_DIR": str(models_dir), "VAE_LOG_LEVEL": "warning", "VAE_MAX_SAMPLES": "64",
-           "VAE_MAX_K": "128", "VAE_MAX_BATCH": "8"}
-    env["VAE_PORT"] = str(port)
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli"], cwd=REPO, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180  # a loaded CI machine can take a while to import torch
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"service exited with {proc.returncode} before becoming ready")
-            try:
-                if requests.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("service did not become ready within 180 s")
-            time.sleep(0.2)
+    with vae_serve({"VAE_MODELS_DIR": str(models_dir), "VAE_MAX_SAMPLES": "64", "VAE_MAX_K": "128",
+                    "VAE_MAX_BATCH": "8"}) as (base, _):
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    assert proc.returncode == 0
 
 
 # The schema does not depend on the models, so it is read from the app object at import time

@@ -1,0 +1,63 @@
+"""vae-serve as a process: workers, their share of the cores, start-up failure, keep-alive."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import torch
+
+from app import cli
+from app.main import thread_counts
+from app.settings import Settings
+from tests.conftest import REPO, TEST_DATA, vae_serve
+
+DIGIT = (TEST_DATA / "mnist_test_0_digit_7.png").read_bytes()
+
+
+def test_workers_share_the_cores(monkeypatch) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert thread_counts(0, cpu) == (8, 7)  # one worker: every core on the event loop, one less on the thread
+    assert thread_counts(0, cpu, workers=2) == (4, 3)
+    assert thread_counts(0, cpu, workers=8) == (1, 1)
+    assert thread_counts(0, cpu, workers=16) == (1, 1)  # more workers than cores: never 0 (torch's default)
+    assert thread_counts(3, cpu, workers=2) == (3, 3)  # VAE_THREADS wins
+    assert thread_counts(0, torch.device("cuda"), workers=2) == (0, 0)
+
+
+def test_two_workers_serve_and_stop_cleanly(models_dir: Path) -> None:
+    with vae_serve({"VAE_MODELS_DIR": str(models_dir), "VAE_WORKERS": "2"}) as (base, proc):
+        with httpx.Client(base_url=base, timeout=30) as client:
+            r = client.post("/encode", content=DIGIT, headers={"Content-Type": "image/png"})
+            assert r.status_code == 200 and len(r.json()["mu"]) == r.json()["latent_dim"]
+            answered_by = client.get("/models").json()["worker_pid"]
+        assert answered_by != proc.pid  # a worker process answered, not the supervisor
+    # vae_serve checked that SIGTERM stopped every worker and the supervisor exited 0
+
+
+def test_workers_that_cannot_load_the_models_fail_the_start(tmp_path: Path) -> None:
+    env = {**os.environ, "VAE_MODELS_DIR": str(tmp_path / "missing"), "VAE_WORKERS": "2", "VAE_PORT": "0"}
+    done = subprocess.run([sys.executable, "-m", "app.cli"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 3, done.stderr  # as with one worker: uvicorn alone would exit 0 here
+    assert "models folder does not exist" in done.stderr
+
+
+def test_vae_serve_outlasts_client_keep_alive(monkeypatch) -> None:
+    """The server must not close idle connections before clients do, or a client's next request
+    on one races the close and fails with a reset (seen in the soak with uvicorn's default 5 s)."""
+    seen: dict = {}
+    monkeypatch.setattr(cli.uvicorn, "run", lambda *args, **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(cli, "get_settings", lambda: Settings())
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert cli.main() == 0
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert seen["timeout_keep_alive"] > max(httpx.Limits().keepalive_expiry or 0, 60)  # httpx 5 s; proxies 60 s
