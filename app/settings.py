@@ -23,9 +23,9 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="app log level; info logs one JSON line per request (app.access)")
     workers: int = Field(1, ge=1, description="vae-serve: worker processes sharing the port, each with its own "
-                         "copy of the models (a few MB), batching and in-flight limit; on CPU each gets its share "
-                         "of the cores as torch threads. More workers: more throughput under concurrent load, "
-                         "slower lone requests (docs/benchmarks.md#workers)")
+                         "models, batching and in-flight limit, and ~400 MB of its own memory (torch's runtime); "
+                         "on CPU each gets its share of the cores as torch threads. More workers: more throughput "
+                         "under concurrent load, slower lone requests (docs/benchmarks.md#workers)")
     threads: int = Field(0, ge=0, description="torch intra-op threads per worker, set once at start-up; 0 = on CPU "
                          "the worker's share of the cores for short passes (they run on the event loop) and one "
                          "less for the compute thread, torch's default on GPU; 1 suits traffic dominated by large "
