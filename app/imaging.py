@@ -70,7 +70,7 @@ def _fast_png(data: bytes, header: tuple[int, int, int, int] | None) -> np.ndarr
         return None
     try:
         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return _decode_png(encoded, ImageReadMode.GRAY.value, False)[0].numpy()
+        return _decode_png(encoded, ImageReadMode.GRAY.value, False).numpy()[0]
     except RuntimeError:
         return None  # let Pillow produce the user-facing error
 
@@ -114,9 +114,14 @@ def decode_image(data: bytes, max_pixels: int, prep: Preprocess) -> torch.Tensor
 
 
 def decode_batch(blobs: list[bytes], max_pixels: int, prep: Preprocess) -> torch.Tensor:
-    """Image files -> float32 [B, 1, 28, 28]; the conversion to floats is one op for the batch."""
-    gray = np.stack([decode_gray(b, max_pixels, prep) for b in blobs])
-    return torch.from_numpy(gray).float().div_(255.0).unsqueeze_(1)
+    """Image files -> float32 [B, 1, 28, 28]; the conversion to floats is one op for the batch.
+
+    In numpy, not torch: the same IEEE division (bit-identical, tested), but a torch op costs
+    ~10 µs through the dispatcher when the CPU caches are cold, as they are between requests.
+    """
+    gray = np.stack([decode_gray(b, max_pixels, prep) for b in blobs]).astype(np.float32)
+    gray /= 255
+    return torch.from_numpy(gray[:, None])
 
 
 def decode_gray(data: bytes, max_pixels: int, prep: Preprocess) -> np.ndarray:

@@ -60,6 +60,8 @@ class Engine:
 
     def _on_device(self, fn: Any) -> Any:
         device = self.model.device
+        if device.type == "cpu":  # no copies to make; each no-op .to()/.cpu() is still a dispatcher call
+            return torch.no_grad()(fn)
 
         @torch.no_grad()
         def run(*args: Tensor) -> Any:

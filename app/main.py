@@ -214,7 +214,7 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
         mu, logvar = await inference.encode(engine, x)
         out: dict[str, Any] = {"model": engine.model.name, "latent_dim": engine.model.latent_dim}
         if x.shape[0] == 1:
-            out["mu"], out["logvar"] = mu[0].tolist(), logvar[0].tolist()
+            out["mu"], out["logvar"] = mu.tolist()[0], logvar.tolist()[0]
         else:
             out["results"] = [{"mu": m, "logvar": lv} for m, lv in zip(mu.tolist(), logvar.tolist(), strict=True)]
         return JsonResponse(out)  # a Response skips FastAPI's re-validation of what we just built

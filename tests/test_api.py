@@ -10,6 +10,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -17,12 +18,13 @@ from PIL import Image
 from torchvision.io import decode_png
 from torchvision.utils import make_grid
 
-from app.imaging import Preprocess, decode_image, grid, to_png
+from app.imaging import Preprocess, decode_batch, decode_image, grid, to_png
 from app.main import create_app
 from app.models import ModelLoadError
 from app.settings import Settings
 from tests.conftest import TEST_DATA
 from training import export
+from training.data import to_float
 
 DIGIT = (TEST_DATA / "mnist_test_0_digit_7.png").read_bytes()
 DIGITS = sorted(TEST_DATA.glob("mnist_test_*.png"))
@@ -216,6 +218,18 @@ def test_photo_of_dark_digit_is_inverted_levelled_and_centred() -> None:
     assert float(x.max()) > 0.9  # a white digit
     ys, xs = torch.nonzero(x > 0.3, as_tuple=True)
     assert 9 <= float(ys.float().mean()) <= 19 and 9 <= float(xs.float().mean()) <= 19
+
+
+def test_served_pixels_are_the_training_pixels_bit_for_bit(mnist) -> None:
+    """The service converts uploads to floats in numpy, training in torch: every grey level and a
+    real MNIST test digit must come out as the very same float32 values."""
+    levels = np.zeros((28, 28), dtype=np.uint8)  # every grey level inside a black border (no levelling)
+    levels[1:-1, 1:-1] = (np.arange(26 * 26) % 256).reshape(26, 26)
+    buf = io.BytesIO()
+    Image.fromarray(levels, "L").save(buf, "PNG")
+    served = decode_batch([buf.getvalue(), DIGIT], 784, Preprocess())
+    expected = to_float(torch.stack([torch.from_numpy(levels), mnist.test_images[0]]))
+    assert served.dtype == expected.dtype and torch.equal(served, expected)
 
 
 @pytest.mark.parametrize(("count", "nrow"), [(2, 2), (5, 3), (7, 2), (16, 4), (64, 8)])
