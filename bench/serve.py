@@ -57,8 +57,8 @@ def free_port() -> int:
 
 
 def start_server(port: int, env_extra: dict[str, str]) -> subprocess.Popen:
-    env = {**os.environ, "VAE_BARE_ENDPOINT": "true", "VAE_LOG_LEVEL": "warning", "VAE_HOST": "127.0.0.1",
-           "VAE_PORT": str(port), **env_extra}
+    """`vae-serve` on loopback with the bundled models, once /readyz answers 200 (bench/soak.py uses it too)."""
+    env = {**os.environ, "VAE_LOG_LEVEL": "warning", "VAE_HOST": "127.0.0.1", "VAE_PORT": str(port), **env_extra}
     proc = subprocess.Popen([sys.executable, "-m", "app.cli"], cwd=REPO, env=env, stdout=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -92,7 +92,8 @@ def wrk(url: str, script: Path, connections: int, duration: int) -> dict[str, fl
 
 def run(batching: str, duration: int, concurrency: list[int], only: list[str] | None = None,
         workers: int = 1) -> list[dict]:
-    env = {"VAE_BATCH_MAX_SIZE": "64" if batching == "on" else "1", "VAE_WORKERS": str(workers)}
+    env = {"VAE_BARE_ENDPOINT": "true", "VAE_BATCH_MAX_SIZE": "64" if batching == "on" else "1",
+           "VAE_WORKERS": str(workers)}
     port = free_port()
     server = start_server(port, env)
     base = f"http://127.0.0.1:{port}"

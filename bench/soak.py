@@ -16,16 +16,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
+from serve import free_port, start_server  # bench/serve.py: runs as `python bench/soak.py`
 
 REPO = Path(__file__).resolve().parents[1]
 DIGIT = (REPO / "tests" / "data" / "mnist_test_0_digit_7.png").read_bytes()
@@ -40,12 +38,6 @@ def rss_mb(pid: int) -> float:
         for child in (task / "children").read_text().split():
             total += rss_mb(int(child))
     return total
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def requests_mix(latent_dim: int) -> list[tuple[str, str, dict]]:
@@ -85,22 +77,9 @@ async def load(base: str, mix: list, workers: int, seconds: float, statuses: Cou
         await asyncio.gather(*(worker(i) for i in range(workers)))
 
 
-def start(port: int) -> subprocess.Popen:
-    env = {**os.environ, "VAE_PORT": str(port), "VAE_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli"], cwd=REPO, env=env)
-    for _ in range(600):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("service did not become ready")
-
-
 async def soak(args: argparse.Namespace) -> None:
     port = free_port()
-    proc = start(port)
+    proc = start_server(port, {})
     base = f"http://127.0.0.1:{port}"
     latent_dim = next(m["latent_dim"] for m in httpx.get(f"{base}/models").json()["models"] if m["name"] == "vae")
     mix = requests_mix(latent_dim)
