@@ -9,8 +9,8 @@ bad input cannot fail its neighbours.
 
 Where a pass runs is decided per pass, from its measured cost. A short pass runs on
 the event loop thread itself: handing it to another thread costs more than the pass
-(~85 µs of wake-ups on a small VM, and a Python thread needs the GIL back between
-torch ops, which a busy event loop holds). A pass expected to take longer than
+(thread wake-ups, and a Python thread needs the GIL back between torch ops, which a
+busy event loop holds; figures in docs/benchmarks.md#serving). A pass expected to take longer than
 `inline_max_s` goes to the compute thread so health checks and other requests keep
 being answered meanwhile. No measurement yet means the compute thread.
 """
@@ -28,12 +28,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from app.exceptions import ComputeTimeout
+
 Result = Tensor | tuple[Tensor, ...]
 Outcome = tuple[Result | None, BaseException | None]
-
-
-class ComputeTimeout(Exception):
-    """The forward pass did not finish within the request's time budget."""
 
 
 @dataclass
@@ -54,8 +52,7 @@ class ComputeThread:
         # A pass here uses fewer cores than the same pass on the event loop. Its time, scaled
         # by this, is what the event loop would take: the estimate that decides where a pass
         # runs. Without it a pass measured here just over the inline budget would never be
-        # tried on the event loop, where it fits (a one-image k=64 anomaly score: about 2 ms
-        # here on one core, about 1.2 ms on the event loop's two).
+        # tried on the event loop, where it fits (a one-image k=64 anomaly score, say).
         self.inline_scale = compute_threads / inline_threads if inline_threads and compute_threads else 1.0
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
@@ -201,14 +198,14 @@ class Batcher:
         self.pass_seconds[bucket] = 0.8 * self.pass_seconds.get(bucket, seconds) + 0.2 * seconds
 
 
-class Stage:
+class LoopTurnGroup:
     """Runs `fn` for every call made during one turn of the event loop, back to back.
 
     For per-request CPU work that cannot share one tensor op, such as decoding each
     uploaded PNG. Done inside each request's own handler, interleaved with the HTTP
-    stack, a 28x28 PNG decode took ~100 µs; back to back it takes ~27 µs because the
-    same code and data stay in the CPU caches (measured in-process; /encode at c=32
-    went from ~4,000 to ~4,850 req/s). One failing call fails only its own request.
+    stack, the same decode costs several times more, because back to back the code and
+    data stay in the CPU caches (docs/benchmarks.md#serving). One failing call fails
+    only its own request.
     """
 
     def __init__(self, fn: Callable[..., Any]) -> None:
@@ -262,4 +259,4 @@ def _settle(items: list[_Item], outcomes: list[Outcome]) -> None:
 
 def _expire(future: asyncio.Future[Result], timeout_s: float) -> None:
     if not future.done():
-        future.set_exception(ComputeTimeout(timeout_s))
+        future.set_exception(ComputeTimeout(f"no result within {timeout_s} s (VAE_REQUEST_TIMEOUT_S)"))

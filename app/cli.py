@@ -27,12 +27,12 @@ def main() -> int:
     options = {"host": settings.host, "port": settings.port, "log_level": settings.log_level, "access_log": False,
                "timeout_graceful_shutdown": settings.shutdown_grace_s, "timeout_keep_alive": settings.keep_alive_s}
     if settings.workers == 1:
-        uvicorn.run("app.main:app", **options)  # exits with status 3 itself when start-up fails
+        uvicorn.run("app.main:create_app", factory=True, **options)  # exits with status 3 itself when start-up fails
         return 0
     # What uvicorn.run does for several workers, keeping hold of the supervisor: it stops when
     # a worker fails to start (a broken models folder) but returns as it does after SIGTERM, and
     # uvicorn.run would then exit 0. A failed start must stay a failure, as with one worker.
-    config = uvicorn.Config("app.main:app", workers=settings.workers, **options)
+    config = uvicorn.Config("app.main:create_app", factory=True, workers=settings.workers, **options)
     supervisor = Multiprocess(config, sockets=[config.bind_socket()])
     supervisor.run()
     return STARTUP_FAILURE if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes) else 0

@@ -30,11 +30,10 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, encode_png
 
-from app.errors import ApiError
+from app.exceptions import EmptyImage, ImageTooLarge, UndecodableImage, WrongImageSize
 
 # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they remain the
-# fastest here (28x28 PNG: 9.5 us against Pillow's 26 us warm, 62 against 81 us with cold
-# caches), so keep them while they exist.
+# fastest here for small PNGs (docs/benchmarks.md#serving), so keep them while they exist.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit from the header, before decoding
@@ -58,6 +57,11 @@ def _png_header(data: bytes) -> tuple[int, int, int, int] | None:
         return None
     width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
     return width, height, depth, colour
+
+
+def is_small_gray_png(data: bytes) -> bool:
+    """A 28x28 8-bit grey PNG, which libpng decodes in microseconds (see _fast_png)."""
+    return _decode_png is not None and _png_header(data) == (28, 28, 8, 0)
 
 
 def _fast_png(data: bytes, header: tuple[int, int, int, int] | None) -> np.ndarray | None:
@@ -97,40 +101,45 @@ def _decode_pillow(data: bytes, max_pixels: int) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
             width, height = im.size
-            if width * height > max_pixels:
-                raise ApiError(413, "image too large", f"{width}x{height} pixels; the limit is {max_pixels} pixels")
+            _check_pixels(width, height, max_pixels)
             im.seek(0)  # first frame of an animation
             im.load()
             return np.asarray(_to_gray(im), dtype=np.uint8)
-    except ApiError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as e:
-        raise ApiError(415, "cannot decode image", f"{type(e).__name__}: {e}") from e
+    except UnidentifiedImageError as e:  # its message is the repr of our BytesIO: say what it means instead
+        raise UndecodableImage(f"{len(data)} bytes in no image format Pillow reads (PNG, JPEG, GIF, WebP, BMP, "
+                               "TIFF, ...)") from e
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as e:
+        raise UndecodableImage(f"{type(e).__name__}: {e}") from e
 
 
-def decode_image(data: bytes, max_pixels: int, prep: Preprocess) -> torch.Tensor:
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"{width}x{height} pixels; the limit is {max_pixels} pixels (VAE_MAX_IMAGE_PIXELS)")
+
+
+def file_to_tensor(data: bytes, max_pixels: int, prep: Preprocess) -> torch.Tensor:
     """Image bytes -> float32 [1, 28, 28] in [0, 1], white digit on black."""
-    return decode_batch([data], max_pixels, prep)[0]
+    return files_to_tensor([data], max_pixels, prep)[0]
 
 
-def decode_batch(blobs: list[bytes], max_pixels: int, prep: Preprocess) -> torch.Tensor:
+def files_to_tensor(blobs: list[bytes], max_pixels: int, prep: Preprocess) -> torch.Tensor:
     """Image files -> float32 [B, 1, 28, 28]; the conversion to floats is one op for the batch.
 
     In numpy, not torch: the same IEEE division (bit-identical, tested), but a torch op costs
     ~10 µs through the dispatcher when the CPU caches are cold, as they are between requests.
     """
-    gray = np.stack([decode_gray(b, max_pixels, prep) for b in blobs]).astype(np.float32)
+    gray = np.stack([file_to_gray28(b, max_pixels, prep) for b in blobs]).astype(np.float32)
     gray /= 255
     return torch.from_numpy(gray[:, None])
 
 
-def decode_gray(data: bytes, max_pixels: int, prep: Preprocess) -> np.ndarray:
+def file_to_gray28(data: bytes, max_pixels: int, prep: Preprocess) -> np.ndarray:
     """Image bytes -> uint8 [28, 28], white digit on black: steps 1-5 of the module docstring."""
     if not data:
-        raise ApiError(422, "empty image", "the request carried no image bytes")
+        raise EmptyImage("the request carried no image bytes")
     header = _png_header(data)
-    if header is not None and header[0] * header[1] > max_pixels:
-        raise ApiError(413, "image too large", f"{header[0]}x{header[1]} pixels; the limit is {max_pixels} pixels")
+    if header is not None:
+        _check_pixels(header[0], header[1], max_pixels)
     fast = _fast_png(data, header)
     gray = fast if fast is not None else _decode_pillow(data, max_pixels)
     border = _border(gray)
@@ -141,8 +150,7 @@ def decode_gray(data: bytes, max_pixels: int, prep: Preprocess) -> np.ndarray:
         gray = _level_background(gray, border)
     if gray.shape != (28, 28):
         if not prep.fit:
-            raise ApiError(422, "wrong image size", f"image is {gray.shape[1]}x{gray.shape[0]}; with fit=false "
-                           "it must be 28x28")
+            raise WrongImageSize(f"image is {gray.shape[1]}x{gray.shape[0]}; with fit=false it must be 28x28")
         gray = _fit_like_mnist(gray)
     return gray
 

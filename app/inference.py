@@ -1,8 +1,9 @@
-"""The work behind each endpoint, as plain async functions over one served model.
+"""The work behind each model endpoint: one Engine per served model, a method per capability.
 
-Randomness is owned here, per request (a seeded torch.Generator on the CPU), and
-passed into the artifact as explicit noise: a seed gives the same answer whether
-the request was batched with others or not.
+The routes only translate HTTP; everything a request asks of a model, its limits
+included, is checked and done here. Randomness is owned here too, per request (a
+seeded torch.Generator on the CPU), and passed into the artifact as explicit noise: a
+seed gives the same answer whether the request was batched with others or not.
 """
 
 from __future__ import annotations
@@ -16,47 +17,87 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from app.artifacts import ServedModel
 from app.batching import Batcher, ComputeThread
-from app.models import ServedModel
+from app.exceptions import BatchTooLarge, InvalidInput, TooManySamples, WrongLatentSize
+from app.settings import Settings
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for (VAE_MAX_* settings)."""
+
+    max_batch: int = 64
+    max_samples: int = 256
+    max_k: int = 1000
+    default_k: int | None = None  # None: each model's calibration k
+    default_threshold_percentile: float = 99.0
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> Limits:
+        return cls(s.max_batch, s.max_samples, s.max_k, s.default_k, s.default_threshold_percentile)
+
+    def check_batch(self, n: int, what: str = "images") -> None:
+        if n > self.max_batch:
+            raise BatchTooLarge(f"{n} {what}; the limit is {self.max_batch} (VAE_MAX_BATCH)")
+
+
+@dataclass
+class Batching:
+    """How concurrent calls are gathered into forward passes (VAE_BATCH_*, VAE_INLINE_MAX_US)."""
+
+    max_size: int = 64
+    max_wait_s: float = 0.0
+    timeout_s: float | None = None
+    inline_max_s: float = 0.0
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> Batching:
+        return cls(s.batch_max_size, s.batch_max_wait_us / 1e6, s.request_timeout_s, s.inline_max_us / 1e6)
+
+
+@dataclass
+class Sample:
+    seed: int
+    z: Tensor
+    images: Tensor
+
+
+@dataclass
+class Score:
+    score: float
+    percentile: float | None
+    is_anomaly: bool | None
+
+
+@dataclass
+class Scores:
+    k: int
+    threshold: float | None
+    threshold_percentile: float
+    calibration_k: int | None
+    results: list[Score]
 
 
 class Engine:
-    """A served model plus one batcher per method."""
+    """A served model, one batcher per method, and the limits its requests are held to."""
 
-    def __init__(self, model: ServedModel, compute: ComputeThread | None, max_size: int, max_wait_s: float,
-                 timeout_s: float | None = None, inline_max_s: float = 0.0) -> None:
-        self.model = model
+    def __init__(self, model: ServedModel, compute: ComputeThread | None, batching: Batching | None = None,
+                 limits: Limits | None = None) -> None:
+        self.model, self.limits = model, limits or Limits()
+        self._batching = batching or Batching()
+        self._compute = compute
         m = model.module
-
-        def batcher(fn: Any, dims: tuple[int, ...]) -> Batcher:
-            return Batcher(fn, dims, max_size, max_wait_s, compute, timeout_s, inline_max_s)
-
-        self.encode = batcher(self._on_device(m.encode), (0,))
-        self.decode = batcher(self._on_device(m.decode), (0,))
-        self.forward = batcher(self._on_device(m.forward), (0,))
+        self._encode = self._batcher(m.encode, (0,))
+        self._decode = self._batcher(m.decode, (0,))
+        self._forward = self._batcher(m.forward, (0,))
         # One batcher per k: only requests with the same number of samples can share a pass.
         self._ll: dict[int, Batcher] = {}
-        self._ll_fn = self._on_device(m.log_likelihood_with_noise)
-        self._make = batcher
 
-    def log_likelihood(self, k: int) -> Batcher:
-        if k not in self._ll:
-            self._ll[k] = self._make(self._ll_fn, (0, 1))
-        return self._ll[k]
-
-    def batchers(self) -> dict[str, Batcher]:
-        named = {"encode": self.encode, "decode": self.decode, "forward": self.forward}
-        named.update({f"log_likelihood_k{k}": b for k, b in sorted(self._ll.items())})
-        return named
-
-    def stats(self) -> dict[str, dict[str, int]]:
-        """How much batching happened, per method: requests served, passes run, passes run inline."""
-        return {name: {"requests": b.requests, "passes": b.batches, "inline_passes": b.inline_batches}
-                for name, b in self.batchers().items() if b.requests}
-
-    def close(self) -> None:
-        for b in self.batchers().values():
-            b.close()
+    def _batcher(self, fn: Any, dims: tuple[int, ...]) -> Batcher:
+        b = self._batching
+        return Batcher(self._on_device(fn), dims, b.max_size, b.max_wait_s, self._compute, b.timeout_s,
+                       b.inline_max_s)
 
     def _on_device(self, fn: Any) -> Any:
         device = self.model.device
@@ -72,49 +113,75 @@ class Engine:
 
         return run
 
+    def _log_likelihood(self, k: int) -> Batcher:
+        if k not in self._ll:
+            self._ll[k] = self._batcher(self.model.module.log_likelihood_with_noise, (0, 1))
+        return self._ll[k]
+
+    # --- the capabilities -----------------------------------------------------------------
+
+    async def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """[B,1,28,28] -> the posterior's (mu, logvar), each [B, latent_dim]."""
+        return await self._encode(x)
+
+    async def decode(self, z: list[list[float]]) -> Tensor:
+        """Latent vectors (already finite and bounded by the request schema) -> images [B,1,28,28]."""
+        self.limits.check_batch(len(z), "vectors")
+        d = self.model.latent_dim
+        for i, row in enumerate(z):
+            if len(row) != d:
+                raise WrongLatentSize(f"z[{i}] has {len(row)} values; model {self.model.name!r} has latent_dim={d}")
+        return await self._decode(torch.tensor(z, dtype=torch.float32))
+
+    async def sample(self, n: int, seed: int | None, temperature: float) -> Sample:
+        """n images from z ~ N(0, T² I); the same seed gives the same z on every machine."""
+        if n > self.limits.max_samples:
+            raise TooManySamples(f"n={n}; the limit is {self.limits.max_samples} (VAE_MAX_SAMPLES)")
+        seed = new_seed() if seed is None else seed
+        z = torch.randn(n, self.model.latent_dim, generator=torch.Generator().manual_seed(seed)) * temperature
+        return Sample(seed, z, await self._decode(z))
+
+    async def reconstruct(self, x: Tensor) -> Tensor:
+        recon, _, _ = await self._forward(x)  # eval mode: z = mu, deterministic
+        return recon
+
+    async def anomaly_scores(self, x: Tensor, k: int | None, seed: int, threshold_percentile: float | None) -> Scores:
+        """-log p(x) bound in nats for each image, with its place in the calibration distribution.
+
+        Every image of a request gets the same k noise draws (common random numbers): an
+        image's score depends on the image and the seed only, not on its neighbours.
+        """
+        k = k or self.limits.default_k or self.model.default_k
+        if k > self.limits.max_k:
+            raise InvalidInput(f"k={k}; the limit is {self.limits.max_k} (VAE_MAX_K)", error="k too large")
+        pct = threshold_percentile or self.limits.default_threshold_percentile
+        threshold = self.model.threshold(pct)
+        d = self.model.latent_dim
+        noise = torch.randn(k, 1, d, generator=torch.Generator().manual_seed(seed))
+        ll = await self._log_likelihood(k)(x, noise.expand(k, x.shape[0], d))
+        results = []
+        for value in (-ll).tolist():
+            score = value if math.isfinite(value) else sys.float_info.max  # JSON has no infinity
+            flagged = None if threshold is None else score > threshold
+            results.append(Score(score, self.model.percentile(score), flagged))
+        return Scores(k, threshold, pct, self.model.calibration_k, results)
+
+    # --- operations -----------------------------------------------------------------------
+
+    def batchers(self) -> dict[str, Batcher]:
+        named = {"encode": self._encode, "decode": self._decode, "forward": self._forward}
+        named.update({f"log_likelihood_k{k}": b for k, b in sorted(self._ll.items())})
+        return named
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """How much batching happened, per method: requests served, passes run, passes run inline."""
+        return {name: {"requests": b.requests, "passes": b.batches, "inline_passes": b.inline_batches}
+                for name, b in self.batchers().items() if b.requests}
+
+    def close(self) -> None:
+        for b in self.batchers().values():
+            b.close()
+
 
 def new_seed() -> int:
     return secrets.randbits(63)
-
-
-async def encode(engine: Engine, x: Tensor) -> tuple[Tensor, Tensor]:
-    mu, logvar = await engine.encode(x)
-    return mu, logvar
-
-
-async def decode(engine: Engine, z: Tensor) -> Tensor:
-    return await engine.decode(z)
-
-
-async def sample(engine: Engine, n: int, seed: int, temperature: float) -> tuple[Tensor, Tensor]:
-    """n images from z ~ N(0, T^2 I); the same seed gives the same z on every machine."""
-    z = torch.randn(n, engine.model.latent_dim, generator=torch.Generator().manual_seed(seed)) * temperature
-    return z, await engine.decode(z)
-
-
-async def reconstruct(engine: Engine, x: Tensor) -> Tensor:
-    recon, _, _ = await engine.forward(x)  # eval mode: z = mu, deterministic
-    return recon
-
-
-@dataclass
-class Score:
-    score: float
-    percentile: float | None
-    is_anomaly: bool | None
-
-
-async def anomaly_scores(engine: Engine, x: Tensor, k: int, seed: int, threshold: float | None) -> list[Score]:
-    """-log p(x) bound in nats for each image, with its place in the calibration distribution.
-
-    Every image of a request gets the same k noise draws (common random numbers): an
-    image's score depends on the image and the seed only, not on its neighbours.
-    """
-    noise = torch.randn(k, 1, engine.model.latent_dim, generator=torch.Generator().manual_seed(seed))
-    eps = noise.expand(k, x.shape[0], engine.model.latent_dim)
-    ll = await engine.log_likelihood(k)(x, eps)
-    out = []
-    for value in (-ll).tolist():
-        score = value if math.isfinite(value) else sys.float_info.max  # JSON has no infinity
-        out.append(Score(score, engine.model.percentile(score), None if threshold is None else score > threshold))
-    return out

@@ -1,38 +1,43 @@
 """Reading images out of a request: raw body, multipart `file` fields, or JSON.
 
-Every accepted form ends as one float32 tensor [B, 1, 28, 28]; every rejected one as
-an ApiError with the status a client can act on.
+Every accepted form ends as one float32 tensor [B, 1, 28, 28]; every rejected one as a
+domain error (app/exceptions.py) that app/errors.py turns into the status a client can
+act on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
-from collections.abc import Awaitable, Callable
-from typing import Annotated, TypeVar
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
+import numpy as np
 import torch
-from fastapi import Request
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.requests import Request
 
-from app.batching import Stage
-from app.errors import ApiError, validation_details
-from app.imaging import Preprocess, decode_batch, pixels_to_tensor
+from app.batching import LoopTurnGroup
+from app.errors import validation_details
+from app.exceptions import (
+    BatchTooLarge,
+    ComputeTimeout,
+    InvalidInput,
+    MalformedRequest,
+    ServiceError,
+    UnsupportedMediaType,
+)
+from app.imaging import Preprocess, file_to_gray28, files_to_tensor, is_small_gray_png, pixels_to_tensor
+from app.inference import Limits
+from app.schemas import ImagesIn
 
 Body = TypeVar("Body", bound=BaseModel)
-Pixel = Annotated[float, Field(ge=0.0, le=1.0)]  # NaN fails both bounds
-Row = Annotated[list[Pixel], Field(min_length=28, max_length=28)]
-Grid = Annotated[list[Row], Field(min_length=28, max_length=28)]
-
-
-class ImagesIn(BaseModel):
-    """JSON body: base64-encoded image files, or 28x28 pixel arrays in [0, 1] (white digit on black)."""
-
-    images: list[Annotated[str, Field(min_length=1)]] | None = Field(
-        None, description="base64 of PNG/JPEG/... files", min_length=1)
-    pixels: list[Grid] | None = Field(None, description="28x28 floats in [0, 1] per image", min_length=1)
 
 
 def parse_body(model: type[Body], body: bytes) -> Body:
@@ -40,53 +45,93 @@ def parse_body(model: type[Body], body: bytes) -> Body:
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, "malformed JSON", str(e)) from e
+        raise MalformedRequest(str(e), error="malformed JSON") from e
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise ApiError(422, "invalid request", validation_details(e.errors())) from e
+        raise InvalidInput(validation_details(e.errors())) from e
 
 
-Decoder = Callable[[list[bytes], Preprocess], Awaitable[torch.Tensor]]
+class ImageReader:
+    """Image files -> [B, 1, 28, 28], without holding up the event loop.
+
+    PNGs that are already 28x28 8-bit grey (what MNIST tooling sends) decode in tens of
+    microseconds: they are decoded on the event loop, every request's files queued in
+    the same loop turn back to back (batching.LoopTurnGroup says why). Anything else,
+    from a phone photo to a batch of page scans, can take from milliseconds to seconds:
+    it is decoded on a small thread pool (Pillow and numpy release the GIL while they
+    work), so health checks and other requests keep being answered, and a request whose
+    files are not done within `timeout_s` gets a 504; its remaining files are skipped.
+    """
+
+    def __init__(self, max_pixels: int, timeout_s: float, threads: int | None = None) -> None:
+        self.max_pixels, self.timeout_s = max_pixels, timeout_s
+        self.pool = ThreadPoolExecutor(max_workers=threads or min(4, os.cpu_count() or 1),
+                                       thread_name_prefix="images")
+        self.small = LoopTurnGroup(lambda blobs, prep: files_to_tensor(blobs, max_pixels, prep))
+
+    async def __call__(self, blobs: list[bytes], prep: Preprocess) -> torch.Tensor:
+        if all(is_small_gray_png(b) for b in blobs):
+            return await self.small(blobs, prep)
+        cancelled = threading.Event()
+        deadline = time.monotonic() + self.timeout_s
+        work = asyncio.get_running_loop().run_in_executor(self.pool, self._decode, blobs, prep, deadline, cancelled)
+        try:
+            return await asyncio.wait_for(work, self.timeout_s)
+        except TimeoutError:
+            cancelled.set()
+            raise ComputeTimeout(f"images not decoded within {self.timeout_s} s (VAE_REQUEST_TIMEOUT_S)") from None
+
+    def _decode(self, blobs: list[bytes], prep: Preprocess, deadline: float,
+                cancelled: threading.Event) -> torch.Tensor:
+        grays = []
+        for b in blobs:
+            if cancelled.is_set() or time.monotonic() > deadline:
+                raise ComputeTimeout("gave up decoding: the request ran out of time")
+            grays.append(file_to_gray28(b, self.max_pixels, prep))
+        x = np.stack(grays).astype(np.float32)
+        x /= 255
+        return torch.from_numpy(x[:, None])
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def decoder(max_pixels: int) -> Decoder:
-    """Image files -> [B, 1, 28, 28], every request's files decoded together with the others
-    queued in the same event-loop turn (see batching.Stage for why)."""
-    return Stage(lambda blobs, prep: decode_batch(blobs, max_pixels, prep))
-
-
-async def read_images(request: Request, max_batch: int, decode: Decoder, prep: Preprocess) -> torch.Tensor:
+async def read_images(request: Request, limits: Limits, reader: ImageReader, prep: Preprocess) -> torch.Tensor:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        return await decode(await _multipart(request, max_batch), prep)
+        return await reader(await _multipart(request, limits), prep)
     if ctype == "application/json":
         body = parse_body(ImagesIn, await request.body())
         if (body.images is None) == (body.pixels is None):
-            raise ApiError(422, "invalid request", "give exactly one of 'images' (base64 files) or 'pixels'")
+            raise InvalidInput("give exactly one of 'images' (base64 files) or 'pixels'")
         if body.pixels is not None:
-            _check_batch(len(body.pixels), max_batch)
+            limits.check_batch(len(body.pixels))
             return torch.cat([pixels_to_tensor(p) for p in body.pixels]).unsqueeze(1)
         assert body.images is not None
-        _check_batch(len(body.images), max_batch)
-        return await decode([_b64(s, i) for i, s in enumerate(body.images)], prep)
+        limits.check_batch(len(body.images))
+        return await reader([_b64(s, i) for i, s in enumerate(body.images)], prep)
     if ctype.startswith("image/") or ctype == "application/octet-stream":
-        return await decode([await request.body()], prep)
-    raise ApiError(415, "unsupported media type",
-                   f"got {ctype or 'no Content-Type'}; send image/* (raw bytes), multipart/form-data with field "
-                   "'file', or application/json with 'images' or 'pixels'")
+        return await reader([await request.body()], prep)
+    raise UnsupportedMediaType(f"got {ctype or 'no Content-Type'}; send image/* or application/octet-stream (raw "
+                               "bytes), multipart/form-data with field 'file', or application/json with 'images' "
+                               "or 'pixels'")
 
 
-async def _multipart(request: Request, max_batch: int) -> list[bytes]:
+async def _multipart(request: Request, limits: Limits) -> list[bytes]:
+    max_batch = limits.max_batch
     try:
         form = await request.form(max_files=max_batch + 1, max_fields=max_batch + 16)
+    except ServiceError:
+        raise  # the body limit, counted while the form streams in: a 413, not a malformed form
     except Exception as e:  # python-multipart / starlette raise several types for malformed or oversize forms
-        status = 413 if "Too many files" in str(e) else 400  # too many other fields: a malformed form
-        raise ApiError(status, "malformed multipart body" if status == 400 else "batch too large", str(e)) from e
+        if "Too many files" in str(e):
+            raise BatchTooLarge(f"more than {max_batch} files; the limit is {max_batch} (VAE_MAX_BATCH)") from e
+        raise MalformedRequest(str(e), error="malformed multipart body") from e  # too many other fields too
     files = [f for f in form.getlist("file") if isinstance(f, UploadFile)]
     if not files:
-        raise ApiError(422, "invalid request", "multipart body needs one or more 'file' fields holding images")
-    _check_batch(len(files), max_batch)
+        raise InvalidInput("multipart body needs one or more 'file' fields holding images")
+    limits.check_batch(len(files))
     return [await f.read() for f in files]
 
 
@@ -94,9 +139,5 @@ def _b64(s: str, index: int) -> bytes:
     try:
         return base64.b64decode(s, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise ApiError(422, "invalid request", f"images[{index}] is not valid base64") from e
+        raise InvalidInput(f"images[{index}] is not valid base64") from e
 
-
-def _check_batch(n: int, max_batch: int) -> None:
-    if n > max_batch:
-        raise ApiError(413, "batch too large", f"{n} images; the limit is {max_batch} (VAE_MAX_BATCH)")

@@ -5,6 +5,9 @@
 - Body limit: refuse bodies above the limit with 413, by Content-Length before
   reading, or by counting the stream for chunked uploads.
 - Access log: one JSON line per request with id, method, path, status, latency.
+- Unexpected exceptions: a JSON 500 that still carries the request id (Starlette's own
+  500 handler runs outside every middleware, so its answers would not), and the
+  traceback in the log.
 - Start-up failures: the lifespan already logged one line naming the file and the
   fault; Starlette's traceback on top of it would only bury that line.
 """
@@ -19,7 +22,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import ApiError, error_response
+from app.errors import internal_error_response, service_error_response
+from app.exceptions import BodyTooLarge, Overloaded, ServiceError
 
 access_log = logging.getLogger("app.access")
 UNLIMITED = {"/healthz", "/readyz", "/models", "/docs", "/openapi.json"}  # probes never get a 503 for load
@@ -42,28 +46,28 @@ class ServiceMiddleware:
         rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
         status = 500
+        started = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", rid.encode("latin-1"))]
             await send(message)
 
         limited = scope["path"] not in UNLIMITED
         if limited and self.in_flight >= self.max_in_flight:
-            response = error_response(503, "overloaded", f"{self.in_flight} requests in progress; the limit is "
-                                      f"{self.max_in_flight} (VAE_MAX_IN_FLIGHT)", {"Retry-After": "1"})
-            await response(scope, receive, send_with_id)
+            await service_error_response(Overloaded(f"{self.in_flight} requests in progress; the limit is "
+                                                    f"{self.max_in_flight} (VAE_MAX_IN_FLIGHT)"))(scope, receive,
+                                                                                                  send_with_id)
             self._log(scope, rid, status, start)
             return
 
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            response = error_response(413, "request body too large",
-                                      f"{int(length)} bytes; the limit is {self.max_body_bytes} (VAE_MAX_BODY_BYTES)")
-            await response(scope, receive, send_with_id)
+            await service_error_response(BodyTooLarge(f"{int(length)} bytes; the limit is {self.max_body_bytes} "
+                                                      "(VAE_MAX_BODY_BYTES)"))(scope, receive, send_with_id)
             self._log(scope, rid, status, start)
             return
 
@@ -75,12 +79,18 @@ class ServiceMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
-                    raise ApiError(413, "request body too large", f"the limit is {self.max_body_bytes} bytes")
+                    raise BodyTooLarge(f"more than {self.max_body_bytes} bytes; the limit is {self.max_body_bytes} "
+                                       "(VAE_MAX_BODY_BYTES)")
             return message
 
         self.in_flight += limited
         try:
             await self.app(scope, counting_receive, send_with_id)
+        except Exception as e:
+            if started:  # too late for an error answer; the server closes the connection
+                raise
+            response = service_error_response(e) if isinstance(e, ServiceError) else internal_error_response(e)
+            await response(scope, receive, send_with_id)
         finally:
             self.in_flight -= limited
             self._log(scope, rid, status, start)

@@ -1,20 +1,20 @@
 """Each endpoint's query parameters as one pydantic model, validated in one call.
 
-FastAPI's per-parameter machinery costs ~35 µs a request for five parameters, a
-quarter of what the HTTP layer itself costs; one pydantic-core validation of the
-whole query costs ~5 µs. The models also write the OpenAPI parameter list, so the
-docs and the fuzz tests see exactly what is validated. Errors keep FastAPI's shape:
-422 with `loc` = ["query", name].
+FastAPI's per-parameter machinery costs several times more than one pydantic-core
+validation of the whole query (docs/benchmarks.md#serving). The models also write the
+OpenAPI parameter list, so the docs and the fuzz tests see exactly what is validated.
+Errors keep FastAPI's shape: 422 with `loc` = ["query", name].
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 from starlette.requests import Request
 
-from app.errors import ApiError, validation_details
+from app.errors import validation_details
+from app.exceptions import InvalidInput
 from app.imaging import Preprocess
 
 MAX_SEED = 2**63
@@ -39,7 +39,10 @@ class ImageQuery(QueryModel):
 
 Encoding = Annotated[Literal["pixels", "base64"], Field(description="JSON output: pixel arrays or base64 PNGs")]
 AnyFormat = Annotated[Literal["png", "json"] | None, Field(alias="format", description="png or json; overrides Accept")]
-JsonFormat = Annotated[Literal["json"] | None, Field(alias="format", description="json only (the default)")]
+# JSON-only endpoints document only json, but read png too so that it is answered 406, as Accept: image/png is.
+JsonFormat = Annotated[Literal["png", "json"] | None,
+                       WithJsonSchema({"anyOf": [{"const": "json", "type": "string"}, {"type": "null"}]}),
+                       Field(alias="format", description="json, the only format this endpoint answers")]
 
 
 class EncodeQuery(ImageQuery):
@@ -84,7 +87,7 @@ def parse_query(model: type[Query], request: Request) -> Query:
         details = validation_details(e.errors())
         for d in details:
             d["loc"] = ["query", *d["loc"]]
-        raise ApiError(422, "invalid request", details) from e
+        raise InvalidInput(details) from e
 
 
 def openapi_parameters(model: type[QueryModel]) -> list[dict[str, Any]]:

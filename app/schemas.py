@@ -1,4 +1,9 @@
-"""Request/response bodies and the OpenAPI descriptions of the hand-parsed image bodies."""
+"""Request and response bodies, and the OpenAPI descriptions of the hand-parsed ones.
+
+The image and latent bodies are parsed by hand (app/inputs.py): one endpoint takes raw
+bytes, multipart or JSON, which no single FastAPI body parameter expresses. Their
+schemas are added to the OpenAPI document by app/main.py.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +17,10 @@ IMAGE_BODY: dict[str, Any] = {
         "description": "One image as the raw body (any format Pillow reads), one or more multipart fields "
         "named `file`, or JSON with base64 `images` or 28x28 `pixels` in [0, 1].",
         "content": {
+            # octet-stream first: generated clients (openapi-python-client) take it, and skip image/*.
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
             "image/png": {"schema": {"type": "string", "format": "binary"}},
             "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
@@ -37,13 +43,28 @@ PNG_RESPONSE: dict[int | str, dict[str, Any]] = {
 }
 
 
+Pixel = Annotated[float, Field(ge=0.0, le=1.0)]  # NaN fails both bounds
+Row = Annotated[list[Pixel], Field(min_length=28, max_length=28)]
+Grid = Annotated[list[Row], Field(min_length=28, max_length=28)]
+
+
+class ImagesIn(BaseModel):
+    """JSON body: base64-encoded image files, or 28x28 pixel arrays in [0, 1] (white digit on black)."""
+
+    images: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, description="base64 of PNG/JPEG/... files", min_length=1)
+    pixels: list[Grid] | None = Field(None, description="28x28 floats in [0, 1] per image", min_length=1)
+
+
 class ErrorOut(BaseModel):
     error: str = Field(examples=["image too large"])
     detail: Any = Field(None, examples=["100000x100000 pixels; the limit is 16000000 pixels"])
 
 
+# Errors are JSON whatever the endpoint answers on success: the content is spelled out (a "model" key
+# would put the schema under the route's own media type, image/png for the image endpoints).
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorOut, "description": text}
+    code: {"description": text, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}}
     for code, text in {
         400: "malformed request", 404: "unknown model", 406: "format not available", 413: "over a size limit",
         415: "unsupported media type or undecodable image", 422: "invalid values or shapes",

@@ -36,7 +36,9 @@ class Settings(BaseSettings):
                                   "(413 above; guards against decompression bombs)")
     max_batch: int = Field(64, ge=1, description="most images in one request (413 above)")
     max_samples: int = Field(256, ge=1, description="largest n for /sample (413 above)")
-    default_k: int = Field(64, ge=1, description="importance samples for /anomaly-score when the request gives none")
+    default_k: int | None = Field(None, ge=1, description="importance samples for /anomaly-score when the request "
+                                  "gives none; unset: each model's calibration k (64 for the bundled models), the "
+                                  "only k at which percentiles mean what they say")
     max_k: int = Field(1000, ge=1, description="largest k a request may ask for")
     default_threshold_percentile: float = Field(
         99.0, gt=0, lt=100, description="an image scoring above this percentile of the calibration set is an anomaly")

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torchvision import datasets, transforms
 
+from app.devices import resolve_device
 from training.data import FILES, load_mnist, to_float
-from training.evaluate import pick_device
 from training.model import VAE, loss_function
 
 
@@ -78,7 +78,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=2, help="timed epochs per pipeline (after one warm-up epoch)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = p.parse_args()
-    device = pick_device(args.device)
+    device = resolve_device(args.device, fall_back=False)
     torch.manual_seed(0)
     images = load_mnist(args.data_dir, allow_download=False).train_images.to(device)
     flatten = transforms.Lambda(lambda t: t.view(-1))

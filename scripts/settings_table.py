@@ -7,7 +7,7 @@ def table() -> str:
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
     for name, field in Settings.model_fields.items():
         default = field.default
-        shown = str(default) if not isinstance(default, bool) else str(default).lower()
+        shown = "unset" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
         rows.append(f"| `VAE_{name.upper()}` | `{shown}` | {field.description or ''} |")
     return "\n".join(rows)
 

@@ -18,9 +18,9 @@ from PIL import Image
 from torchvision.io import decode_png
 from torchvision.utils import make_grid
 
-from app.imaging import Preprocess, decode_batch, decode_image, grid, to_png
+from app.imaging import Preprocess, file_to_tensor, files_to_tensor, grid, to_png
 from app.main import create_app
-from app.models import ModelLoadError
+from app.artifacts import ModelLoadError
 from app.settings import Settings
 from tests.conftest import TEST_DATA
 from training import export
@@ -54,7 +54,7 @@ def png_of(img: Image.Image) -> bytes:
 
 
 def prep(data: bytes) -> torch.Tensor:
-    return decode_image(data, 10**8, Preprocess())
+    return file_to_tensor(data, 10**8, Preprocess())
 
 
 # --- readiness and metadata ------------------------------------------------------------
@@ -227,7 +227,7 @@ def test_served_pixels_are_the_training_pixels_bit_for_bit(mnist) -> None:
     levels[1:-1, 1:-1] = (np.arange(26 * 26) % 256).reshape(26, 26)
     buf = io.BytesIO()
     Image.fromarray(levels, "L").save(buf, "PNG")
-    served = decode_batch([buf.getvalue(), DIGIT], 784, Preprocess())
+    served = files_to_tensor([buf.getvalue(), DIGIT], 784, Preprocess())
     expected = to_float(torch.stack([torch.from_numpy(levels), mnist.test_images[0]]))
     assert served.dtype == expected.dtype and torch.equal(served, expected)
 
@@ -245,7 +245,7 @@ def test_preprocessing_switches(client: TestClient) -> None:
     inverted = png_of(Image.fromarray(255 - prep(DIGIT)[0].mul(255).round().byte().numpy(), "L"))
     auto = prep(inverted)
     torch.testing.assert_close(auto, prep(DIGIT), rtol=0, atol=1.5 / 255)
-    forced = decode_image(DIGIT, 10**8, Preprocess(invert="true"))
+    forced = file_to_tensor(DIGIT, 10**8, Preprocess(invert="true"))
     assert float(forced[0, 0, 0]) == 1.0  # background turned white
     big = png_of(Image.new("L", (40, 30), 0))
     r = client.post("/encode?fit=false", content=big, headers={"content-type": "image/png"})
@@ -342,7 +342,7 @@ def test_query_errors_name_the_parameter_and_unknown_ones_are_ignored(client: Te
 
 
 @pytest.mark.parametrize(("query", "status"), [("k=0", 422), ("k=257", 422), ("threshold_percentile=100", 422),
-                                               ("model=nope", 404), ("format=png", 422)])
+                                               ("model=nope", 404), ("format=png", 406)])
 def test_bad_anomaly_queries(client: TestClient, query: str, status: int) -> None:
     r = client.post(f"/anomaly-score?{query}", content=DIGIT, headers={"content-type": "image/png"})
     assert r.status_code == status, r.text

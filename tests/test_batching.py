@@ -9,7 +9,8 @@ import time
 import pytest
 import torch
 
-from app.batching import Batcher, ComputeThread, ComputeTimeout, Stage
+from app.batching import Batcher, ComputeThread, LoopTurnGroup
+from app.exceptions import ComputeTimeout
 
 
 def fragile(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -151,7 +152,7 @@ def test_stage_runs_one_turns_calls_back_to_back_and_isolates_errors() -> None:
         return 2 * v
 
     async def main() -> list:
-        stage = Stage(double)
+        stage = LoopTurnGroup(double)
         original = stage._run
 
         def counted() -> None:

@@ -12,7 +12,7 @@ import httpx
 import torch
 
 from app import cli
-from app.main import thread_counts
+from app.tuning import thread_counts
 from app.settings import Settings
 from tests.conftest import REPO, TEST_DATA, vae_serve
 

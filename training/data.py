@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -133,3 +135,10 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Dynamic binarisation: each pixel ~ Bernoulli(intensity), fresh every time it is seen."""
     return torch.bernoulli(x, generator=generator)
+
+
+def batches(x: torch.Tensor, batch_size: int, desc: str, progress: bool) -> Iterator[torch.Tensor]:
+    """Consecutive slices of an in-memory tensor, with a progress bar on long evaluations."""
+    starts = range(0, x.shape[0], batch_size)
+    for start in tqdm(starts, desc=desc, leave=False, disable=not progress, unit="batch"):
+        yield x[start : start + batch_size]

@@ -14,19 +14,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
-from training.data import DataError, binarize, load_mnist, to_float
+from app.contract import CALIBRATION_PERCENTILES, DEFAULT_ANOMALY_K, META_FILE, calibration_block
+from app.devices import NoGpu, resolve_device
+from training.data import DataError, batches, binarize, load_mnist, to_float
 from training.model import loss_function
-
-CALIBRATION_QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999)
-DEFAULT_ANOMALY_K = 64  # the service's default k for /anomaly-score; calibration must use the same k
-
-
-def batches(x: Tensor, batch_size: int, desc: str, progress: bool):
-    starts = range(0, x.shape[0], batch_size)
-    for start in tqdm(starts, desc=desc, leave=False, disable=not progress, unit="batch"):
-        yield x[start : start + batch_size]
 
 
 @torch.no_grad()  # not inference_mode: TorchScript graphs with grad-requiring params reject inference tensors
@@ -61,15 +53,10 @@ def test_nll(model: Any, x: Tensor, k: int, device: torch.device, binarized: boo
 
 def calibration(scores: Tensor, k: int) -> dict[str, Any]:
     """Quantiles of in-distribution anomaly scores: the service turns a score into a percentile with them."""
-    q = torch.quantile(scores.double(), torch.tensor(CALIBRATION_QUANTILES, dtype=torch.float64))
-    return {
-        "k": k,
-        "n": int(scores.numel()),
-        "data": "MNIST test set, continuous pixels",
-        "quantiles": {f"p{100 * p:g}": round(float(v), 4) for p, v in zip(CALIBRATION_QUANTILES, q, strict=True)},
-        "mean": round(float(scores.mean()), 4),
-        "std": round(float(scores.std()), 4),
-    }
+    levels = torch.tensor(CALIBRATION_PERCENTILES, dtype=torch.float64) / 100
+    q = torch.quantile(scores.double(), levels).tolist()
+    return calibration_block(k, "MNIST test set, continuous pixels", dict(zip(CALIBRATION_PERCENTILES, q, strict=True)),
+                             float(scores.mean()), float(scores.std()), int(scores.numel()))
 
 
 def evaluate(model: Any, test_x: Tensor, device: torch.device, nll_k: int, binarized: bool, limit: int | None = None,
@@ -90,14 +77,6 @@ def evaluate(model: Any, test_x: Tensor, device: torch.device, nll_k: int, binar
     }
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but torch.cuda.is_available() is False")
-    return torch.device(name)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="vae-eval", description="Evaluate a TorchScript VAE artifact on MNIST test.")
     p.add_argument("model", type=Path)
@@ -114,10 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fashion-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
     args = p.parse_args(argv)
 
-    device = pick_device(args.device)
-    extra = {"meta.json": ""}
+    try:
+        device = resolve_device(args.device, fall_back=False)
+    except NoGpu as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    extra = {META_FILE: ""}
     model = torch.jit.load(str(args.model), map_location=device, _extra_files=extra).eval()
-    meta = json.loads(extra["meta.json"] or "{}")
+    meta = json.loads(extra[META_FILE] or "{}")
     try:
         data = load_mnist(args.data_dir)
     except DataError as e:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from app.contract import META_FILE
 from training.model import VAEBase
 
 
@@ -22,13 +23,13 @@ def script(model: VAEBase) -> torch.jit.ScriptModule:
 
 def save(scripted: torch.jit.ScriptModule, path: Path, meta: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.jit.save(scripted, str(path), _extra_files={"meta.json": json.dumps(meta, indent=2)})
+    torch.jit.save(scripted, str(path), _extra_files={META_FILE: json.dumps(meta, indent=2)})
 
 
 def load(path: Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
-    extra = {"meta.json": ""}
+    extra = {META_FILE: ""}
     module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    return module.eval(), json.loads(extra["meta.json"])
+    return module.eval(), json.loads(extra[META_FILE])
 
 
 @torch.no_grad()

@@ -21,8 +21,8 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score, roc_curve
 from torch import Tensor
 
-from training.data import DataError, parse_idx, read_bytes, to_float
-from training.evaluate import batches
+from app.contract import quantile_key
+from training.data import DataError, batches, parse_idx, read_bytes, to_float
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -77,7 +77,7 @@ def evaluate_ood(model: Any, meta: dict[str, Any], mnist_test: Tensor, fashion_d
     sets = {name: (x[:limit] if limit else x) for name, x in ood_sets(mnist_test, fashion_dir).items()}
     bits = {name: png_bits(x) for name, x in [("MNIST", x_in), *sets.items()]}
     quantiles = (meta.get("anomaly_calibration") or {}).get("quantiles", {})
-    threshold = quantiles.get(f"p{threshold_percentile:g}")
+    threshold = quantiles.get(quantile_key(threshold_percentile))
     rows = []
     for k in ks:
         s_in = scores(model, x_in, k)

@@ -1,4 +1,4 @@
-"""Loading the TorchScript artifacts and checking them against the contract.
+"""Loading the TorchScript artifacts and checking them against the contract (app/contract.py).
 
 The artifact is the single source of truth: shapes, latent size and calibration come
 from its `meta.json` and are verified by calling its methods once, so a file that
@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-log = logging.getLogger("app.models")
+from app.contract import DEFAULT_ANOMALY_K, INPUT_SHAPE, META_FILE, METHODS, REQUIRED_META, calibration_points
+
+log = logging.getLogger("app.artifacts")
 warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated", category=FutureWarning)
 
-METHODS = ("encode", "decode", "forward", "log_likelihood", "log_likelihood_with_noise")
-INPUT_SHAPE = [1, 28, 28]
 
 
 class ModelLoadError(Exception):
@@ -37,9 +37,14 @@ class ServedModel:
     meta: dict[str, Any]
     device: torch.device
     latent_dim: int
-    # (percentile, score) points of the in-distribution calibration, sorted by score.
+    # (percentile, score) points of the in-distribution calibration; both ascending.
     calibration: list[tuple[float, float]] = field(default_factory=list)
     calibration_k: int | None = None
+
+    @property
+    def default_k(self) -> int:
+        """Percentiles only mean something at the k the calibration was made with."""
+        return self.calibration_k or DEFAULT_ANOMALY_K
 
     def percentile(self, score: float) -> float | None:
         """Where a score falls among the calibration scores, by linear interpolation between quantiles."""
@@ -71,47 +76,30 @@ class ServedModel:
         return {**self.meta, "device": str(self.device), "file": self.path.name}
 
 
-def resolve_device(setting: str) -> torch.device:
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if setting == "cuda" and not torch.cuda.is_available():
-        # Documented choice: a GPU-less host still serves (slower) rather than crash-looping.
-        log.warning("VAE_DEVICE=cuda but no CUDA device is available; falling back to CPU")
-        return torch.device("cpu")
-    return torch.device(setting)
-
-
-def _calibration_points(meta: dict[str, Any]) -> tuple[list[tuple[float, float]], int | None]:
-    cal = meta.get("anomaly_calibration") or {}
-    points = []
-    for key, value in (cal.get("quantiles") or {}).items():
-        points.append((float(key.lstrip("p")), float(value)))
-    points.sort(key=lambda p: p[0])
-    return points, cal.get("k")
-
-
 def load_model(path: Path, device: torch.device) -> ServedModel:
-    extra = {"meta.json": ""}
+    extra = {META_FILE: ""}
     try:
         module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
     except Exception as e:  # torch raises RuntimeError/ValueError/OSError variously for bad archives
         raise ModelLoadError(f"{path}: not a loadable TorchScript archive ({str(e).splitlines()[0]})") from e
     try:
-        meta = json.loads(extra["meta.json"])
+        meta = json.loads(extra[META_FILE])
     except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{path}: meta.json missing or not JSON ({e})") from e
-    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) \
-            or not isinstance(meta.get("latent_dim"), int):
-        raise ModelLoadError(f"{path}: meta.json must give a string 'name' and an integer 'latent_dim'")
+        raise ModelLoadError(f"{path}: {META_FILE} missing or not JSON ({e})") from e
+    if not isinstance(meta, dict) or any(not isinstance(meta.get(k), t) for k, t in REQUIRED_META.items()):
+        raise ModelLoadError(f"{path}: {META_FILE} must give a string 'name' and an integer 'latent_dim'")
     if meta.get("input_shape", INPUT_SHAPE) != INPUT_SHAPE:
         raise ModelLoadError(f"{path}: input_shape {meta.get('input_shape')} is not {INPUT_SHAPE}")
     missing = [m for m in METHODS if not hasattr(module, m)]
     if missing:
         raise ModelLoadError(f"{path}: artifact lacks method(s) {', '.join(missing)}")
+    try:
+        calibration, cal_k = calibration_points(meta)
+    except (ValueError, TypeError) as e:
+        raise ModelLoadError(f"{path}: anomaly_calibration in {META_FILE}: {e}") from e
     for p in module.parameters():
         p.requires_grad_(False)
     module.eval()
-    calibration, cal_k = _calibration_points(meta)
     model = ServedModel(meta["name"], path, module, meta, device, meta["latent_dim"], calibration, cal_k)
     check_contract(model)
     return model

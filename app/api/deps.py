@@ -1,0 +1,85 @@
+"""What every model route opens with, written once: its query, the answer's format, its model.
+
+`Call` also reads the request's images, with the query's preprocessing and the model's
+limits. Each model route awaits its opening as its first line instead of declaring it
+with `Depends`: measured in-process (docs/benchmarks.md#layout), FastAPI's dependency
+machinery added 10-20 µs to every /encode, about 3% of its cost, where a plain awaited
+function adds nothing measurable. Not-hot routes use ordinary dependencies (`SettingsDep`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Generic, TypeVar
+
+from fastapi import Depends, Request
+from torch import Tensor
+
+from app.exceptions import Unavailable, UnknownModel
+from app.formats import Format, negotiate
+from app.inference import Engine
+from app.inputs import ImageReader, read_images
+from app.queries import (
+    AnomalyQuery,
+    DecodeQuery,
+    EncodeQuery,
+    ImageQuery,
+    QueryModel,
+    ReconstructQuery,
+    SampleQuery,
+    parse_query,
+)
+from app.settings import Settings
+
+Q = TypeVar("Q", bound=QueryModel)
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[Q]):
+    request: Request
+    query: Q
+    fmt: Format
+    engine: Engine
+
+    async def images(self) -> Tensor:
+        """The request's images as [B, 1, 28, 28], preprocessed as the query says."""
+        assert isinstance(self.query, ImageQuery)
+        reader: ImageReader = self.request.app.state.image_reader
+        return await read_images(self.request, self.engine.limits, reader, self.query.preprocess)
+
+
+def engine_for(request: Request, name: str | None) -> Engine:
+    state = request.app.state
+    if not state.ready:
+        raise Unavailable("models are still loading")
+    name = name or state.settings.default_model
+    engines: dict[str, Engine] = state.engines
+    if name not in engines:
+        raise UnknownModel(f"{name!r}; available: {sorted(engines)}")
+    request.state.model = name  # for the access log
+    return engines[name]
+
+
+def model_call(query: type[Q], default: Format, allowed: tuple[Format, ...] = ("png", "json")
+               ) -> Callable[[Request], Awaitable[Call[Q]]]:
+    """The opening of a model route whose query is `query` and whose default answer is `default`."""
+
+    async def opening(request: Request) -> Call[Q]:
+        q = parse_query(query, request)
+        fmt = negotiate(request, q.fmt, default, allowed)  # type: ignore[attr-defined]
+        return Call(request, q, fmt, engine_for(request, q.model))
+
+    return opening
+
+
+async def get_settings(request: Request) -> Settings:  # async: FastAPI runs sync dependencies on a thread
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+open_encode = model_call(EncodeQuery, "json", ("json",))
+open_decode = model_call(DecodeQuery, "png")
+open_sample = model_call(SampleQuery, "png")
+open_reconstruct = model_call(ReconstructQuery, "png")
+open_anomaly_score = model_call(AnomalyQuery, "json", ("json",))

@@ -1,0 +1,74 @@
+"""The model endpoints: HTTP in, HTTP out. The work is the Engine's (app/inference.py)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from app import responses
+from app.api import deps
+from app.exceptions import UnsupportedMediaType
+from app.inputs import parse_body
+from app.queries import AnomalyQuery, DecodeQuery, EncodeQuery, ReconstructQuery, SampleQuery, openapi_parameters
+from app.responses import JsonResponse, PngResponse
+from app.schemas import ERRORS, IMAGE_BODY, PNG_RESPONSE, AnomalyOut, DecodeIn, EncodeOut
+
+router = APIRouter(tags=["model"], responses={k: ERRORS[k] for k in (400, 404, 422, 503, 504)})
+IMAGE_ERRORS = {k: ERRORS[k] for k in (406, 413, 415)}
+
+
+@router.post("/encode", summary="Image(s) to the posterior mean and log-variance", response_class=JsonResponse,
+             response_model=EncodeOut, response_model_exclude_none=True, responses=IMAGE_ERRORS,
+             openapi_extra={**IMAGE_BODY, "parameters": openapi_parameters(EncodeQuery)})
+async def encode(request: Request) -> Response:
+    call = await deps.open_encode(request)
+    x = await call.images()
+    mu, logvar = await call.engine.encode(x)
+    return responses.encoded(call.engine.model.name, call.engine.model.latent_dim, mu, logvar)
+
+
+@router.post("/decode", summary="Latent vectors to images (PNG grid or JSON)", response_class=PngResponse,
+             responses={**PNG_RESPONSE, **IMAGE_ERRORS},
+             openapi_extra={"parameters": openapi_parameters(DecodeQuery), "requestBody": {
+                 "required": True, "content": {"application/json": {
+                     "schema": {"$ref": "#/components/schemas/DecodeIn"}, "example": {"z": [[0.0, 0.0]]}}}}})
+async def decode(request: Request) -> Response:
+    call = await deps.open_decode(request)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise UnsupportedMediaType("send application/json: {\"z\": [[...], ...]}")
+    body = parse_body(DecodeIn, await request.body())
+    images = await call.engine.decode(body.z)
+    return responses.images(call.fmt, call.query.encoding, images, {"model": call.engine.model.name})
+
+
+@router.get("/sample", summary="n images from z ~ N(0, T² I)", response_class=PngResponse,
+            responses={**PNG_RESPONSE, **{k: ERRORS[k] for k in (406, 413)}},
+            openapi_extra={"parameters": openapi_parameters(SampleQuery)})
+async def sample(request: Request) -> Response:
+    call = await deps.open_sample(request)
+    q = call.query
+    drawn = await call.engine.sample(q.n, q.seed, q.temperature)
+    return responses.sampled(call.fmt, q.encoding, call.engine.model.name, drawn)
+
+
+@router.post("/reconstruct", summary="Image(s) to reconstruction(s): PNG rows of original | reconstruction, or JSON",
+             response_class=PngResponse, responses={**PNG_RESPONSE, **IMAGE_ERRORS},
+             openapi_extra={**IMAGE_BODY, "parameters": openapi_parameters(ReconstructQuery)})
+async def reconstruct(request: Request) -> Response:
+    call = await deps.open_reconstruct(request)
+    x = await call.images()
+    recon = await call.engine.reconstruct(x)
+    return responses.reconstructed(call.fmt, call.query.encoding, call.engine.model.name, x, recon)
+
+
+@router.post("/anomaly-score", summary="-log p(x) bound per image, its percentile among MNIST test digits, and an "
+             "anomaly flag", response_class=JsonResponse, response_model=AnomalyOut,
+             response_model_exclude_none=True, responses=IMAGE_ERRORS,
+             openapi_extra={**IMAGE_BODY, "parameters": openapi_parameters(AnomalyQuery)})
+async def anomaly_score(request: Request) -> Response:
+    call = await deps.open_anomaly_score(request)
+    q = call.query
+    x = await call.images()
+    scores = await call.engine.anomaly_scores(x, q.k, q.seed, q.threshold_percentile)
+    return responses.scored(call.engine.model.name, scores)

@@ -1,0 +1,65 @@
+"""The artifact contract: what a `.pt` file must hold for the service to serve it.
+
+Written down in docs/artifact.md; this module is its executable half, and the only copy:
+the training program writes artifacts with these names and formats (it imports this
+module), the service reads them with it, and the service never imports the training code.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+META_FILE = "meta.json"  # TorchScript extra file holding the self-description
+INPUT_SHAPE = [1, 28, 28]  # one image, without the batch dimension
+# Methods the service calls, with the shapes it calls them with (B images, D = latent_dim, k samples).
+METHODS: dict[str, str] = {
+    "encode": "(x: [B,1,28,28] float32 in [0,1]) -> (mu: [B,D], logvar: [B,D])",
+    "decode": "(z: [B,D]) -> [B,1,28,28] Bernoulli means in [0,1]",
+    "forward": "(x: [B,1,28,28]) -> (reconstruction: [B,1,28,28], mu: [B,D], logvar: [B,D]); z = mu in eval mode",
+    "log_likelihood": "(x: [B,1,28,28], k: int) -> [B] IWAE lower bound on log p(x), nats",
+    "log_likelihood_with_noise": "(x: [B,1,28,28], eps: [k,B,D] standard normal) -> [B], as log_likelihood",
+}
+# meta.json keys: the service refuses an artifact without the required ones; the rest are shown by GET /models.
+REQUIRED_META: dict[str, type] = {"name": str, "latent_dim": int}
+META_KEYS = ("name", "arch", "latent_dim", "hidden", "input_shape", "likelihood", "pixels", "config", "dataset",
+             "metrics", "anomaly_calibration", "torch_version", "created")
+
+# The anomaly score's calibration: quantiles of -log p(x) (IWAE, k samples) over in-distribution images.
+DEFAULT_ANOMALY_K = 64  # k used for calibration, and so the service's default k for a model that names none
+CALIBRATION_PERCENTILES = (1.0, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9)
+
+
+def quantile_key(percentile: float) -> str:
+    """`p99`, `p99.5`: how a percentile is named in meta.json's calibration quantiles."""
+    return f"p{percentile:g}"
+
+
+def calibration_block(k: int, data: str, quantiles: dict[float, float], mean: float, std: float,
+                      n: int) -> dict[str, Any]:
+    """meta.json's `anomaly_calibration`, written by the training program."""
+    return {"k": k, "n": n, "data": data,
+            "quantiles": {quantile_key(p): round(float(v), 4) for p, v in sorted(quantiles.items())},
+            "mean": round(mean, 4), "std": round(std, 4)}
+
+
+def calibration_points(meta: dict[str, Any]) -> tuple[list[tuple[float, float]], int | None]:
+    """meta.json's `anomaly_calibration` read back: (percentile, score) points sorted by percentile, and k.
+
+    An artifact without one is still served; its scores then come without percentiles.
+    """
+    cal = meta.get("anomaly_calibration") or {}
+    points = []
+    for key, value in (cal.get("quantiles") or {}).items():
+        if not (isinstance(key, str) and key.startswith("p")):
+            raise ValueError(f"calibration quantile {key!r} is not named like 'p99'")
+        p, score = float(key[1:]), float(value)
+        if not (0 < p < 100 and math.isfinite(score)):
+            raise ValueError(f"calibration quantile {key}={value} is out of range")
+        points.append((p, score))
+    points.sort()
+    if any(b[1] < a[1] for a, b in itertools.pairwise(points)):
+        raise ValueError("calibration scores must not decrease with the percentile")
+    k = cal.get("k")
+    return points, int(k) if k is not None else None

@@ -1,0 +1,84 @@
+"""Each endpoint's answer, shaped from what the Engine returned, in the negotiated format.
+
+One image sent gets a flat answer, several get `results` in request order; image answers
+are a PNG (a grid for several) or JSON with pixel arrays or base64 PNGs.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import asdict
+from typing import Any
+
+import pydantic_core
+import torch
+from fastapi.responses import JSONResponse, Response
+from torch import Tensor
+
+from app.formats import MEDIA, Format
+from app.imaging import to_png
+from app.inference import Sample, Scores
+
+
+class JsonResponse(JSONResponse):
+    """JSON rendered by pydantic-core (Rust): float arrays serialise many times faster than with the stdlib.
+
+    Routes return it directly, which also skips FastAPI's re-validation of what was just built.
+    """
+
+    def render(self, content: object) -> bytes:
+        return pydantic_core.to_json(content)
+
+
+class PngResponse(Response):
+    media_type = MEDIA["png"]
+
+
+def pixels(images: Tensor) -> list[list[list[float]]]:
+    """[B,1,28,28] -> B 28x28 arrays, rounded to 5 decimals (a 1e-5 step is far below one grey level)."""
+    return [[[round(v, 5) for v in row] for row in img[0].tolist()] for img in images]
+
+
+def images(fmt: Format, encoding: str, imgs: Tensor, payload: dict[str, Any], png: Tensor | None = None,
+           nrow: int | None = None, headers: dict[str, str] | None = None) -> Response:
+    """`imgs` as a PNG grid (or `png`, when the picture differs from the JSON images) or as JSON `payload` + images."""
+    if fmt == "png":
+        return PngResponse(to_png(imgs if png is None else png, nrow), headers=headers)
+    if encoding == "base64":
+        payload["png_base64"] = [base64.b64encode(to_png(img[None])).decode() for img in imgs]
+    else:
+        payload["images"] = pixels(imgs)
+    return JsonResponse({k: v for k, v in payload.items() if v is not None}, headers=headers)
+
+
+def encoded(model: str, latent_dim: int, mu: Tensor, logvar: Tensor) -> JsonResponse:
+    out: dict[str, Any] = {"model": model, "latent_dim": latent_dim}
+    if mu.shape[0] == 1:
+        out["mu"], out["logvar"] = mu.tolist()[0], logvar.tolist()[0]
+    else:
+        out["results"] = [{"mu": m, "logvar": lv} for m, lv in zip(mu.tolist(), logvar.tolist(), strict=True)]
+    return JsonResponse(out)
+
+
+def sampled(fmt: Format, encoding: str, model: str, sample: Sample) -> Response:
+    payload = {"model": model, "seed": sample.seed, "z": sample.z.tolist()}
+    return images(fmt, encoding, sample.images, payload, headers={"X-Seed": str(sample.seed)})
+
+
+def reconstructed(fmt: Format, encoding: str, model: str, x: Tensor, recon: Tensor) -> Response:
+    """PNG: rows of original | reconstruction; JSON: the reconstructions, and the preprocessed originals."""
+    pairs = torch.stack([x, recon], dim=1).reshape(-1, *x.shape[1:])  # original, reconstruction, ...
+    payload: dict[str, Any] = {"model": model}
+    if fmt == "json" and encoding == "pixels":
+        payload["originals"] = pixels(x)
+    return images(fmt, encoding, recon, payload, png=pairs, nrow=2)
+
+
+def scored(model: str, scores: Scores) -> JsonResponse:
+    out: dict[str, Any] = {"model": model, "k": scores.k, "threshold": scores.threshold,
+                           "threshold_percentile": scores.threshold_percentile, "calibration_k": scores.calibration_k}
+    if len(scores.results) == 1:
+        out.update(asdict(scores.results[0]))
+    else:
+        out["results"] = [asdict(s) for s in scores.results]
+    return JsonResponse(out)
