@@ -126,7 +126,8 @@ def files_to_tensor(blobs: list[bytes], max_pixels: int, prep: Preprocess) -> to
     """Image files -> float32 [B, 1, 28, 28]; the conversion to floats is one op for the batch.
 
     In numpy, not torch: the same IEEE division (bit-identical, tested), but a torch op costs
-    ~10 µs through the dispatcher when the CPU caches are cold, as they are between requests.
+    a dispatcher call, which is slow when the CPU caches are cold, as they are between requests
+    (docs/benchmarks.md#serving).
     """
     gray = np.stack([file_to_gray28(b, max_pixels, prep) for b in blobs]).astype(np.float32)
     gray /= 255
@@ -190,7 +191,8 @@ def pixels_to_tensor(pixels: list[list[float]]) -> torch.Tensor:
 def to_png(images: torch.Tensor, nrow: int | None = None) -> bytes:
     """[B,1,H,W] in [0,1] -> one PNG; a batch becomes a grid (nrow per row, square by default).
 
-    zlib level 1: for these small images it encodes ~1.8x faster than level 6 for ~10% more bytes.
+    zlib level 1: for these small images it encodes much faster than level 6 for a few more bytes
+    (docs/benchmarks.md#serving).
     """
     images = images.detach().float().cpu().clamp(0, 1)
     picture = images[0] if images.shape[0] == 1 else grid(images, nrow or math.ceil(math.sqrt(images.shape[0])))
@@ -199,7 +201,7 @@ def to_png(images: torch.Tensor, nrow: int | None = None) -> bytes:
 
 def grid(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: float = 0.5) -> torch.Tensor:
     """torchvision's make_grid for one channel, pixel for pixel, in a few tensor ops instead of one
-    copy per image (~21 µs instead of ~117 µs for 16 digits)."""
+    copy per image (docs/benchmarks.md#serving)."""
     b, _, h, w = images.shape
     ncol = min(nrow, b)
     nrows = math.ceil(b / ncol)

@@ -37,7 +37,8 @@ def set_event_loop_threads(count: int) -> None:
 
 def freeze_startup_objects() -> None:
     """Everything loaded at start-up lives as long as the process: move it out of the garbage
-    collector's sight, or each full collection walks ~400k objects (a stall seen at p99)."""
+    collector's sight, or each full collection walks all of them: a stall seen at p99
+    (docs/benchmarks.md#serving)."""
     gc.collect()
     gc.freeze()
 

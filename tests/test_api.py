@@ -18,9 +18,9 @@ from PIL import Image
 from torchvision.io import decode_png
 from torchvision.utils import make_grid
 
+from app.artifacts import ModelLoadError
 from app.imaging import Preprocess, file_to_tensor, files_to_tensor, grid, to_png
 from app.main import create_app
-from app.artifacts import ModelLoadError
 from app.settings import Settings
 from tests.conftest import TEST_DATA
 from training import export
@@ -364,12 +364,48 @@ def test_request_id_is_echoed_or_made(client: TestClient) -> None:
     assert len(client.get("/healthz").headers["x-request-id"]) == 32
 
 
+def test_a_crash_is_a_json_500_that_keeps_the_request_id(models_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    app = create_app(settings(models_dir))
+
+    @app.get("/crash")
+    async def crash() -> None:
+        raise RuntimeError("a bug")
+
+    with TestClient(app) as c:
+        r = c.get("/crash", headers={"x-request-id": "rid-500"})
+        assert r.status_code == 500 and r.headers["x-request-id"] == "rid-500"
+        assert r.json() == {"error": "internal error", "detail": "RuntimeError"}
+        assert c.get("/crash").headers["x-request-id"]  # made up when the client sent none
+    assert any(r.exc_info and "a bug" in str(r.exc_info[1]) for r in caplog.records)  # the traceback is logged
+
+
+def test_png_from_a_json_only_endpoint_is_406_by_query_or_accept(client: TestClient) -> None:
+    for path in ("/encode", "/anomaly-score"):
+        by_query = client.post(f"{path}?format=png", content=DIGIT, headers={"content-type": "image/png"})
+        by_accept = client.post(path, content=DIGIT, headers={"content-type": "image/png", "accept": "image/png"})
+        assert by_query.status_code == by_accept.status_code == 406
+        assert by_query.json() == by_accept.json() == {"error": "format not available",
+                                                       "detail": "this endpoint answers json"}
+
+
+def test_undecodable_bytes_get_a_message_without_object_reprs(client: TestClient) -> None:
+    r = client.post("/encode", content=b"not an image", headers={"content-type": "image/png"})
+    assert r.status_code == 415
+    assert r.json()["detail"] == "12 bytes in no image format Pillow reads (PNG, JPEG, GIF, WebP, BMP, TIFF, ...)"
+
+
 def test_openapi_documents_bodies_and_png(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     encode = spec["paths"]["/encode"]["post"]
     assert {"image/png", "multipart/form-data", "application/json"} <= set(encode["requestBody"]["content"])
     assert "image/png" in spec["paths"]["/sample"]["get"]["responses"]["200"]["content"]
     assert client.get("/docs").status_code == 200
+    for path, method in [("/decode", "post"), ("/sample", "get"), ("/reconstruct", "post")]:
+        responses = spec["paths"][path][method]["responses"]
+        assert next(iter(responses["200"]["content"])) == "image/png"  # the default first: generated clients read it
+        assert list(responses["404"]["content"]) == ["application/json"]  # errors stay JSON
+    assert next(iter(encode["requestBody"]["content"])) == "application/octet-stream"
+    assert spec["info"]["title"] == "MNIST VAE service" and spec["openapi"].startswith("3.")
 
 
 # --- start-up failures -----------------------------------------------------------------

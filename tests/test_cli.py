@@ -12,8 +12,8 @@ import httpx
 import torch
 
 from app import cli
-from app.tuning import thread_counts
 from app.settings import Settings
+from app.tuning import thread_counts
 from tests.conftest import REPO, TEST_DATA, vae_serve
 
 DIGIT = (TEST_DATA / "mnist_test_0_digit_7.png").read_bytes()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from app.settings import Settings
 from scripts.settings_table import table
-from tests.conftest import REPO
+from tests.conftest import REPO, vae_serve
 
 
 def test_readme_configuration_table_matches_settings() -> None:
@@ -12,3 +15,20 @@ def test_readme_configuration_table_matches_settings() -> None:
     for name in Settings.model_fields:
         assert f"`VAE_{name.upper()}`" in readme, name
     assert table() in readme
+
+
+def test_readme_examples_are_what_the_service_answers() -> None:
+    """The README's curl examples, run against vae-serve on the bundled models (scripts/readme_examples.py)."""
+    with vae_serve({"VAE_MODELS_DIR": str(REPO / "models")}) as (base, _):
+        done = subprocess.run([sys.executable, "scripts/readme_examples.py", "--check", "--host",
+                               base.removeprefix("http://")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+def test_examples_check_catches_drift_but_not_float_noise() -> None:
+    from scripts.readme_examples import same
+
+    assert same('{"mu":[-0.4125671088695526,1.95]} 200', '{"mu":[-0.41256701946258545,1.95]} 200')
+    assert not same('{"mu":[-0.41256,1.95]}', '{"mu":[-0.41356,1.95]}')  # a real change of value
+    assert not same('{"error":"cannot decode image"} 415', '{"error":"cannot decode image"} 400')
+    assert not same('"detail":"a"', '"detail":"b"')

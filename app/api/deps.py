@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Annotated, Generic, TypeVar
 
 from fastapi import Depends, Request
+from fastapi.routing import APIRoute
 from torch import Tensor
 
 from app.exceptions import Unavailable, UnknownModel
@@ -47,6 +48,12 @@ class Call(Generic[Q]):
         assert isinstance(self.query, ImageQuery)
         reader: ImageReader = self.request.app.state.image_reader
         return await read_images(self.request, self.engine.limits, reader, self.query.preprocess)
+
+
+def operation_id(route: APIRoute) -> str:
+    """OpenAPI operationId = the route function's name (`encode`, `anomaly_score`): what generated
+    clients name their functions after."""
+    return route.name
 
 
 def engine_for(request: Request, name: str | None) -> Engine:

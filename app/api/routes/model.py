@@ -7,13 +7,15 @@ from fastapi.responses import Response
 
 from app import responses
 from app.api import deps
+from app.api.deps import operation_id
 from app.exceptions import UnsupportedMediaType
 from app.inputs import parse_body
 from app.queries import AnomalyQuery, DecodeQuery, EncodeQuery, ReconstructQuery, SampleQuery, openapi_parameters
 from app.responses import JsonResponse, PngResponse
 from app.schemas import ERRORS, IMAGE_BODY, PNG_RESPONSE, AnomalyOut, DecodeIn, EncodeOut
 
-router = APIRouter(tags=["model"], responses={k: ERRORS[k] for k in (400, 404, 422, 503, 504)})
+router = APIRouter(tags=["model"], responses={k: ERRORS[k] for k in (400, 404, 422, 503, 504)},
+                   generate_unique_id_function=operation_id)
 IMAGE_ERRORS = {k: ERRORS[k] for k in (406, 413, 415)}
 
 

@@ -8,13 +8,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from app.api.deps import SettingsDep
+from app.api.deps import SettingsDep, operation_id
 from app.errors import service_error_response
 from app.exceptions import Unavailable
 from app.inference import Engine
 from app.schemas import ERRORS
 
-router = APIRouter(tags=["ops"])
+router = APIRouter(tags=["ops"], generate_unique_id_function=operation_id)
 
 
 @router.get("/healthz", summary="Process is alive")
@@ -38,7 +38,7 @@ async def models(request: Request, settings: SettingsDep) -> dict[str, Any]:
             "models": [{**e.model.describe(), "batching": e.stats()} for e in engines.values()]}
 
 
-bare_router = APIRouter(tags=["ops"])
+bare_router = APIRouter(tags=["ops"], generate_unique_id_function=operation_id)
 
 
 @bare_router.post("/_bare", summary="Reads the body, returns {}: the HTTP ceiling for benchmarks",

@@ -1,0 +1,122 @@
+"""The README's curl examples with their real output, between its `examples` markers.
+
+    python scripts/readme_examples.py --write   # run them against a service, put the output in README.md
+    python scripts/readme_examples.py --check   # run them, exit 1 if README.md says anything else
+
+Needs a service on the bundled models (`make serve`), at localhost:8000 or `--host`; the
+commands are shown with localhost:8000 whatever host ran them. Text must match exactly;
+numbers within the batching tolerance the README states (1e-5 relative or absolute): a
+request's floats can differ in the last digits with the batch it was computed in and the
+CPU's vector kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+START, END = "<!-- examples:start -->", "<!-- examples:end -->"
+D = "tests/data"
+ENCODE_JSON = ("curl -s -H 'Content-Type: application/json' -d \"{\\\"images\\\": [\\\"$(base64 -w0 "
+               f"{D}/mnist_test_2_digit_1.png)\\\"]}}\" 'localhost:8000/encode?model=vae-2d'")
+MODELS = ("curl -s localhost:8000/models | python3 -c 'import json,sys; [print(m[\"name\"], m[\"arch\"], \"latent\", "
+          "m[\"latent_dim\"], m[\"device\"], m[\"metrics\"]) for m in json.load(sys.stdin)[\"models\"]]'")
+EXAMPLES: list[tuple[str, str]] = [
+    ("Health, readiness, models:", "curl -s localhost:8000/readyz"),
+    ("", MODELS),
+    ("Encode one PNG (raw body); the 2-D model keeps the output short:",
+     f"curl -s -X POST -H 'Content-Type: image/png' --data-binary @{D}/mnist_test_0_digit_7.png "
+     "'localhost:8000/encode?model=vae-2d'"),
+    ("A batch as repeated multipart fields, answered in order:",
+     f"curl -s -F file=@{D}/mnist_test_0_digit_7.png -F file=@{D}/mnist_test_1_digit_2.png "
+     "'localhost:8000/encode?model=vae-2d'"),
+    ("JSON with base64 files (or `pixels`: 28x28 arrays in [0, 1]):", ENCODE_JSON),
+    ("Decode latents to a PNG grid, or to JSON pixels:",
+     "curl -s -H 'Content-Type: application/json' -d '{\"z\": [[0, 0], [1.5, -1]]}' "
+     "'localhost:8000/decode?model=vae-2d' -o /tmp/decoded.png -w '%{http_code} %{content_type} %{size_download} bytes\\n'"),
+    ("", "curl -s -H 'Content-Type: application/json' -d '{\"z\": [[0, 0]]}' "
+     "'localhost:8000/decode?model=vae-2d&format=json' | head -c 160; echo ..."),
+    ("Sample 16 digits as one PNG (the same seed gives the same images; `X-Seed` tells the seed used):",
+     "curl -s -H 'X-Request-ID: readme-sample' 'localhost:8000/sample?n=16&seed=7' -o /tmp/samples.png -D - "
+     "| grep -i -E '^(HTTP|content-type|x-seed|x-request-id)'"),
+    ("Or as JSON with base64 PNGs and the latents used:",
+     "curl -s 'localhost:8000/sample?n=1&seed=7&model=vae-2d&format=json&encoding=base64' | head -c 200; echo ..."),
+    ("Reconstruct a photographed dark-on-light digit (inverted, levelled, cropped, fitted; PNG rows of original | "
+     "reconstruction):",
+     f"curl -s -X POST -H 'Content-Type: image/jpeg' --data-binary @{D}/photo_dark_on_light_digit_4.jpg "
+     "localhost:8000/reconstruct -o /tmp/recon.png -w '%{http_code} %{content_type} %{size_download} bytes\\n'"),
+    ("Anomaly score of an MNIST digit, of the photo, and of noise next to a digit:",
+     f"curl -s -X POST -H 'Content-Type: image/png' --data-binary @{D}/mnist_test_0_digit_7.png "
+     "localhost:8000/anomaly-score"),
+    ("", f"curl -s -X POST -H 'Content-Type: image/jpeg' --data-binary @{D}/photo_dark_on_light_digit_4.jpg "
+     "'localhost:8000/anomaly-score?k=256'"),
+    ("", f"curl -s -F file=@{D}/noise_28x28.png -F file=@{D}/mnist_test_3_digit_0.png "
+     "'localhost:8000/anomaly-score?threshold_percentile=99.9'"),
+    ("Errors are JSON with a status that says what to fix:",
+     "curl -s -w ' %{http_code}\\n' 'localhost:8000/sample?n=100000'"),
+    ("", "curl -s -w ' %{http_code}\\n' -H 'Content-Type: application/json' -d '{\"z\": [[0, 0, 0]]}' "
+     "'localhost:8000/decode?model=vae-2d'"),
+    ("", "curl -s -w ' %{http_code}\\n' -X POST -H 'Content-Type: image/png' --data-binary 'not an image' "
+     "localhost:8000/encode"),
+]
+NUMBER = re.compile(r"-?\d+\.\d+(?:[eE][-+]?\d+)?")
+
+
+def run(host: str) -> str:
+    parts = []
+    for title, command in EXAMPLES:
+        done = subprocess.run(["bash", "-c", command.replace("localhost:8000", host)], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+        output = (done.stdout + done.stderr).rstrip("\n").replace("\r", "")
+        if title:
+            parts.append(title + "\n")
+        parts.append(f"```console\n$ {command}\n{output}\n```\n")
+    return "\n".join(parts)
+
+
+def block(text: str) -> str:
+    start, end = text.index(START) + len(START), text.index(END)
+    return text[start:end].strip("\n")
+
+
+def same(expected: str, got: str, tolerance: float = 1e-5) -> bool:
+    """Equal text, and equal numbers within `tolerance` (relative, or absolute near zero)."""
+    if NUMBER.sub("#", expected) != NUMBER.sub("#", got):
+        return False
+    pairs = zip(NUMBER.findall(expected), NUMBER.findall(got), strict=True)
+    return all(math.isclose(float(a), float(b), rel_tol=tolerance, abs_tol=tolerance) for a, b in pairs)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--write", action="store_true")
+    mode.add_argument("--check", action="store_true")
+    p.add_argument("--host", default="localhost:8000")
+    args = p.parse_args()
+    text = README.read_text()
+    fresh = run(args.host)
+    if args.write:
+        README.write_text(text[: text.index(START) + len(START)] + "\n\n" + fresh + "\n" + text[text.index(END):])
+        return 0
+    old = block(text)
+    if same(old, fresh.strip("\n")):
+        print("README examples: as the service answers")
+        return 0
+    for a, b in zip(old.splitlines(), fresh.splitlines(), strict=False):
+        if not same(a, b):
+            print(f"README says:  {a}\nservice says: {b}", file=sys.stderr)
+            break
+    print("README examples differ from the service's answers: python scripts/readme_examples.py --write",
+          file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""docs/artifact.md, app/contract.py and a freshly exported artifact say the same thing."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from app import contract
+from app.artifacts import ModelLoadError, load_model
+from tests.conftest import REPO
+from training import export
+
+DOC = (REPO / "docs" / "artifact.md").read_text()
+
+
+def doc_table(heading: str) -> dict[str, list[str]]:
+    """First column (in backticks) -> the other cells, from the table under `heading`."""
+    section = DOC.split(heading, 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        m = re.fullmatch(r"`([^`]+)`", cells[0]) if line.startswith("|") else None
+        if m:
+            rows[m.group(1)] = cells[1:]
+    return rows
+
+
+def test_doc_lists_exactly_the_contract() -> None:
+    methods = doc_table("## Methods")
+    assert {k: v[0].strip("`") for k, v in methods.items()} == contract.METHODS
+    meta = doc_table("## `meta.json`")
+    assert sorted(meta) == sorted(contract.META_KEYS)
+    assert {k for k, v in meta.items() if v[0] == "yes"} == set(contract.REQUIRED_META)
+    levels = ", ".join(f"{p:g}" for p in contract.CALIBRATION_PERCENTILES[:-2])
+    assert levels in DOC and f"({contract.DEFAULT_ANOMALY_K} when absent)" in DOC
+
+
+def test_fresh_artifact_keeps_the_contract(trained: Path) -> None:
+    module, meta = export.load(trained / "deep-tiny.pt")
+    assert set(meta) == set(contract.META_KEYS)
+    for method in contract.METHODS:
+        assert hasattr(module, method), method
+    assert meta["input_shape"] == contract.INPUT_SHAPE
+    points, k = contract.calibration_points(meta)
+    assert [p for p, _ in points] == list(contract.CALIBRATION_PERCENTILES)
+    assert k == contract.DEFAULT_ANOMALY_K
+    assert list(meta["anomaly_calibration"]["quantiles"])[-3:] == ["p99", "p99.5", "p99.9"]
+    served = load_model(trained / "deep-tiny.pt", torch.device("cpu"))
+    assert served.calibration == points and served.default_k == k
+
+
+@pytest.mark.parametrize(("quantiles", "message"), [
+    ({"p50": 10.0, "p99": 5.0}, "must not decrease"),
+    ({"median": 10.0}, "named like 'p99'"),
+    ({"p100": 10.0}, "out of range"),
+    ({"p50": float("nan")}, "out of range"),
+])
+def test_bad_calibration_fails_start_up(tmp_path: Path, trained: Path, quantiles: dict, message: str) -> None:
+    module, meta = export.load(trained / "vae.pt")
+    export.save(module, tmp_path / "vae.pt", {**meta, "anomaly_calibration": {"k": 8, "quantiles": quantiles}})
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(tmp_path / "vae.pt", torch.device("cpu"))
+
+
+def test_artifact_without_calibration_is_served_without_percentiles(tmp_path: Path, trained: Path) -> None:
+    module, meta = export.load(trained / "vae.pt")
+    export.save(module, tmp_path / "vae.pt", {k: v for k, v in meta.items() if k != "anomaly_calibration"})
+    served = load_model(tmp_path / "vae.pt", torch.device("cpu"))
+    assert served.percentile(100.0) is None and served.threshold(99.0) is None
+    assert served.default_k == contract.DEFAULT_ANOMALY_K
