@@ -39,7 +39,8 @@ EXAMPLES: list[tuple[str, str]] = [
     ("JSON with base64 files (or `pixels`: 28x28 arrays in [0, 1]):", ENCODE_JSON),
     ("Decode latents to a PNG grid, or to JSON pixels:",
      "curl -s -H 'Content-Type: application/json' -d '{\"z\": [[0, 0], [1.5, -1]]}' "
-     "'localhost:8000/decode?model=vae-2d' -o /tmp/decoded.png -w '%{http_code} %{content_type} %{size_download} bytes\\n'"),
+     "'localhost:8000/decode?model=vae-2d' -o /tmp/decoded.png "
+     "-w '%{http_code} %{content_type} %{size_download} bytes\\n'"),
     ("", "curl -s -H 'Content-Type: application/json' -d '{\"z\": [[0, 0]]}' "
      "'localhost:8000/decode?model=vae-2d&format=json' | head -c 160; echo ..."),
     ("Sample 16 digits as one PNG (the same seed gives the same images; `X-Seed` tells the seed used):",
