@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from app.exceptions import ComputeTimeout
+from app.exceptions import ComputeTimeout, Unavailable
 
 Result = Tensor | tuple[Tensor, ...]
 Outcome = tuple[Result | None, BaseException | None]
@@ -64,8 +64,10 @@ class ComputeThread:
 
 class Batcher:
     def __init__(self, fn: Callable[..., Result], batch_dims: Sequence[int], max_size: int, max_wait_s: float,
-                 compute: ComputeThread | None, timeout_s: float | None = None, inline_max_s: float = 0.0) -> None:
+                 compute: ComputeThread | None, timeout_s: float | None = None, inline_max_s: float = 0.0,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.fn, self.batch_dims, self.timeout_s = fn, tuple(batch_dims), timeout_s
+        self.clock = clock  # times passes; tests give a fake one
         self.max_size, self.max_wait_s, self.compute = max_size, max_wait_s, compute
         self.inline_max_s = inline_max_s
         self.queue: collections.deque[_Item] = collections.deque()
@@ -79,6 +81,8 @@ class Batcher:
         self.inline_batches = 0
 
     async def __call__(self, *args: Tensor) -> Result:
+        if self.closed:
+            raise Unavailable("the service is shutting down")
         loop = asyncio.get_running_loop()
         item = _Item(args, args[0].shape[self.batch_dims[0]], loop.create_future())
         self.queue.append(item)
@@ -96,12 +100,15 @@ class Batcher:
                 timer.cancel()
 
     def close(self) -> None:
+        """Shutting down: every queued request is answered (503) now; a pass already running finishes."""
         self.closed = True
         if self.drain_handle is not None:
             self.drain_handle.cancel()
         for item in self.queue:
-            item.future.cancel()
+            if not item.future.done():
+                item.future.set_exception(Unavailable("the service is shutting down"))
         self.queue.clear()
+        self.queued_rows = 0
 
     def _schedule(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:
         if self.drain_handle is not None:
@@ -176,7 +183,7 @@ class Batcher:
     def _compute(self, items: list[_Item]) -> tuple[list[Outcome], float]:
         """One pass over the gathered requests, and its duration; runs on whichever thread
         `_drain` chose, so it touches no shared state."""
-        start = time.perf_counter()
+        start = self.clock()
         try:
             if len(items) == 1:
                 outcomes: list[Outcome] = [(self.fn(*items[0].args), None)]
@@ -188,7 +195,7 @@ class Batcher:
                 outcomes = [(None, e)]
             else:
                 outcomes = [_alone(self.fn, it) for it in items]  # isolate the failure: each request alone
-        return outcomes, time.perf_counter() - start
+        return outcomes, self.clock() - start
 
     def _record(self, items: list[_Item], seconds: float) -> None:
         """On the event loop: count the pass and update the estimate for its size."""

@@ -6,13 +6,16 @@ What happens to an uploaded image, in order (each step documented in the README)
    is checked against the pixel limit *before* decoding (decompression bombs);
 2. transparency is flattened onto white, 16-bit images are scaled to 8 bits, and the
    result is converted to 8-bit grayscale;
-3. `invert=auto`: if the image's border is mostly light (a dark digit on paper), it is
-   inverted to the MNIST convention of a white digit on black;
+1b. the EXIF orientation is applied (phone photos are often stored sideways);
+3. `invert=auto`: if the ink is darker than the background (the border's median grey
+   lies nearer the brightest pixel than the darkest: a dark digit on paper), the image
+   is inverted to the MNIST convention of a white digit on black;
 4. background levelling: if the border is not black (paper, uneven light), its median
    grey becomes black and the brightest pixel white (a no-op for MNIST images);
 5. `fit=true`, for images not already 28x28: cropped to the digit's bounding box,
    scaled to fit 20x20 keeping its aspect ratio and padded to 28x28 with black,
-   which is how MNIST itself was made (never stretched);
+   which is how MNIST itself was made (never stretched); pen strokes much thinner than
+   the scale step are max-pooled first, so that they are not averaged away;
 6. pixels become float32 in [0, 1].
 """
 
@@ -104,6 +107,7 @@ def _decode_pillow(data: bytes, max_pixels: int) -> np.ndarray:
             _check_pixels(width, height, max_pixels)
             im.seek(0)  # first frame of an animation
             im.load()
+            im = ImageOps.exif_transpose(im)  # phone photos: stored sideways, with an Orientation tag
             return np.asarray(_to_gray(im), dtype=np.uint8)
     except UnidentifiedImageError as e:  # its message is the repr of our BytesIO: say what it means instead
         raise UndecodableImage(f"{len(data)} bytes in no image format Pillow reads (PNG, JPEG, GIF, WebP, BMP, "
@@ -145,7 +149,7 @@ def file_to_gray28(data: bytes, max_pixels: int, prep: Preprocess) -> np.ndarray
     gray = fast if fast is not None else _decode_pillow(data, max_pixels)
     border = _border(gray)
     if np.count_nonzero(border) or prep.invert == "true":  # an all-black border (MNIST itself) needs neither step
-        if _should_invert(border, prep.invert):
+        if _should_invert(gray, border, prep.invert):
             gray = 255 - gray
             border = 255 - border
         gray = _level_background(gray, border)
@@ -168,19 +172,50 @@ def _level_background(gray: np.ndarray, border: np.ndarray) -> np.ndarray:
 
 
 def _fit_like_mnist(gray: np.ndarray) -> np.ndarray:
-    ys, xs = np.nonzero(gray > 0.2 * max(int(gray.max()), 1))
+    top = int(gray.max())
+    ys, xs = np.nonzero(gray > 0.2 * max(top, 1))
     if len(xs):
         gray = gray[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
-    digit = ImageOps.contain(Image.fromarray(gray, "L"), (20, 20), method=Image.Resampling.LANCZOS)
-    canvas = Image.new("L", (28, 28), 0)
-    canvas.paste(digit, ((28 - digit.width) // 2, (28 - digit.height) // 2))
-    return np.asarray(canvas, dtype=np.uint8)
+    h, w = gray.shape
+    scale = 20 / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # as ImageOps.contain, but never 0 wide
+    digit = np.asarray(Image.fromarray(gray, "L").resize(size, Image.Resampling.LANCZOS))
+    if top and int(digit.max()) < top // 2:
+        digit = _thin_strokes_kept(gray, size, top)
+    canvas = np.zeros((28, 28), dtype=np.uint8)
+    y0, x0 = (28 - size[1]) // 2, (28 - size[0]) // 2
+    canvas[y0 : y0 + size[1], x0 : x0 + size[0]] = digit
+    return canvas
 
 
-def _should_invert(border: np.ndarray, mode: str) -> bool:
+def _thin_strokes_kept(gray: np.ndarray, size: tuple[int, int], top: int) -> np.ndarray:
+    """A pen stroke much thinner than one output pixel (a 1-3 px line on a scanned page) is averaged
+    into the background by the resize. Max-pool first, which keeps a stroke at full ink however thin,
+    down to about twice the output size; resample that in floats; bring the strokes back to the
+    original ink level; widen them to MNIST's (a bright core with a softer pixel either side)."""
+    m = max(1, max(gray.shape) // (2 * max(size)))
+    h, w = -(-gray.shape[0] // m) * m, -(-gray.shape[1] // m) * m
+    pooled = np.pad(gray, ((0, h - gray.shape[0]), (0, w - gray.shape[1]))).reshape(h // m, m, w // m, m).max((1, 3))
+    f = np.clip(np.asarray(Image.fromarray(pooled.astype(np.float32), "F").resize(size, Image.Resampling.LANCZOS)),
+                0, None)
+    ink = f[f > 0.25 * f.max()]
+    if not ink.size:
+        return f.astype(np.uint8)
+    f *= top / np.percentile(ink, 90)  # crossings add up in the resample: not the maximum
+    padded = np.pad(f, 1)
+    neighbours = np.max([padded[dy : dy + f.shape[0], dx : dx + f.shape[1]] for dy in range(3) for dx in range(3)],
+                        axis=0)
+    return np.clip(np.rint(np.maximum(f, 0.6 * neighbours)), 0, 255).astype(np.uint8)
+
+
+def _should_invert(gray: np.ndarray, border: np.ndarray, mode: str) -> bool:
+    """auto: the ink is darker than the paper, i.e. the background (the border's median grey) lies nearer
+    the brightest pixel than the darkest. Unlike "the border is light", this also holds for a grey,
+    under-exposed scan of a pencil digit, and for a white digit on grey."""
     if mode != "auto":
         return mode == "true"
-    return float(border.mean()) > 127.5  # light background: a dark digit on paper
+    background = float(np.median(border))
+    return float(gray.max()) - background < background - float(gray.min())
 
 
 def pixels_to_tensor(pixels: list[list[float]]) -> torch.Tensor:

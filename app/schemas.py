@@ -43,7 +43,7 @@ PNG_RESPONSE: dict[int | str, dict[str, Any]] = {
 }
 
 
-Pixel = Annotated[float, Field(ge=0.0, le=1.0)]  # NaN fails both bounds
+Pixel = Annotated[float, Field(ge=0.0, le=1.0, strict=True)]  # NaN fails both bounds; strict: no true, no "0.5"
 Row = Annotated[list[Pixel], Field(min_length=28, max_length=28)]
 Grid = Annotated[list[Row], Field(min_length=28, max_length=28)]
 
@@ -87,7 +87,7 @@ class EncodeOut(BaseModel):
 
 
 Z_LIMIT = 1e4  # |z| beyond this is no latent a Gaussian prior produces; it only makes the decoder overflow
-LatentValue = Annotated[float, Field(ge=-Z_LIMIT, le=Z_LIMIT)]  # NaN and inf fail the bounds
+LatentValue = Annotated[float, Field(ge=-Z_LIMIT, le=Z_LIMIT, strict=True)]  # NaN and inf fail the bounds
 
 
 class DecodeIn(BaseModel):

@@ -291,6 +291,8 @@ def bomb_png(width: int, height: int) -> bytes:
     ({"json": {"images": ["%%%"]}}, 422, "invalid request"),
     ({"json": {"pixels": [[[0.5] * 28] * 27]}}, 422, "invalid request"),
     ({"json": {"pixels": [[[2.0] * 28] * 28]}}, 422, "invalid request"),
+    ({"json": {"pixels": [[[True] * 28] * 28]}}, 422, "invalid request"),
+    ({"json": {"pixels": [[["0.5"] * 28] * 28]}}, 422, "invalid request"),
     ({"json": {}}, 422, "invalid request"),
     ({"json": {"pixels": [[[0.0] * 28] * 28] * 9}}, 413, "batch too large"),
     ({"files": [("file", ("a.png", DIGIT, "image/png"))] * 9}, 413, "batch too large"),
@@ -310,6 +312,8 @@ def test_bad_images_get_clear_errors(client: TestClient, kwargs: dict, status: i
     ({"z": [0.0, 0.0]}, 422),
     ({"z": [[[0.0, 0.0]]]}, 422),
     ({"z": [[1e308, 0.0]]}, 422),
+    ({"z": [[True, 0.0]]}, 422),
+    ({"z": [["0.5", 0.0]]}, 422),
     ({"z": [[0.0, 0.0]] * 9}, 413),
 ])
 def test_bad_latents(client: TestClient, body: dict, status: int) -> None:

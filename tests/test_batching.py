@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from app.batching import Batcher, ComputeThread, LoopTurnGroup
-from app.exceptions import ComputeTimeout
+from app.exceptions import ComputeTimeout, Unavailable
 
 
 def fragile(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -89,30 +89,39 @@ def test_inline_batcher_gathers_one_loop_turn_into_one_pass() -> None:
         torch.testing.assert_close(got, fragile(x, e))
 
 
+class Clock:
+    """A pass takes exactly as long as the function says: placement tests without sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_short_passes_move_inline_once_measured_and_long_ones_stay_on_the_thread() -> None:
     compute = ComputeThread()
     threads: list[str] = []
+    clock = Clock()
 
-    def quick(x: torch.Tensor) -> torch.Tensor:
-        threads.append(threading.current_thread().name)
-        return x + 1
-
-    def slow(x: torch.Tensor) -> torch.Tensor:
-        threads.append(threading.current_thread().name)
-        time.sleep(0.02)
-        return x + 1
+    def taking(seconds: float):
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            threads.append(threading.current_thread().name)
+            clock.now += seconds
+            return x + 1
+        return fn
 
     async def main(fn) -> Batcher:
-        b = Batcher(fn, (0,), max_size=64, max_wait_s=0.0, compute=compute, inline_max_s=0.01)
+        b = Batcher(fn, (0,), max_size=64, max_wait_s=0.0, compute=compute, inline_max_s=0.01, clock=clock)
         for _ in range(3):
             assert float((await b(torch.zeros(1)))[0]) == 1.0
         return b
 
-    b = run(main(quick))
+    b = run(main(taking(0.009)))
     assert threads[0].startswith("compute")  # nothing measured yet: the thread
     assert threads[1] == threads[2] == threading.current_thread().name and b.inline_batches == 2
     threads.clear()
-    b = run(main(slow))
+    b = run(main(taking(0.011)))
     assert all(t.startswith("compute") for t in threads) and b.inline_batches == 0
 
 
@@ -169,19 +178,52 @@ def test_stage_runs_one_turns_calls_back_to_back_and_isolates_errors() -> None:
 
 def test_a_pass_timed_on_the_compute_thread_counts_for_its_fewer_cores() -> None:
     compute = ComputeThread(inline_threads=2, compute_threads=1)
+    clock = Clock()
 
     def slow(x: torch.Tensor) -> torch.Tensor:
-        time.sleep(0.03)
+        clock.now += 0.03
         return x
 
     async def main() -> Batcher:
-        b = Batcher(slow, (0,), max_size=64, max_wait_s=0.0, compute=compute, inline_max_s=0.02)
-        await b(torch.zeros(1))  # unknown: the compute thread; 30 ms there ~ 15 ms on two cores
-        assert b.inline_batches == 0 and b.expected_seconds(1) == pytest.approx(0.015, rel=0.3)
+        b = Batcher(slow, (0,), max_size=64, max_wait_s=0.0, compute=compute, inline_max_s=0.02, clock=clock)
+        await b(torch.zeros(1))  # unknown: the compute thread; 30 ms there = 15 ms on two cores
+        assert b.inline_batches == 0 and b.expected_seconds(1) == 0.015
         await b(torch.zeros(1))
         return b
 
     try:
         assert run(main()).inline_batches == 1
+    finally:
+        compute.shutdown()
+
+
+def test_close_answers_every_queued_request_and_lets_the_running_pass_finish() -> None:
+    compute = ComputeThread()
+    started, release = threading.Event(), threading.Event()
+
+    def blocking(x: torch.Tensor) -> torch.Tensor:
+        started.set()
+        release.wait(5)
+        return x
+
+    async def main() -> None:
+        b = Batcher(blocking, (0,), max_size=1, max_wait_s=0.0, compute=compute)
+        running = asyncio.create_task(b(torch.zeros(1)))
+        while not started.is_set():
+            await asyncio.sleep(0.001)
+        queued = [asyncio.create_task(b(torch.ones(1))) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        assert b.queued_rows == 3 and not any(t.done() for t in queued)
+        b.close()
+        done, pending = await asyncio.wait(queued, timeout=1)
+        assert not pending
+        assert all(isinstance(t.exception(), Unavailable) for t in done)
+        with pytest.raises(Unavailable):
+            await b(torch.ones(1))  # after close: answered at once, never queued
+        release.set()
+        assert float((await asyncio.wait_for(running, 5))[0]) == 0.0
+
+    try:
+        run(main())
     finally:
         compute.shutdown()

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import resource
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 from fastapi.testclient import TestClient
+from PIL import Image, ImageDraw
 
 from app.main import create_app
 from app.middleware import ServiceMiddleware
 from app.settings import Settings
-from tests.conftest import TEST_DATA
+from tests.conftest import TEST_DATA, vae_serve
 
 DIGIT = (TEST_DATA / "mnist_test_0_digit_7.png").read_bytes()
 
@@ -74,3 +78,80 @@ def test_hostile_bodies_are_refused_without_reading_or_decoding_them(models_dir:
     assert big.status_code == 413 and bomb.status_code == 413
     # The test client itself holds the 50 MB body (and a copy); the service adds nothing near 10 GB of pixels.
     assert (after - before) / 1024 < 200
+
+
+def chunked(data: bytes, size: int = 65536) -> Iterator[bytes]:
+    """No Content-Length: the body limit can only be enforced by counting as it streams in."""
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+def multipart(files: list[bytes], boundary: str = "limitboundary") -> bytes:
+    parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{i}.png\"\r\n"
+             f"Content-Type: image/png\r\n\r\n".encode() + f + b"\r\n" for i, f in enumerate(files)]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode()
+
+
+def test_every_over_limit_body_is_413_chunked_or_not(models_dir: Path) -> None:
+    settings = Settings(models_dir=models_dir, default_model="vae", max_body_bytes=100_000)
+    big = DIGIT + b"\0" * 150_000
+    bodies = {
+        "image/png": big,
+        "multipart/form-data; boundary=limitboundary": multipart([DIGIT, big]),
+        "application/json": b'{"images": ["' + b"A" * 150_000 + b'"]}',
+    }
+    with TestClient(create_app(settings)) as client:
+        for ctype, body in bodies.items():
+            for content in (body, chunked(body)):
+                r = client.post("/encode", content=content, headers={"content-type": ctype})
+                assert r.status_code == 413, (ctype, r.text)
+                assert r.json()["error"] == "request body too large"
+        small = multipart([DIGIT, DIGIT])  # under the limit, chunked: served
+        r = client.post("/encode", content=chunked(small, 100), headers={"content-type": "multipart/form-data; "
+                                                                         "boundary=limitboundary"})
+        assert r.status_code == 200 and len(r.json()["results"]) == 2
+
+
+def scan(size: int = 4000) -> bytes:
+    """A page scan at the pixel limit: a pen stroke on white, ~30 KB as PNG, 16 MP decoded."""
+    im = Image.new("L", (size, size), 255)
+    ImageDraw.Draw(im).line([(size // 2, size // 8), (size // 2, size * 7 // 8)], fill=0, width=size // 100)
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_probes_answer_while_the_heaviest_request_decodes(models_dir: Path) -> None:
+    """64 page scans of 4000 x 4000 pixels in one multipart request, within every default limit, take
+    seconds to decode: off the event loop, so /healthz and /readyz keep answering within 50 ms."""
+    heavy = multipart([scan()] * 64)
+    assert len(heavy) < Settings().max_body_bytes
+    with vae_serve({"VAE_MODELS_DIR": str(models_dir)}) as (base, _):
+
+        async def main() -> tuple[httpx.Response, list[float]]:
+            async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+                request = asyncio.create_task(client.post(
+                    "/encode", content=heavy, headers={"content-type": "multipart/form-data; boundary=limitboundary"}))
+                await asyncio.sleep(0.5)  # the upload is in; decoding has started
+                latencies = []
+                while not request.done():
+                    for path in ("/healthz", "/readyz"):
+                        start = time.perf_counter()
+                        assert (await client.get(path)).status_code == 200
+                        latencies.append(time.perf_counter() - start)
+                    await asyncio.sleep(0.02)
+                return await request, latencies
+
+        answer, latencies = asyncio.run(main())
+    assert answer.status_code == 200 and len(answer.json()["results"]) == 64
+    assert len(latencies) >= 10, "the heavy request finished too soon to measure anything"
+    assert max(latencies) < 0.05, sorted(latencies)[-5:]
+
+
+def test_decoding_past_the_request_timeout_is_a_504(models_dir: Path) -> None:
+    settings = Settings(models_dir=models_dir, default_model="vae", request_timeout_s=0.2)
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/encode", content=multipart([scan()] * 16),
+                        headers={"content-type": "multipart/form-data; boundary=limitboundary"})
+        assert r.status_code == 504 and r.json()["error"] == "compute timeout"
+        assert client.post("/encode", content=DIGIT, headers={"content-type": "image/png"}).status_code == 200

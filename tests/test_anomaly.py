@@ -1,0 +1,96 @@
+"""The anomaly score's percentile, threshold and seeds, pinned to values computed here."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from app.artifacts import ServedModel
+from app.imaging import Preprocess, file_to_tensor
+from app.main import create_app
+from app.settings import Settings
+from tests.conftest import TEST_DATA
+from training import export
+
+DIGIT = (TEST_DATA / "mnist_test_0_digit_7.png").read_bytes()
+PNG = {"content-type": "image/png"}
+
+
+def served(points: list[tuple[float, float]]) -> ServedModel:
+    return ServedModel("m", Path("m.pt"), None, {}, torch.device("cpu"), 2, points, 64)  # type: ignore[arg-type]
+
+
+def test_percentile_and_threshold_interpolate_the_calibration_table() -> None:
+    m = served([(10.0, 50.0), (50.0, 100.0), (90.0, 150.0), (99.0, 200.0)])
+    assert m.percentile(100.0) == 50.0
+    assert m.percentile(75.0) == 30.0  # halfway between p10=50 and p50=100
+    assert m.percentile(140.0) == pytest.approx(82.0)  # 50 + 40 * 40/50
+    assert m.percentile(175.0) == pytest.approx(94.5)  # 90 + 9 * 25/50
+    assert m.percentile(200.0) == 99.0 and m.percentile(200.5) == 100.0  # past the top: above every calibration image
+    assert m.percentile(50.0) == 10.0 and m.percentile(10.0) == 5.0  # below the bottom: half the lowest percentile
+    assert m.threshold(50.0) == 100.0 and m.threshold(70.0) == 125.0
+    assert m.threshold(95.0) == pytest.approx(177.7778, abs=1e-4)
+    assert m.threshold(5.0) == 50.0 and m.threshold(99.9) == 200.0  # clamped to the table
+    for p in (12.0, 37.5, 63.0, 91.0, 98.0):
+        assert m.percentile(m.threshold(p)) == pytest.approx(p)  # inverse of each other
+
+
+@pytest.fixture(scope="module")
+def calibrated(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, float]]:
+    """The tiny model with a calibration table laid around DIGIT's own score s: p10 = s-100,
+    p50 = s-10, p90 = s+30, p99 = s+100. So DIGIT's percentile is 50 + 40 * 10/40 = 60."""
+    module, meta = export.load(models_dir / "vae.pt")
+    eps = torch.randn(64, 1, 2, generator=torch.Generator().manual_seed(0))
+    x = file_to_tensor(DIGIT, 784, Preprocess())[None]
+    s = float(-module.log_likelihood_with_noise(x, eps)[0].detach())
+    folder = tmp_path_factory.mktemp("calibrated")
+    quantiles = {"p10": s - 100, "p50": s - 10, "p90": s + 30, "p99": s + 100}
+    export.save(module, folder / "vae.pt", {**meta, "anomaly_calibration": {"k": 64, "quantiles": quantiles}})
+    with TestClient(create_app(Settings(models_dir=folder, default_model="vae"))) as client:
+        yield client, s
+
+
+def test_served_percentile_is_computed_against_the_table(calibrated: tuple[TestClient, float]) -> None:
+    client, s = calibrated
+    body = client.post("/anomaly-score", content=DIGIT, headers=PNG).json()
+    assert body["k"] == 64 and body["calibration_k"] == 64
+    assert body["score"] == pytest.approx(s, rel=1e-6)
+    assert body["percentile"] == pytest.approx(60.0, abs=1e-3)
+    assert body["threshold"] == pytest.approx(s + 100, rel=1e-6) and body["is_anomaly"] is False  # default p99
+
+
+@pytest.mark.parametrize(("pct", "offset", "flagged"), [(55.0, -5.0, True), (60.0, 0.0, False), (70.0, 10.0, False),
+                                                         (30.0, -55.0, True), (95.0, 30 + 70 * 5 / 9, False)])
+def test_threshold_moves_with_threshold_percentile(calibrated: tuple[TestClient, float], pct: float, offset: float,
+                                                   flagged: bool) -> None:
+    client, s = calibrated
+    body = client.post(f"/anomaly-score?threshold_percentile={pct}", content=DIGIT, headers=PNG).json()
+    assert body["threshold_percentile"] == pct
+    assert body["threshold"] == pytest.approx(s + offset, abs=1e-3)
+    assert body["is_anomaly"] is flagged or math.isclose(body["score"], body["threshold"], abs_tol=1e-3)
+
+
+def test_anomaly_seeds_same_gives_same_different_gives_different(calibrated: tuple[TestClient, float]) -> None:
+    client, _ = calibrated
+    scores = {}
+    for seed in (1, 2, 1, 3, 2):
+        body = client.post(f"/anomaly-score?seed={seed}", content=DIGIT, headers=PNG).json()
+        scores.setdefault(seed, set()).add(body["score"])
+    assert all(len(v) == 1 for v in scores.values())  # a seed always gives its score
+    assert len({next(iter(v)) for v in scores.values()}) == 3  # each seed its own (the noise is drawn per seed)
+
+
+def test_sample_seeds_and_seedless_calls(calibrated: tuple[TestClient, float]) -> None:
+    client, _ = calibrated
+    a, b = (client.get("/sample?n=4&seed=9") for _ in range(2))
+    assert a.content == b.content != client.get("/sample?n=4&seed=10").content
+    seedless = [client.get("/sample?n=4") for _ in range(3)]
+    seeds = {r.headers["x-seed"] for r in seedless}
+    assert len(seeds) == 3 and len({r.content for r in seedless}) == 3  # a new seed, and so new digits, each time
+    again = client.get(f"/sample?n=4&seed={seedless[0].headers['x-seed']}")
+    assert again.content == seedless[0].content  # and the seed it reports reproduces them

@@ -1,0 +1,166 @@
+"""Preprocessing of the images people really send: pinned pixel values, and properties for any input."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image, ImageDraw
+
+from app.exceptions import ServiceError
+from app.imaging import Preprocess, file_to_gray28, file_to_tensor
+from tests.conftest import TEST_DATA
+from training import export
+
+DIGIT = (TEST_DATA / "mnist_test_0_digit_7.png").read_bytes()
+INK = np.asarray(Image.open(io.BytesIO(DIGIT)))  # white digit on black, uint8 28x28
+
+
+def encoded(img: Image.Image, fmt: str = "PNG", **save) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def prep(data: bytes, **kw) -> np.ndarray:
+    return file_to_gray28(data, 10**8, Preprocess(**kw))
+
+
+def page_with_line(size: int, width: int, angle_free: bool = False) -> Image.Image:
+    """A dark pen line on white paper, as a scanner or a phone sees a drawn "1"."""
+    im = Image.new("L", (size, size), 255)
+    ImageDraw.Draw(im).line([(size // 2, size // 8), (size // 2 - (size // 10 if angle_free else 0), size * 7 // 8)],
+                            fill=0, width=width)
+    return im
+
+
+# --- transparency and bit depth: pixel values, not just status codes -------------------
+
+def test_transparent_background_is_flattened_onto_white() -> None:
+    """Black ink whose opacity is the digit, on a fully transparent (black, alpha 0) background: on
+    white it is a dark digit on paper, so it comes out as the MNIST digit itself."""
+    black = np.zeros((28, 28), dtype=np.uint8)
+    rgba = Image.fromarray(np.dstack([black, black, black, INK]), "RGBA")
+    la = Image.fromarray(np.dstack([black, INK]), "LA")
+    expected = prep(encoded(Image.fromarray(255 - INK, "L")))  # the same digit drawn opaque on white paper
+    assert np.abs(expected.astype(int) - INK).max() <= 1
+    for img in (rgba, la):
+        got = prep(encoded(img))
+        assert np.abs(got.astype(int) - expected).max() <= 1, img.mode  # onto black it would be all black
+
+
+def test_16_bit_images_are_scaled_by_their_full_range() -> None:
+    sixteen = Image.fromarray(INK.astype(np.uint16) * 257)  # the same grey levels, 0..65535
+    assert sixteen.mode in ("I;16", "I")
+    assert np.array_equal(prep(encoded(sixteen)), INK)
+
+
+# --- thin pens, sideways photos, grey scans ---------------------------------------------
+
+@pytest.mark.parametrize(("size", "width"), [(200, 1), (200, 2), (200, 3), (600, 1), (4000, 2)])
+def test_thin_pen_strokes_keep_their_ink(size: int, width: int) -> None:
+    out = prep(encoded(page_with_line(size, width)))
+    assert out.max() >= 200  # a stroke at nearly full ink, not faded into the background
+    cols = np.nonzero(out.max(axis=0) > 100)[0]
+    rows = np.nonzero(out.max(axis=1) > 100)[0]
+    assert 1 <= len(cols) <= 4 and len(rows) >= 18  # a tall thin "1", 20 px high as MNIST's
+    assert 11 <= cols.mean() <= 16  # centred
+
+
+def test_thin_and_thick_versions_of_one_drawing_encode_alike(models_dir: Path) -> None:
+    module, _ = export.load(models_dir / "deep-tiny.pt")
+    pages = {"thin": page_with_line(400, 2, True), "thick": page_with_line(400, 24, True),
+             "blank": Image.new("L", (400, 400), 255)}
+    mu = {k: module.encode(file_to_tensor(encoded(p), 10**8, Preprocess())[None])[0][0] for k, p in pages.items()}
+    assert torch.dist(mu["thin"], mu["thick"]) < torch.dist(mu["thin"], mu["blank"])
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_exif_orientation_is_applied(fmt: str) -> None:
+    upright = page_with_line(300, 12)
+    sideways = upright.transpose(Image.Transpose.ROTATE_90)  # stored as the sensor saw it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    got = prep(encoded(sideways, fmt, exif=exif.tobytes()))
+    expected = prep(encoded(upright, fmt))
+    rows, cols = np.nonzero(got > 100)
+    assert np.ptp(rows) > 3 * np.ptp(cols)  # standing up, not lying down
+    assert np.abs(got.astype(int) - expected).max() <= (0 if fmt == "PNG" else 40)
+
+
+def test_a_grey_underexposed_scan_of_a_dark_digit_is_inverted() -> None:
+    """The paper is darker than mid-grey, the pencil darker still: still a dark digit on paper."""
+    scan = (110 - INK.astype(np.float32) * 100 / 255).astype(np.uint8)  # paper 110, ink down to 10
+    assert np.abs(prep(encoded(Image.fromarray(scan, "L"))).astype(int) - INK).max() <= 3
+
+
+def test_a_white_digit_on_grey_is_not_inverted() -> None:
+    board = (150 + INK.astype(np.float32) * 105 / 255).astype(np.uint8)  # grey board 150, chalk up to 255
+    assert np.abs(prep(encoded(Image.fromarray(board, "L"))).astype(int) - INK).max() <= 3
+
+
+# --- any input: properties ---------------------------------------------------------------
+
+MODES = ["L", "RGB", "RGBA", "LA", "P", "1", "I;16", "CMYK"]
+FORMATS = ["PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF"]
+
+
+@st.composite
+def drawings(draw: st.DrawFn) -> tuple[bytes, bool]:
+    """A stroke of any width on a page of any size and aspect ratio, any mode and format; and whether
+    it must show up (it stays off the border and contrasts with the paper)."""
+    w, h = draw(st.integers(1, 700)), draw(st.integers(1, 700))
+    paper = draw(st.sampled_from([0, 30, 200, 255]))
+    ink = 255 - paper if paper in (0, 255) else (230 if paper < 128 else 20)
+    stroke = draw(st.integers(1, 40))
+    im = Image.new("L", (w, h), paper)
+    margin = stroke + 2
+    visible = w > 2 * margin + 1 and h > 2 * margin + 1
+    if visible:
+        p1 = (draw(st.integers(margin, w - margin - 1)), draw(st.integers(margin, h - margin - 1)))
+        p2 = (draw(st.integers(margin, w - margin - 1)), draw(st.integers(margin, h - margin - 1)))
+        ImageDraw.Draw(im).line([p1, p2], fill=ink, width=stroke)
+        visible = np.asarray(im).max() != np.asarray(im).min() and min(w, h) >= 4
+    mode, fmt = draw(st.sampled_from(MODES)), draw(st.sampled_from(FORMATS))
+    if mode == "I;16":
+        im = Image.fromarray(np.asarray(im).astype(np.uint16) * 257)
+        fmt = "PNG" if fmt not in ("PNG", "TIFF") else fmt
+    else:
+        im = im.convert(mode)
+    if fmt == "JPEG" and im.mode not in ("L", "RGB", "CMYK"):
+        im = im.convert("RGB")
+    if fmt in ("GIF", "BMP", "WEBP") and im.mode in ("CMYK", "LA"):
+        im = im.convert("RGBA" if fmt == "WEBP" else "RGB")
+    # Lossy formats with a 1-px stroke on a tiny page can blur the ink into the paper: no promise there.
+    lossy = fmt in ("JPEG", "WEBP") or mode == "1"
+    return encoded(im, fmt), visible and not (lossy and stroke < 3)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(drawings(), st.sampled_from(["auto", "true", "false"]))
+def test_any_image_becomes_28x28_in_0_1_and_ink_stays(case: tuple[bytes, bool], invert: str) -> None:
+    data, visible = case
+    try:
+        x = file_to_tensor(data, 16_000_000, Preprocess(invert=invert))  # type: ignore[arg-type]
+    except ServiceError as e:  # only the documented refusals (undecodable, too large, empty, ...)
+        pytest.fail(f"a valid image was refused: {e.error}: {e.detail}")
+    assert x.shape == (1, 28, 28) and x.dtype == torch.float32
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+    if visible and invert == "auto":
+        assert float(x.max()) > 0.3, "the stroke vanished"
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_raise_only_documented_errors(data: bytes) -> None:
+    try:
+        x = file_to_tensor(data, 16_000_000, Preprocess())
+    except ServiceError:
+        return
+    assert x.shape == (1, 28, 28)
