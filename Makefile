@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test lint bench models docker-smoke clean
+.PHONY: serve test lint bench models docker-smoke mutation clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ needed"'
@@ -32,8 +32,15 @@ bench: $(STAMP)
 models: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH scripts/train-models.sh
 
+# Mutation testing of app/ against the fast tests (not in CI: it takes a while); scores in docs/testing.md.
+VAE_TEST_DATA_DIR ?= $(abspath ../shared/data/mnist)
+mutation: $(STAMP)
+	rm -rf mutants
+	VAE_TEST_DATA_DIR=$(VAE_TEST_DATA_DIR) VAE_TEST_ARTIFACTS=$(abspath .mutmut-artifacts) $(BIN)/mutmut run --max-children 2
+	$(BIN)/python scripts/mutation_report.py
+
 docker-smoke:
 	bash scripts/docker-smoke.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache mutants .mutmut-artifacts

@@ -51,8 +51,8 @@ class Settings(BaseSettings):
                                "the compute thread so the service keeps answering (0 = always the compute thread)")
     max_in_flight: int = Field(256, ge=1, description="most model requests in progress at once; beyond it the "
                                "service answers 503 with Retry-After at once instead of queueing")
-    request_timeout_s: float = Field(30.0, gt=0, description="longest a request may wait for its forward pass "
-                                     "(504 after)")
+    request_timeout_s: float = Field(30.0, gt=0, description="longest a request's images may take to decode, "
+                                     "and longest it may wait for its forward pass (504 after either)")
     keep_alive_s: float = Field(75.0, gt=0, description="vae-serve: how long an idle keep-alive connection stays "
                                 "open; longer than clients' and proxies' own idle timeouts (httpx 5 s, nginx and "
                                 "cloud load balancers 60 s), so that they close first: a server that closes first "

@@ -45,10 +45,18 @@ def tiny_args(out: Path, name: str) -> list[str]:
             "--eval-k", "16", "--eval-limit", "500", "--out", str(out / f"{name}.pt"), *TINY_RUNS[name]]
 
 
+# Mutation runs (make mutation) start a pytest session per mutant: they train the tiny models
+# once into this folder and reuse them, instead of training them again every time.
+CACHE = os.environ.get("VAE_TEST_ARTIFACTS")
+
+
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory, mnist: MNIST) -> Path:
+def trained(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
     """Folder holding vae.pt and deep-tiny.pt with their metrics and pictures."""
-    out = tmp_path_factory.mktemp("trained")
+    if CACHE and all((Path(CACHE) / f"{name}.pt").is_file() for name in TINY_RUNS):
+        return Path(CACHE)
+    request.getfixturevalue("mnist")  # a clear failure when the data is missing
+    out = Path(CACHE) if CACHE else tmp_path_factory.mktemp("trained")
     for name in TINY_RUNS:
         assert train.main(tiny_args(out, name)) == 0
     return out

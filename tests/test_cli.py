@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 import torch
 
 from app import cli
@@ -30,6 +31,7 @@ def test_workers_share_the_cores(monkeypatch) -> None:
     assert thread_counts(0, torch.device("cuda"), workers=2) == (0, 0)
 
 
+@pytest.mark.slow
 def test_two_workers_serve_and_stop_cleanly(models_dir: Path) -> None:
     with vae_serve({"VAE_MODELS_DIR": str(models_dir), "VAE_WORKERS": "2"}) as (base, proc):
         with httpx.Client(base_url=base, timeout=30) as client:
@@ -40,6 +42,7 @@ def test_two_workers_serve_and_stop_cleanly(models_dir: Path) -> None:
     # vae_serve checked that SIGTERM stopped every worker and the supervisor exited 0
 
 
+@pytest.mark.slow
 def test_workers_that_cannot_load_the_models_fail_the_start(tmp_path: Path) -> None:
     env = {**os.environ, "VAE_MODELS_DIR": str(tmp_path / "missing"), "VAE_WORKERS": "2", "VAE_PORT": "0"}
     done = subprocess.run([sys.executable, "-m", "app.cli"], cwd=REPO, env=env, capture_output=True, text=True,

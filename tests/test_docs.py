@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from app.settings import Settings
 from scripts.settings_table import table
 from tests.conftest import REPO, vae_serve
@@ -17,6 +19,7 @@ def test_readme_configuration_table_matches_settings() -> None:
     assert table() in readme
 
 
+@pytest.mark.slow
 def test_readme_examples_are_what_the_service_answers() -> None:
     """The README's curl examples, run against vae-serve on the bundled models (scripts/readme_examples.py)."""
     with vae_serve({"VAE_MODELS_DIR": str(REPO / "models")}) as (base, _):

@@ -21,6 +21,7 @@ from app.main import create_app
 from app.settings import Settings
 from tests.conftest import vae_serve
 
+pytestmark = pytest.mark.slow
 SENT: Counter[str] = Counter()
 
 

@@ -26,6 +26,7 @@ from app.main import create_app
 from app.settings import Settings
 from tests.conftest import TEST_DATA
 
+pytestmark = pytest.mark.slow
 DIGIT = (TEST_DATA / "mnist_test_0_digit_7.png").read_bytes()
 CONFIG = """\
 post_hooks: []

@@ -72,6 +72,27 @@ def test_thin_pen_strokes_keep_their_ink(size: int, width: int) -> None:
     assert 11 <= cols.mean() <= 16  # centred
 
 
+@pytest.mark.parametrize("size", [400, 1000, 4000])
+def test_a_thin_stroke_lands_where_the_same_stroke_drawn_thick_does(size: int) -> None:
+    """The max-pooled path for thin pens and the plain path for thick ones place a drawing alike."""
+    def seven(width: int) -> Image.Image:
+        im = Image.new("L", (size, size), 255)
+        corners = [(size * 3 // 10, size // 6), (size * 7 // 10, size // 6), (size * 9 // 20, size * 5 // 6)]
+        ImageDraw.Draw(im).line(corners, fill=0, width=width, joint="curve")
+        return im
+
+    thin, thick = (prep(encoded(seven(w))) for w in (2, size // 16))
+
+    def shape(g: np.ndarray) -> tuple[float, float, int, int, int, int]:
+        ys, xs = np.nonzero(g > 60)
+        return ys.mean(), xs.mean(), ys.min(), ys.max(), xs.min(), xs.max()
+
+    a, b = shape(thin), shape(thick)
+    assert abs(a[0] - b[0]) <= 1.5 and abs(a[1] - b[1]) <= 1.5  # centre of the ink
+    assert all(abs(p - q) <= 2 for p, q in zip(a[2:], b[2:], strict=True))  # its extent
+    assert thin.max() >= 200 and thick.max() >= 200
+
+
 def test_thin_and_thick_versions_of_one_drawing_encode_alike(models_dir: Path) -> None:
     module, _ = export.load(models_dir / "deep-tiny.pt")
     pages = {"thin": page_with_line(400, 2, True), "thick": page_with_line(400, 24, True),
