@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 
 from app import errors, tuning
-from app.api.routes import model, ops
+from app.api.routes import docs, model, ops
 from app.artifacts import ModelLoadError, load_models, warm_up
 from app.batching import ComputeThread
 from app.devices import resolve_device
@@ -84,14 +84,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Encode, decode, sample, reconstruct and score digits with a variational autoencoder. "
         "Output format: `?format=png|json` wins, else the Accept header, else the endpoint's default.",
         lifespan=lifespan,
+        docs_url=None,  # served from local assets by api/routes/docs.py
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.ready = False
     app.state.engines = {}
     errors.install(app)
     app.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_body_bytes, max_in_flight=settings.max_in_flight)
-    routers = [model.router, ops.router, *([ops.bare_router] if settings.bare_endpoint else [])]
+    routers = [model.router, ops.router, docs.router, *([ops.bare_router] if settings.bare_endpoint else [])]
     add_routes(app, *routers)
+    docs.mount_assets(app)
     add_body_schemas(app)
     return app
 

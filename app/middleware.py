@@ -26,7 +26,7 @@ from app.errors import internal_error_response, service_error_response
 from app.exceptions import BodyTooLarge, Overloaded, ServiceError
 
 access_log = logging.getLogger("app.access")
-UNLIMITED = {"/healthz", "/readyz", "/models", "/docs", "/openapi.json"}  # probes never get a 503 for load
+UNLIMITED = {"/healthz", "/readyz", "/models", "/docs", "/redoc", "/openapi.json", "/"}  # never a 503 for load
 
 
 class ServiceMiddleware:

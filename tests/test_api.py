@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import re
 import struct
 import zlib
 from collections.abc import Iterator
@@ -396,6 +397,25 @@ def test_undecodable_bytes_get_a_message_without_object_reprs(client: TestClient
     r = client.post("/encode", content=b"not an image", headers={"content-type": "image/png"})
     assert r.status_code == 415
     assert r.json()["detail"] == "12 bytes in no image format Pillow reads (PNG, JPEG, GIF, WebP, BMP, TIFF, ...)"
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_pages_load_every_asset_from_the_service(client: TestClient, page: str) -> None:
+    html = client.get(page).text
+    refs = re.findall(r"""(?:src|href|spec-url)=["']([^"']+)["']|url: ?["']([^"']+)["']""", html)
+    urls = [a or b for a, b in refs]
+    assert any(u.endswith(".js") for u in urls) and "/openapi.json" in urls
+    for url in urls:
+        assert url.startswith("/"), f"{page} loads {url} from outside the service"
+        r = client.get(url)
+        assert r.status_code == 200 and len(r.content) > 100, url
+    if page == "/docs":
+        assert client.get("/docs/oauth2-redirect").status_code == 200
+
+
+def test_home_redirects_to_the_docs(client: TestClient) -> None:
+    r = client.get("/", follow_redirects=False)
+    assert r.status_code == 307 and r.headers["location"] == "/docs"
 
 
 def test_openapi_documents_bodies_and_png(client: TestClient) -> None:
