@@ -11,6 +11,7 @@ import bisect
 import json
 import logging
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ class ServedModel:
     # (percentile, score) points of the in-distribution calibration; both ascending.
     calibration: list[tuple[float, float]] = field(default_factory=list)
     calibration_k: int | None = None
+    load_seconds: float = 0.0  # reading, checking and warming it up: vae_model_load_seconds
 
     @property
     def default_k(self) -> int:
@@ -77,6 +79,7 @@ class ServedModel:
 
 
 def load_model(path: Path, device: torch.device) -> ServedModel:
+    start = time.perf_counter()
     extra = {META_FILE: ""}
     try:
         module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
@@ -102,6 +105,7 @@ def load_model(path: Path, device: torch.device) -> ServedModel:
     module.eval()
     model = ServedModel(meta["name"], path, module, meta, device, meta["latent_dim"], calibration, cal_k)
     check_contract(model)
+    model.load_seconds = time.perf_counter() - start
     return model
 
 
@@ -128,6 +132,7 @@ def check_contract(model: ServedModel) -> None:
 @torch.no_grad()
 def warm_up(model: ServedModel, passes: int = 3) -> None:
     """Run each method at a few batch sizes so the first user request pays no JIT profiling cost."""
+    start = time.perf_counter()
     for _ in range(passes):
         for b in (1, 8):
             x = torch.rand(b, 1, 28, 28, device=model.device)
@@ -137,6 +142,7 @@ def warm_up(model: ServedModel, passes: int = 3) -> None:
             model.module.log_likelihood_with_noise(x, torch.randn(4, b, model.latent_dim, device=model.device))
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
+    model.load_seconds += time.perf_counter() - start
 
 
 def load_models(folder: Path, device: torch.device, default: str) -> dict[str, ServedModel]:

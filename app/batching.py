@@ -39,6 +39,8 @@ class _Item:
     args: tuple[Tensor, ...]
     size: int
     future: asyncio.Future[Result]
+    enqueued: float = 0.0
+    waited: float = 0.0  # from the call to the start of its pass
 
 
 class ComputeThread:
@@ -65,9 +67,11 @@ class ComputeThread:
 class Batcher:
     def __init__(self, fn: Callable[..., Result], batch_dims: Sequence[int], max_size: int, max_wait_s: float,
                  compute: ComputeThread | None, timeout_s: float | None = None, inline_max_s: float = 0.0,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter,
+                 observer: Callable[[int, list[float]], None] | None = None) -> None:
         self.fn, self.batch_dims, self.timeout_s = fn, tuple(batch_dims), timeout_s
         self.clock = clock  # times passes; tests give a fake one
+        self.observer = observer  # told (rows, each request's wait) after every pass: the metrics
         self.max_size, self.max_wait_s, self.compute = max_size, max_wait_s, compute
         self.inline_max_s = inline_max_s
         self.queue: collections.deque[_Item] = collections.deque()
@@ -84,7 +88,7 @@ class Batcher:
         if self.closed:
             raise Unavailable("the service is shutting down")
         loop = asyncio.get_running_loop()
-        item = _Item(args, args[0].shape[self.batch_dims[0]], loop.create_future())
+        item = _Item(args, args[0].shape[self.batch_dims[0]], loop.create_future(), time.perf_counter())
         self.queue.append(item)
         self.queued_rows += item.size
         if not self.busy:
@@ -119,10 +123,12 @@ class Batcher:
         """Up to max_size rows from the queue; requests that timed out or went away are dropped."""
         items: list[_Item] = []
         size = 0
+        now = time.perf_counter()
         while self.queue and (not items or size + self.queue[0].size <= self.max_size):
             item = self.queue.popleft()
             self.queued_rows -= item.size
             if not item.future.done():
+                item.waited = now - item.enqueued
                 items.append(item)
                 size += item.size
         return items
@@ -201,8 +207,11 @@ class Batcher:
         """On the event loop: count the pass and update the estimate for its size."""
         self.batches += 1
         self.requests += len(items)
-        bucket = sum(it.size for it in items).bit_length()
+        rows = sum(it.size for it in items)
+        bucket = rows.bit_length()
         self.pass_seconds[bucket] = 0.8 * self.pass_seconds.get(bucket, seconds) + 0.2 * seconds
+        if self.observer is not None:
+            self.observer(rows, [it.waited for it in items])
 
 
 class LoopTurnGroup:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
@@ -32,10 +37,27 @@ def main() -> int:
     # What uvicorn.run does for several workers, keeping hold of the supervisor: it stops when
     # a worker fails to start (a broken models folder) but returns as it does after SIGTERM, and
     # uvicorn.run would then exit 0. A failed start must stay a failure, as with one worker.
-    config = uvicorn.Config("app.main:create_app", factory=True, workers=settings.workers, **options)
-    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
-    supervisor.run()
+    with shared_metrics_dir(settings.metrics):
+        config = uvicorn.Config("app.main:create_app", factory=True, workers=settings.workers, **options)
+        supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+        supervisor.run()
     return STARTUP_FAILURE if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes) else 0
+
+
+@contextmanager
+def shared_metrics_dir(enabled: bool) -> Iterator[None]:
+    """Several workers: each writes its metrics to files in one folder, which any of them reads
+    back for a scrape (prometheus-client's multiprocess mode); the workers inherit the variable."""
+    if not enabled or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="vae-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    try:
+        yield
+    finally:
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from torch import Tensor
 from app.artifacts import ServedModel
 from app.batching import Batcher, ComputeThread
 from app.exceptions import BatchTooLarge, InvalidInput, TooManySamples, WrongLatentSize
+from app.metrics import Metrics
 from app.settings import Settings
 
 
@@ -83,21 +84,23 @@ class Engine:
     """A served model, one batcher per method, and the limits its requests are held to."""
 
     def __init__(self, model: ServedModel, compute: ComputeThread | None, batching: Batching | None = None,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, metrics: Metrics | None = None) -> None:
         self.model, self.limits = model, limits or Limits()
         self._batching = batching or Batching()
         self._compute = compute
+        self._metrics = metrics
         m = model.module
-        self._encode = self._batcher(m.encode, (0,))
-        self._decode = self._batcher(m.decode, (0,))
-        self._forward = self._batcher(m.forward, (0,))
+        self._encode = self._batcher(m.encode, (0,), "encode")
+        self._decode = self._batcher(m.decode, (0,), "decode")
+        self._forward = self._batcher(m.forward, (0,), "forward")
         # One batcher per k: only requests with the same number of samples can share a pass.
         self._ll: dict[int, Batcher] = {}
 
-    def _batcher(self, fn: Any, dims: tuple[int, ...]) -> Batcher:
+    def _batcher(self, fn: Any, dims: tuple[int, ...], method: str) -> Batcher:
         b = self._batching
+        observer = self._metrics.pass_observer(self.model.name, method) if self._metrics else None
         return Batcher(self._on_device(fn), dims, b.max_size, b.max_wait_s, self._compute, b.timeout_s,
-                       b.inline_max_s)
+                       b.inline_max_s, observer=observer)
 
     def _on_device(self, fn: Any) -> Any:
         device = self.model.device
@@ -115,7 +118,7 @@ class Engine:
 
     def _log_likelihood(self, k: int) -> Batcher:
         if k not in self._ll:
-            self._ll[k] = self._batcher(self.model.module.log_likelihood_with_noise, (0, 1))
+            self._ll[k] = self._batcher(self.model.module.log_likelihood_with_noise, (0, 1), "log_likelihood")
         return self._ll[k]
 
     # --- the capabilities -----------------------------------------------------------------

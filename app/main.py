@@ -24,6 +24,7 @@ from app.batching import ComputeThread
 from app.devices import resolve_device
 from app.inference import Batching, Engine, Limits
 from app.inputs import ImageReader
+from app.metrics import Metrics
 from app.middleware import ServiceMiddleware
 from app.schemas import DecodeIn, ErrorOut, ImagesIn, ImagesOut
 from app.settings import Settings, get_settings
@@ -43,12 +44,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     except ModelLoadError as e:
         log.error("start-up failed: %s", e)
         raise  # uvicorn reports the start-up failed and exits with status 3: never a half-ready service
+    metrics: Metrics | None = app.state.metrics
     for m in models.values():
         warm_up(m)
         log.info("model %s ready on %s (latent_dim=%d, %s)", m.name, m.device, m.latent_dim, m.path)
+        if metrics is not None:
+            metrics.load_seconds.labels(m.name).set(m.load_seconds)
     compute = ComputeThread(inline_threads, compute_threads)
     batching, limits = Batching.from_settings(settings), Limits.from_settings(settings)
-    app.state.engines = {name: Engine(m, compute, batching, limits) for name, m in models.items()}
+    app.state.engines = {name: Engine(m, compute, batching, limits, metrics) for name, m in models.items()}
     app.state.image_reader = ImageReader(settings.max_image_pixels, settings.request_timeout_s)
     tuning.freeze_startup_objects()
     app.state.ready = True
@@ -90,9 +94,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.ready = False
     app.state.engines = {}
+    app.state.metrics = Metrics() if settings.metrics else None
     errors.install(app)
-    app.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_body_bytes, max_in_flight=settings.max_in_flight)
-    routers = [model.router, ops.router, docs.router, *([ops.bare_router] if settings.bare_endpoint else [])]
+    app.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_body_bytes, max_in_flight=settings.max_in_flight,
+                       metrics=app.state.metrics)
+    routers = [model.router, ops.router, *([ops.metrics_router] if settings.metrics else []), docs.router,
+               *([ops.bare_router] if settings.bare_endpoint else [])]
     add_routes(app, *routers)
     docs.mount_assets(app)
     add_body_schemas(app)

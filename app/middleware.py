@@ -24,14 +24,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import internal_error_response, service_error_response
 from app.exceptions import BodyTooLarge, Overloaded, ServiceError
+from app.metrics import Metrics
 
 access_log = logging.getLogger("app.access")
-UNLIMITED = {"/healthz", "/readyz", "/models", "/docs", "/redoc", "/openapi.json", "/"}  # never a 503 for load
+# Never a 503 for load: probes, metrics scrapes and docs.
+UNLIMITED = {"/healthz", "/readyz", "/models", "/metrics", "/docs", "/redoc", "/openapi.json", "/"}
 
 
 class ServiceMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int, max_in_flight: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, max_in_flight: int, metrics: Metrics | None = None) -> None:
         self.app, self.max_body_bytes, self.max_in_flight = app, max_body_bytes, max_in_flight
+        self.metrics = metrics
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -61,14 +64,14 @@ class ServiceMiddleware:
             await service_error_response(Overloaded(f"{self.in_flight} requests in progress; the limit is "
                                                     f"{self.max_in_flight} (VAE_MAX_IN_FLIGHT)"))(scope, receive,
                                                                                                   send_with_id)
-            self._log(scope, rid, status, start)
+            self._done(scope, rid, status, start)
             return
 
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             await service_error_response(BodyTooLarge(f"{int(length)} bytes; the limit is {self.max_body_bytes} "
                                                       "(VAE_MAX_BODY_BYTES)"))(scope, receive, send_with_id)
-            self._log(scope, rid, status, start)
+            self._done(scope, rid, status, start)
             return
 
         received = 0
@@ -84,6 +87,8 @@ class ServiceMiddleware:
             return message
 
         self.in_flight += limited
+        if limited and self.metrics is not None:
+            self.metrics.in_flight.inc()
         try:
             await self.app(scope, counting_receive, send_with_id)
         except Exception as e:
@@ -93,10 +98,15 @@ class ServiceMiddleware:
             await response(scope, receive, send_with_id)
         finally:
             self.in_flight -= limited
-            self._log(scope, rid, status, start)
+            if limited and self.metrics is not None:
+                self.metrics.in_flight.dec()
+            self._done(scope, rid, status, start)
 
-    @staticmethod
-    def _log(scope: Scope, rid: str, status: int, start: float) -> None:
+    def _done(self, scope: Scope, rid: str, status: int, start: float) -> None:
+        if self.metrics is not None:
+            route = scope.get("route")  # set by the router; none for a 404 (no unbounded label values)
+            self.metrics.observe_request(getattr(route, "path", "unmatched"),
+                                         scope.get("state", {}).get("model", ""), status, time.perf_counter() - start)
         if not access_log.isEnabledFor(logging.INFO):
             return
         record: dict[str, Any] = {

@@ -59,6 +59,8 @@ class Settings(BaseSettings):
                                 "races the client's next request on that connection, which then fails with a reset")
     shutdown_grace_s: float = Field(20.0, gt=0, description="on SIGTERM: stop accepting, let in-flight requests "
                                     "finish for at most this long, then exit 0")
+    metrics: bool = Field(True, description="serve Prometheus metrics at GET /metrics (and count them); false: "
+                          "neither")
     bare_endpoint: bool = Field(False, description="serve POST /_bare, which only reads the body: the HTTP "
                                 "ceiling the benchmark compares against")
 

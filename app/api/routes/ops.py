@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from app.api.deps import SettingsDep, operation_id
 from app.errors import service_error_response
@@ -36,6 +36,17 @@ async def models(request: Request, settings: SettingsDep) -> dict[str, Any]:
     engines: dict[str, Engine] = request.app.state.engines
     return {"default": settings.default_model, "worker_pid": os.getpid(),
             "models": [{**e.model.describe(), "batching": e.stats()} for e in engines.values()]}
+
+
+metrics_router = APIRouter(tags=["ops"], generate_unique_id_function=operation_id)
+
+
+@metrics_router.get("/metrics", summary="Prometheus metrics, text exposition format (README: what each one means)",
+                    response_class=PlainTextResponse,
+                    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+async def metrics(request: Request) -> Response:
+    body, content_type = request.app.state.metrics.exposition()
+    return Response(body, media_type=content_type)
 
 
 bare_router = APIRouter(tags=["ops"], generate_unique_id_function=operation_id)
