@@ -39,7 +39,8 @@ def main() -> int:
     print("| module | mutants | killed | survived | not run | score |\n| --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
     print(f"| all | {sum(total.values())} | {total['killed']} | {total['survived']} | "
-          f"{total['no tests'] + total['not checked'] + total['skipped']} | {100 * total['killed'] / max(tested, 1):.1f}% |")
+          f"{total['no tests'] + total['not checked'] + total['skipped']} | "
+          f"{100 * total['killed'] / max(tested, 1):.1f}% |")
     print("\nsurvivors:" if survivors else "\nno survivors")
     for name in survivors:
         print(f"  {name}")
