@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 import re
 import struct
@@ -367,6 +368,21 @@ def test_format_rule(client: TestClient) -> None:
 def test_request_id_is_echoed_or_made(client: TestClient) -> None:
     assert client.get("/healthz", headers={"x-request-id": "abc-123"}).headers["x-request-id"] == "abc-123"
     assert len(client.get("/healthz").headers["x-request-id"]) == 32
+
+
+def test_access_log_is_one_json_line_per_request(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="app.access")
+    client.post("/encode?model=deep-tiny", content=DIGIT, headers={"content-type": "image/png", "x-request-id": "a1"})
+    client.post("/encode", content=b"x" * 2_000_001, headers={"content-type": "image/png", "x-request-id": "a2"})
+    client.get("/healthz", headers={"x-request-id": "a3"})
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "app.access"]
+    assert [line.pop("latency_ms") >= 0 for line in lines] == [True] * 3
+    assert lines == [
+        {"request_id": "a1", "method": "POST", "path": "/encode", "query": "model=deep-tiny", "status": 200,
+         "model": "deep-tiny"},
+        {"request_id": "a2", "method": "POST", "path": "/encode", "query": "", "status": 413},  # refused unread
+        {"request_id": "a3", "method": "GET", "path": "/healthz", "query": "", "status": 200},
+    ]
 
 
 def test_a_crash_is_a_json_500_that_keeps_the_request_id(models_dir: Path, caplog: pytest.LogCaptureFixture) -> None:

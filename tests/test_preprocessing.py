@@ -93,6 +93,17 @@ def test_a_thin_stroke_lands_where_the_same_stroke_drawn_thick_does(size: int) -
     assert thin.max() >= 200 and thick.max() >= 200
 
 
+@pytest.mark.parametrize(("size", "pen"), [(300, 1), (4000, 3)])
+def test_thin_pen_output_pixel_for_pixel(size: int, pen: int) -> None:
+    """A "7" drawn with a thin pen on a page, as the service prepares it; the expected pictures were
+    looked at (they are 7s with MNIST's stroke width). Pillow's resampling is part of what is pinned."""
+    im = Image.new("L", (size, size), 255)
+    corners = [(size * 3 // 10, size // 6), (size * 7 // 10, size // 6), (size * 9 // 20, size * 5 // 6)]
+    ImageDraw.Draw(im).line(corners, fill=0, width=pen, joint="curve")
+    expected = np.asarray(Image.open(TEST_DATA / f"expected_thin_seven_{size}px_pen{pen}.png"))
+    assert np.array_equal(file_to_gray28(encoded(im), 16_000_000, Preprocess()), expected)
+
+
 def test_thin_and_thick_versions_of_one_drawing_encode_alike(models_dir: Path) -> None:
     module, _ = export.load(models_dir / "deep-tiny.pt")
     pages = {"thin": page_with_line(400, 2, True), "thick": page_with_line(400, 24, True),
