@@ -49,17 +49,18 @@ class ServedModel:
         return self.calibration_k or DEFAULT_ANOMALY_K
 
     def percentile(self, score: float) -> float | None:
-        """Where a score falls among the calibration scores, by linear interpolation between quantiles."""
+        """Where a score falls among the calibration scores, by linear interpolation between quantiles;
+        below the lowest quantile half its percentile, above the highest 100."""
         if not self.calibration:
             return None
         scores = [s for _, s in self.calibration]
-        i = bisect.bisect_left(scores, score)
+        i = bisect.bisect_left(scores, score)  # scores[i - 1] < score <= scores[i]
         if i == 0:
             return self.calibration[0][0] if score == scores[0] else max(0.0, self.calibration[0][0] * 0.5)
         if i == len(scores):
-            return 100.0 if score > scores[-1] else self.calibration[-1][0]
+            return 100.0
         (p0, s0), (p1, s1) = self.calibration[i - 1], self.calibration[i]
-        return p0 + (p1 - p0) * (score - s0) / (s1 - s0) if s1 > s0 else p1
+        return p0 + (p1 - p0) * (score - s0) / (s1 - s0)
 
     def threshold(self, percentile: float) -> float | None:
         """The score at a percentile of the calibration set (inverse of `percentile`)."""

@@ -83,6 +83,7 @@ class Batcher:
         self.batches = 0  # passes run; with `requests`, tells how much batching happened
         self.requests = 0
         self.inline_batches = 0
+        self.isolated_batches = 0  # batched passes that failed and were run again one request at a time
 
     async def __call__(self, *args: Tensor) -> Result:
         if self.closed:
@@ -143,8 +144,8 @@ class Batcher:
                 continue
             if self.compute is None or self._runs_inline(sum(it.size for it in items)):
                 self.inline_batches += 1
-                outcomes, seconds = self._compute(items)
-                self._record(items, seconds)
+                outcomes, seconds, isolated = self._compute(items)
+                self._record(items, seconds, isolated)
                 _settle(items, outcomes)
                 if self.queue:  # more than max_size rows were queued: let the loop breathe, then go on
                     self._schedule(loop, 0.0)
@@ -172,24 +173,25 @@ class Batcher:
             return self.pass_seconds[b] * rows / (1 << (b - 1))  # linear from the smallest row count it covers
         return None
 
-    def _pass_done(self, done: asyncio.Future[tuple[list[Outcome], float]], items: list[_Item]) -> None:
+    def _pass_done(self, done: asyncio.Future[tuple[list[Outcome], float, bool]], items: list[_Item]) -> None:
         self.busy = False
         if done.cancelled():
             outcomes: list[Outcome] = [(None, asyncio.CancelledError())] * len(items)
         elif done.exception() is not None:
             outcomes = [(None, done.exception())] * len(items)
         else:
-            outcomes, seconds = done.result()
+            outcomes, seconds, isolated = done.result()
             assert self.compute is not None
-            self._record(items, seconds * self.compute.inline_scale)
+            self._record(items, seconds * self.compute.inline_scale, isolated)
         _settle(items, outcomes)
         if self.queue and not self.closed:
             self._drain()
 
-    def _compute(self, items: list[_Item]) -> tuple[list[Outcome], float]:
-        """One pass over the gathered requests, and its duration; runs on whichever thread
-        `_drain` chose, so it touches no shared state."""
+    def _compute(self, items: list[_Item]) -> tuple[list[Outcome], float, bool]:
+        """One pass over the gathered requests, its duration, and whether it had to fall back to one
+        request at a time; runs on whichever thread `_drain` chose, so it touches no shared state."""
         start = self.clock()
+        isolated = False
         try:
             if len(items) == 1:
                 outcomes: list[Outcome] = [(self.fn(*items[0].args), None)]
@@ -200,12 +202,14 @@ class Batcher:
             if len(items) == 1:
                 outcomes = [(None, e)]
             else:
+                isolated = True
                 outcomes = [_alone(self.fn, it) for it in items]  # isolate the failure: each request alone
-        return outcomes, self.clock() - start
+        return outcomes, self.clock() - start, isolated
 
-    def _record(self, items: list[_Item], seconds: float) -> None:
+    def _record(self, items: list[_Item], seconds: float, isolated: bool = False) -> None:
         """On the event loop: count the pass and update the estimate for its size."""
         self.batches += 1
+        self.isolated_batches += isolated
         self.requests += len(items)
         rows = sum(it.size for it in items)
         bucket = rows.bit_length()

@@ -177,9 +177,10 @@ class Engine:
         return named
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """How much batching happened, per method: requests served, passes run, passes run inline."""
-        return {name: {"requests": b.requests, "passes": b.batches, "inline_passes": b.inline_batches}
-                for name, b in self.batchers().items() if b.requests}
+        """How much batching happened, per method: requests served, passes run, passes run inline, and
+        batched passes that failed and were retried one request at a time (a bad input among good ones)."""
+        return {name: {"requests": b.requests, "passes": b.batches, "inline_passes": b.inline_batches,
+                       "isolated_passes": b.isolated_batches} for name, b in self.batchers().items() if b.requests}
 
     def close(self) -> None:
         for b in self.batchers().values():

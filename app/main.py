@@ -1,7 +1,7 @@
 """Builds the app: settings, lifespan, middleware, error mapping, routers. Nothing else lives here.
 
-Where a request goes: middleware.py (request id, limits, access log), then a router in
-api/routes/ (model.py or ops.py); a model route opens with api/deps.py (queries.py
+Where a request goes: middleware.py (request id, limits, access log, metrics.py), then a
+router in api/routes/ (model.py, ops.py, docs.py); a model route opens with api/deps.py (queries.py
 validates its query, formats.py picks PNG or JSON, the model is looked up), reads images
 with inputs.py (imaging.py preprocesses them), asks the model's Engine in inference.py
 (batching.py gathers concurrent calls), and answers with responses.py. Failures are

@@ -10,6 +10,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from app import contract
 from app.artifacts import ServedModel
 from app.imaging import Preprocess, file_to_tensor
 from app.main import create_app
@@ -38,6 +39,23 @@ def test_percentile_and_threshold_interpolate_the_calibration_table() -> None:
     assert m.threshold(5.0) == 50.0 and m.threshold(99.9) == 200.0  # clamped to the table
     for p in (12.0, 37.5, 63.0, 91.0, 98.0):
         assert m.percentile(m.threshold(p)) == pytest.approx(p)  # inverse of each other
+
+
+def test_percentile_at_the_ends_of_a_table_like_the_shipped_ones() -> None:
+    m = served([(1.0, 40.0), (50.0, 90.0), (99.9, 180.0)])
+    assert m.percentile(39.0) == 0.5  # under p1: half of it
+    assert m.percentile(40.0) == 1.0 and m.percentile(180.0) == 99.9
+    assert m.percentile(180.001) == 100.0
+
+
+def test_calibration_block_is_the_documented_format() -> None:
+    block = contract.calibration_block(64, "MNIST test set", {99.5: 20.123456, 1.0: 10.0, 99.0: 19.5}, 15.55555,
+                                       2.44444, 100)
+    assert block == {"k": 64, "n": 100, "data": "MNIST test set",
+                     "quantiles": {"p1": 10.0, "p99": 19.5, "p99.5": 20.1235}, "mean": 15.5556, "std": 2.4444}
+    assert list(block["quantiles"]) == ["p1", "p99", "p99.5"]  # ascending, as read back
+    assert contract.calibration_points({"anomaly_calibration": block}) == ([(1.0, 10.0), (99.0, 19.5),
+                                                                           (99.5, 20.1235)], 64)
 
 
 @pytest.fixture(scope="module")

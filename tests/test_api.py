@@ -324,6 +324,21 @@ def test_bad_latents(client: TestClient, body: dict, status: int) -> None:
     assert "error" in r.json()
 
 
+def test_latent_errors_say_what_to_fix(client: TestClient) -> None:
+    assert client.post("/decode", json={"z": [[0.0, 0.0]] * 9}).json() == {
+        "error": "batch too large", "detail": "9 vectors; the limit is 8 (VAE_MAX_BATCH)"}
+    assert client.post("/decode", json={"z": [[0.0, 0.0], [0.0, 0.0, 1.0]]}).json() == {
+        "error": "wrong latent size", "detail": "z[1] has 3 values; model 'vae' has latent_dim=2"}
+    files = [("file", ("a.png", DIGIT, "image/png"))] * 9
+    assert client.post("/encode", files=files).json() == {
+        "error": "batch too large", "detail": "9 images; the limit is 8 (VAE_MAX_BATCH)"}
+
+
+def test_png_output_clamps_to_the_pixel_range() -> None:
+    png = to_png(torch.tensor([-0.5, 0.0, 0.5, 1.0, 1.5]).repeat(5, 1)[None, None])
+    assert decode_png(torch.frombuffer(bytearray(png), dtype=torch.uint8))[0, 0].tolist() == [0, 0, 128, 255, 255]
+
+
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_latents(client: TestClient, literal: str) -> None:
     r = client.post("/decode", content=f'{{"z": [[{literal}, 0.0]]}}', headers={"content-type": "application/json"})

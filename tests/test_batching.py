@@ -38,8 +38,27 @@ def test_concurrent_calls_share_a_pass_and_match_unbatched(max_wait_s: float) ->
 
     results, batcher = run(main())
     assert batcher.requests == 4 and batcher.batches == 1
+    assert batcher.isolated_batches == 0  # one shared pass, split back: no fallback to one at a time
     for (x, e), got in zip(inputs, results, strict=True):
         torch.testing.assert_close(got, fragile(x, e))
+
+
+def test_tuple_results_are_split_back_to_their_requests() -> None:
+    """encode and forward return tuples: every part of it must be split by request, along the batch."""
+
+    def pair(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x * 2, x.sum(-1)
+
+    inputs = [torch.arange(n * 3, dtype=torch.float32).reshape(n, 3) + 10 * n for n in (1, 3, 2)]
+
+    async def main() -> tuple[list, Batcher]:
+        b = Batcher(pair, (0,), max_size=64, max_wait_s=0.0, compute=None)
+        return await asyncio.gather(*(b(x) for x in inputs)), b
+
+    results, b = run(main())
+    assert (b.batches, b.isolated_batches) == (1, 0)
+    for x, (doubled, sums) in zip(inputs, results, strict=True):
+        assert torch.equal(doubled, x * 2) and torch.equal(sums, x.sum(-1))
 
 
 def test_max_size_splits_passes() -> None:
