@@ -334,6 +334,25 @@ def test_latent_errors_say_what_to_fix(client: TestClient) -> None:
         "error": "batch too large", "detail": "9 images; the limit is 8 (VAE_MAX_BATCH)"}
 
 
+def test_k_limit_is_inclusive_and_says_so(client: TestClient) -> None:
+    assert client.post("/anomaly-score?k=256", content=DIGIT, headers={"content-type": "image/png"}).json()["k"] == 256
+    r = client.post("/anomaly-score?k=257", content=DIGIT, headers={"content-type": "image/png"})
+    assert r.status_code == 422
+    assert r.json() == {"error": "k too large", "detail": "k=257; the limit is 256 (VAE_MAX_K)"}
+
+
+def test_multipart_file_and_field_limits(client: TestClient) -> None:
+    one = [("file", ("a.png", DIGIT, "image/png"))]
+    assert client.post("/encode", files=one * 8).status_code == 200  # VAE_MAX_BATCH=8 files: served
+    r = client.post("/encode", files=one * 10)  # refused while parsing, before reading them all
+    assert r.status_code == 413 and r.json() == {"error": "batch too large",
+                                                 "detail": "more than 8 files; the limit is 8 (VAE_MAX_BATCH)"}
+    fields = {f"note{i}": "x" for i in range(20)}  # some text fields beside the files are fine ...
+    assert client.post("/encode", files=one, data=fields).status_code == 200
+    r = client.post("/encode", files=one, data={f"note{i}": "x" for i in range(40)})  # ... but not without end
+    assert r.status_code == 400 and r.json()["error"] == "malformed multipart body"
+
+
 def test_png_output_clamps_to_the_pixel_range() -> None:
     png = to_png(torch.tensor([-0.5, 0.0, 0.5, 1.0, 1.5]).repeat(5, 1)[None, None])
     assert decode_png(torch.frombuffer(bytearray(png), dtype=torch.uint8))[0, 0].tolist() == [0, 0, 128, 255, 255]

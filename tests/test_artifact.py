@@ -7,13 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from app import contract
 from app.artifacts import ModelLoadError, load_model
-from tests.conftest import REPO
+from app.main import create_app
+from app.settings import Settings
+from tests.conftest import REPO, TEST_DATA
 from training import export
 
 DOC = (REPO / "docs" / "artifact.md").read_text()
+DIGIT = (TEST_DATA / "mnist_test_0_digit_7.png").read_bytes()
 
 
 def doc_table(heading: str) -> dict[str, list[str]]:
@@ -71,3 +75,8 @@ def test_artifact_without_calibration_is_served_without_percentiles(tmp_path: Pa
     served = load_model(tmp_path / "vae.pt", torch.device("cpu"))
     assert served.percentile(100.0) is None and served.threshold(99.0) is None
     assert served.default_k == contract.DEFAULT_ANOMALY_K
+    with TestClient(create_app(Settings(models_dir=tmp_path, default_model="vae"))) as client:
+        body = client.post("/anomaly-score", content=DIGIT, headers={"content-type": "image/png"}).json()
+    assert body["k"] == contract.DEFAULT_ANOMALY_K and body["calibration_k"] is None
+    assert body["threshold"] is None and body["percentile"] is None and body["is_anomaly"] is None
+    assert body["score"] > 0

@@ -93,6 +93,8 @@ def test_concurrent_answers_equal_sequential_ones(models_dir: Path) -> None:
     # batching did happen: fewer forward passes than requests for the busiest method
     encode = {m["name"]: m["batching"]["encode"] for m in stats["models"]}["vae"]
     assert encode["passes"] < encode["requests"], encode
+    # every shared pass was split back as it was: none had to be redone one request at a time
+    assert all(b["isolated_passes"] == 0 for m in stats["models"] for b in m["batching"].values()), stats
 
 
 @pytest.mark.parametrize("k", [16, 64])

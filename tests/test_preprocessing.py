@@ -196,3 +196,74 @@ def test_arbitrary_bytes_raise_only_documented_errors(data: bytes) -> None:
     except ServiceError:
         return
     assert x.shape == (1, 28, 28)
+
+
+# --- pinned steps -------------------------------------------------------------------------
+
+def test_photo_preparation_pixel_for_pixel() -> None:
+    """The photographed 4: inverted, levelled, cropped, fitted into 20x20 and centred (looked at: a 4)."""
+    photo = (TEST_DATA / "photo_dark_on_light_digit_4.jpg").read_bytes()
+    expected = np.asarray(Image.open(TEST_DATA / "expected_photo_digit_4.png"))
+    assert np.array_equal(prep(photo), expected)
+
+
+def test_fit_crops_to_the_ink_and_centres_it() -> None:
+    im = np.zeros((30, 40), dtype=np.uint8)
+    im[5:25, 10:20] = 200  # a 10 wide, 20 tall block of ink, off centre
+    out = prep(encoded(Image.fromarray(im, "L")))
+    ys, xs = np.nonzero(out)
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (4, 23, 9, 18)  # 20 x 10, centred in 28 x 28
+    assert out[4:24, 9:19].min() == 200 and out.sum() == 200 * 200
+
+
+def test_background_levelling_maps_paper_to_black_and_the_brightest_ink_to_white() -> None:
+    from app.imaging import _level_background
+
+    gray = np.array([[100, 100, 100], [100, 50, 160], [100, 100, 220]], dtype=np.uint8)
+    border = np.full(8, 100, dtype=np.uint8)
+    assert _level_background(gray, border).tolist() == [[0, 0, 0], [0, 0, 127], [0, 0, 255]]
+    assert _level_background(gray, np.zeros(8, dtype=np.uint8)) is gray  # black paper: untouched
+
+
+@pytest.mark.parametrize(("mode", "values", "expected"), [
+    ("I;16", [0, 257, 65535], [0, 1, 255]),
+    ("I;16B", [0, 257 * 128, 65535], [0, 128, 255]),
+    ("I;16L", [0, 257 * 200, 65535], [0, 200, 255]),
+    ("I", [0, 128, 255], [0, 128, 255]),  # 32-bit integers that fit in 8 bits: as they are
+    ("I", [0, 257 * 128, 65535], [0, 128, 255]),  # and 16-bit values stored as 32-bit ones
+    ("F", [0.0, 0.5, 1.0], [0, 128, 255]),
+])
+def test_deep_and_float_images_are_scaled_to_8_bits(mode: str, values: list, expected: list[int]) -> None:
+    from app.imaging import _to_gray
+
+    if mode.startswith("I;16"):
+        dtype = {"I;16": "<u2", "I;16B": ">u2", "I;16L": "<u2"}[mode]
+        im = Image.frombytes(mode, (3, 1), np.array(values, dtype=dtype).tobytes())
+    else:
+        im = Image.fromarray(np.array([values], dtype=np.int32 if mode == "I" else np.float32), mode)
+    assert im.mode == mode
+    assert np.asarray(_to_gray(im)).tolist() == [expected]
+
+
+def test_image_reader_pool_path_gives_the_same_pixels_and_gives_up_when_told() -> None:
+    import threading
+    import time
+
+    from app.exceptions import ComputeTimeout
+    from app.inputs import ImageReader
+
+    reader = ImageReader(10**8, timeout_s=5)
+    photo = (TEST_DATA / "photo_dark_on_light_digit_4.jpg").read_bytes()
+    try:
+        x = reader._decode([photo, DIGIT], Preprocess(), time.monotonic() + 5, threading.Event())
+        assert torch.equal(x, torch.stack([file_to_tensor(photo, 10**8, Preprocess()),
+                                           file_to_tensor(DIGIT, 10**8, Preprocess())]))
+        cancelled = threading.Event()
+        cancelled.set()
+        with pytest.raises(ComputeTimeout) as gave_up:
+            reader._decode([DIGIT], Preprocess(), time.monotonic() + 5, cancelled)
+        assert gave_up.value.detail == "gave up decoding: the request ran out of time"
+        with pytest.raises(ComputeTimeout):
+            reader._decode([DIGIT], Preprocess(), time.monotonic() - 0.001, threading.Event())
+    finally:
+        reader.close()
