@@ -410,7 +410,7 @@ def test_access_log_is_one_json_line_per_request(client: TestClient, caplog: pyt
     client.post("/encode", content=b"x" * 2_000_001, headers={"content-type": "image/png", "x-request-id": "a2"})
     client.get("/healthz", headers={"x-request-id": "a3"})
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "app.access"]
-    assert [line.pop("latency_ms") >= 0 for line in lines] == [True] * 3
+    assert [0 <= line.pop("latency_ms") < 10_000 for line in lines] == [True] * 3
     assert lines == [
         {"request_id": "a1", "method": "POST", "path": "/encode", "query": "model=deep-tiny", "status": 200,
          "model": "deep-tiny"},

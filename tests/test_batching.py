@@ -78,6 +78,7 @@ def test_max_size_splits_passes() -> None:
 
 def test_one_bad_request_does_not_fail_its_neighbours() -> None:
     compute = ComputeThread()
+    isolated: list[int] = []
     good = torch.ones(2, 3)
     bad = torch.full((1, 3), float("nan"))
     eps = torch.zeros(1, 2, 2)
@@ -86,11 +87,13 @@ def test_one_bad_request_does_not_fail_its_neighbours() -> None:
         b = Batcher(fragile, (0, 1), max_size=64, max_wait_s=0.0, compute=compute)
         out = await asyncio.gather(b(good, eps), b(bad, eps[:, :1]), b(good, eps), return_exceptions=True)
         b.close()
+        isolated.append(b.isolated_batches)
         return out
 
     first, second, third = run(main())
     torch.testing.assert_close(first, torch.full((2,), 6.0))
     assert isinstance(second, ValueError)
+    assert isolated == [1]  # the shared pass failed once, and was redone one request at a time
     torch.testing.assert_close(third, torch.full((2,), 6.0))
 
 

@@ -46,6 +46,7 @@ def test_metrics_count_requests_passes_and_batches(models_dir: Path) -> None:
     assert value(text, "vae_requests_total", endpoint="/sample", model="vae", status="413") == 1
     assert value(text, "vae_requests_total", endpoint="unmatched", model="", status="404") == 1  # no label per path
     assert value(text, "vae_request_duration_seconds_count", endpoint="/encode") == 5
+    assert 0 < value(text, "vae_request_duration_seconds_sum", endpoint="/encode") < 30  # seconds, not a clock reading
     encode = {"model": "vae", "method": "encode"}
     assert value(text, "vae_inferences_total", **encode) == 5
     assert 1 <= value(text, "vae_forward_passes_total", **encode) <= 5

@@ -54,6 +54,29 @@ def test_transparent_background_is_flattened_onto_white() -> None:
         assert np.abs(got.astype(int) - expected).max() <= 1, img.mode  # onto black it would be all black
 
 
+@pytest.mark.parametrize("mode", ["P", "PA"])
+def test_palette_transparency_is_flattened_onto_white(mode: str) -> None:
+    from app.imaging import _to_gray
+
+    index = (INK > 127).astype(np.uint8)  # 0: the paper, 1: the ink
+    im = Image.fromarray(index, "P")
+    im.putpalette([0, 0, 0, 0, 0, 0])  # both black: only transparency tells the paper from the ink
+    if mode == "P":
+        im.info["transparency"] = 0
+    else:
+        im = Image.fromarray(np.dstack([index, index * 255]), "PA")
+        im.putpalette([0, 0, 0, 0, 0, 0])
+    assert im.mode == mode
+    assert np.asarray(_to_gray(im)).tolist() == np.where(index == 1, 0, 255).tolist()
+
+
+def test_undecodable_bytes_say_why() -> None:
+    truncated = DIGIT[: len(DIGIT) // 2]
+    with pytest.raises(ServiceError) as e:
+        file_to_tensor(truncated + b"\0" * 10, 10**8, Preprocess(invert="false", fit=False))
+    assert e.value.error == "cannot decode image" and str(e.value.detail).startswith(("OSError: ", "SyntaxError: "))
+
+
 def test_16_bit_images_are_scaled_by_their_full_range() -> None:
     sixteen = Image.fromarray(INK.astype(np.uint16) * 257)  # the same grey levels, 0..65535
     assert sixteen.mode in ("I;16", "I")
@@ -231,7 +254,13 @@ def test_background_levelling_maps_paper_to_black_and_the_brightest_ink_to_white
     ("I;16L", [0, 257 * 200, 65535], [0, 200, 255]),
     ("I", [0, 128, 255], [0, 128, 255]),  # 32-bit integers that fit in 8 bits: as they are
     ("I", [0, 257 * 128, 65535], [0, 128, 255]),  # and 16-bit values stored as 32-bit ones
-    ("F", [0.0, 0.5, 1.0], [0, 128, 255]),
+    ("I;16", [0, 100, 200], [0, 0, 1]),  # a dark 16-bit image is still 16-bit
+    ("I", [0, 256], [0, 1]),  # above 255: 16-bit values
+    ("I", [-5, 255], [0, 255]),
+    ("F", [0.0, 0.5, 1.0], [0, 128, 255]),  # floats in [0, 1] ...
+    ("F", [0.0, 1.5], [0, 2]),  # ... or in [0, 255]
+    ("F", [0.0, 100.0, 255.0], [0, 100, 255]),
+    ("F", [-0.5, 0.5, 1.0], [0, 128, 255]),
 ])
 def test_deep_and_float_images_are_scaled_to_8_bits(mode: str, values: list, expected: list[int]) -> None:
     from app.imaging import _to_gray
