@@ -76,6 +76,26 @@ def test_max_size_splits_passes() -> None:
     assert b.batches == 4  # 3 + 3 > 4: every request ran alone
 
 
+@pytest.mark.parametrize(("compute", "sizes", "passes"), [(None, (2, 2, 2, 2), 2), (None, (3, 3, 3), 3),
+                                                          ("thread", (2, 2, 2, 2), 2)])
+def test_a_pass_fills_up_to_max_size_rows_exactly(compute: str | None, sizes: tuple[int, ...], passes: int) -> None:
+    """4 rows fit a max_size of 4; what does not fit waits for the next pass, inline or on the thread."""
+    thread = ComputeThread() if compute else None
+
+    async def main() -> Batcher:
+        b = Batcher(lambda x: x + 1, (0,), max_size=4, max_wait_s=0.0, compute=thread)
+        outs = await asyncio.gather(*(b(torch.full((n, 1), float(i))) for i, n in enumerate(sizes)))
+        assert [o[:, 0].tolist() for o in outs] == [[i + 1.0] * n for i, n in enumerate(sizes)]
+        return b
+
+    try:
+        b = run(main())
+    finally:
+        if thread:
+            thread.shutdown()
+    assert (b.batches, b.requests, b.isolated_batches) == (passes, len(sizes), 0)
+
+
 def test_one_bad_request_does_not_fail_its_neighbours() -> None:
     compute = ComputeThread()
     isolated: list[int] = []

@@ -51,6 +51,7 @@ def test_metrics_count_requests_passes_and_batches(models_dir: Path) -> None:
     assert value(text, "vae_inferences_total", **encode) == 5
     assert 1 <= value(text, "vae_forward_passes_total", **encode) <= 5
     assert value(text, "vae_queue_seconds_count", **encode) == 5
+    assert 0 <= value(text, "vae_queue_seconds_sum", **encode) < 5  # waits, in seconds
     scored = {"model": "deep-tiny", "method": "log_likelihood"}
     assert value(text, "vae_inferences_total", **scored) == 1 and value(text, "vae_batch_size_rows_sum", **scored) == 3
     assert value(text, "vae_requests_in_flight") == 0
