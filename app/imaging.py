@@ -54,7 +54,10 @@ class Preprocess:
     fit: bool = True
 
 
-def _png_header(data: bytes) -> tuple[int, int, int, int] | None:
+PngHeader = tuple[int, int, int, int]
+
+
+def png_header(data: bytes) -> PngHeader | None:
     """(width, height, bit depth, colour type) from a PNG's IHDR, or None if not a PNG."""
     if len(data) < 33 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
         return None
@@ -62,18 +65,18 @@ def _png_header(data: bytes) -> tuple[int, int, int, int] | None:
     return width, height, depth, colour
 
 
-def is_small_gray_png(data: bytes) -> bool:
-    """A 28x28 8-bit grey PNG, which libpng decodes in microseconds (see _fast_png)."""
-    return _decode_png is not None and _png_header(data) == (28, 28, 8, 0)
+def is_small_gray(header: PngHeader | None) -> bool:
+    """The header of a 28x28 8-bit grey PNG, which libpng decodes in microseconds (see _fast_png)."""
+    return _decode_png is not None and header == (28, 28, 8, 0)
 
 
-def _fast_png(data: bytes, header: tuple[int, int, int, int] | None) -> np.ndarray | None:
+def _fast_png(data: bytes, header: PngHeader | None) -> np.ndarray | None:
     """8-bit grayscale 28x28 PNG (what MNIST tooling writes) decoded by libpng via torchvision.
 
     The op is called directly: torchvision's Python wrapper adds a deprecation warning
     and usage logging that cost as much as the decode itself.
     """
-    if _decode_png is None or header != (28, 28, 8, 0):
+    if not is_small_gray(header):
         return None
     try:
         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -127,22 +130,31 @@ def file_to_tensor(data: bytes, max_pixels: int, prep: Preprocess) -> torch.Tens
 
 
 def files_to_tensor(blobs: list[bytes], max_pixels: int, prep: Preprocess) -> torch.Tensor:
-    """Image files -> float32 [B, 1, 28, 28]; the conversion to floats is one op for the batch.
+    """Image files -> float32 [B, 1, 28, 28]."""
+    return grays_to_tensor([file_to_gray28(b, max_pixels, prep) for b in blobs])
+
+
+def grays_to_tensor(grays: list[np.ndarray]) -> torch.Tensor:
+    """uint8 [28, 28] images -> float32 [B, 1, 28, 28] in [0, 1]; one conversion for the batch.
 
     In numpy, not torch: the same IEEE division (bit-identical, tested), but a torch op costs
     a dispatcher call, which is slow when the CPU caches are cold, as they are between requests
     (docs/benchmarks.md#serving).
     """
-    gray = np.stack([file_to_gray28(b, max_pixels, prep) for b in blobs]).astype(np.float32)
+    gray = np.stack(grays).astype(np.float32)
     gray /= 255
     return torch.from_numpy(gray[:, None])
 
 
 def file_to_gray28(data: bytes, max_pixels: int, prep: Preprocess) -> np.ndarray:
     """Image bytes -> uint8 [28, 28], white digit on black: steps 1-5 of the module docstring."""
+    return gray28(data, png_header(data), max_pixels, prep)
+
+
+def gray28(data: bytes, header: PngHeader | None, max_pixels: int, prep: Preprocess) -> np.ndarray:
+    """`file_to_gray28` for a caller that has read the PNG header already (png_header: None if no PNG)."""
     if not data:
         raise EmptyImage("the request carried no image bytes")
-    header = _png_header(data)
     if header is not None:
         _check_pixels(header[0], header[1], max_pixels)
     fast = _fast_png(data, header)

@@ -17,7 +17,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
@@ -33,7 +32,7 @@ from app.exceptions import (
     ServiceError,
     UnsupportedMediaType,
 )
-from app.imaging import Preprocess, file_to_gray28, files_to_tensor, is_small_gray_png, pixels_to_tensor
+from app.imaging import PngHeader, Preprocess, gray28, grays_to_tensor, is_small_gray, pixels_to_tensor, png_header
 from app.inference import Limits
 from app.schemas import ImagesIn
 
@@ -68,30 +67,31 @@ class ImageReader:
         self.max_pixels, self.timeout_s = max_pixels, timeout_s
         self.pool = ThreadPoolExecutor(max_workers=threads or min(4, os.cpu_count() or 1),
                                        thread_name_prefix="images")
-        self.small = LoopTurnGroup(lambda blobs, prep: files_to_tensor(blobs, max_pixels, prep))
+        self.small = LoopTurnGroup(lambda blobs, headers, prep: grays_to_tensor(
+            [gray28(b, h, max_pixels, prep) for b, h in zip(blobs, headers, strict=True)]))
 
     async def __call__(self, blobs: list[bytes], prep: Preprocess) -> torch.Tensor:
-        if all(is_small_gray_png(b) for b in blobs):
-            return await self.small(blobs, prep)
+        headers = [png_header(b) for b in blobs]  # read once: routing, then the pixel limit and the decoder
+        if all(is_small_gray(h) for h in headers):
+            return await self.small(blobs, headers, prep)
         cancelled = threading.Event()
         deadline = time.monotonic() + self.timeout_s
-        work = asyncio.get_running_loop().run_in_executor(self.pool, self._decode, blobs, prep, deadline, cancelled)
+        work = asyncio.get_running_loop().run_in_executor(self.pool, self._decode, blobs, prep, deadline, cancelled,
+                                                          headers)
         try:
             return await asyncio.wait_for(work, self.timeout_s)
         except TimeoutError:
             cancelled.set()
             raise ComputeTimeout(f"images not decoded within {self.timeout_s} s (VAE_REQUEST_TIMEOUT_S)") from None
 
-    def _decode(self, blobs: list[bytes], prep: Preprocess, deadline: float,
-                cancelled: threading.Event) -> torch.Tensor:
+    def _decode(self, blobs: list[bytes], prep: Preprocess, deadline: float, cancelled: threading.Event,
+                headers: list[PngHeader | None] | None = None) -> torch.Tensor:
         grays = []
-        for b in blobs:
+        for b, h in zip(blobs, headers or [png_header(b) for b in blobs], strict=True):
             if cancelled.is_set() or time.monotonic() > deadline:
                 raise ComputeTimeout("gave up decoding: the request ran out of time")
-            grays.append(file_to_gray28(b, self.max_pixels, prep))
-        x = np.stack(grays).astype(np.float32)
-        x /= 255
-        return torch.from_numpy(x[:, None])
+            grays.append(gray28(b, h, self.max_pixels, prep))
+        return grays_to_tensor(grays)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

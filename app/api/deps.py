@@ -80,11 +80,11 @@ def model_call(query: type[Q], default: Format, allowed: tuple[Format, ...] = ("
     return opening
 
 
-async def get_settings(request: Request) -> Settings:  # async: FastAPI runs sync dependencies on a thread
+async def settings_of(request: Request) -> Settings:  # async: FastAPI runs sync dependencies on a thread
     return request.app.state.settings
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(settings_of)]
 open_encode = model_call(EncodeQuery, "json", ("json",))
 open_decode = model_call(DecodeQuery, "png")
 open_sample = model_call(SampleQuery, "png")
