@@ -19,7 +19,16 @@ from typing import Any
 
 import torch
 
-from app.contract import DEFAULT_ANOMALY_K, INPUT_SHAPE, META_FILE, METHODS, REQUIRED_META, calibration_points
+from app.contract import (
+    BOUND,
+    DEFAULT_ANOMALY_K,
+    INPUT_SHAPE,
+    META_FILE,
+    METHODS,
+    REQUIRED_META,
+    SCORES_METHOD,
+    score_methods,
+)
 
 log = logging.getLogger("app.artifacts")
 warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated", category=FutureWarning)
@@ -30,23 +39,21 @@ class ModelLoadError(Exception):
     """A models folder or artifact the service must not start with; the message names the file."""
 
 
-@dataclass
-class ServedModel:
+@dataclass(frozen=True)
+class ScoreMethod:
+    """One anomaly score an artifact serves, with the calibration that turns it into a percentile."""
+
     name: str
-    path: Path
-    module: torch.jit.ScriptModule
-    meta: dict[str, Any]
-    device: torch.device
-    latent_dim: int
+    column: int | None  # its column of anomaly_scores_with_noise; None: -log_likelihood_with_noise (the bound)
     # (percentile, score) points of the in-distribution calibration; both ascending.
     calibration: list[tuple[float, float]] = field(default_factory=list)
-    calibration_k: int | None = None
-    load_seconds: float = 0.0  # reading, checking and warming it up: vae_model_load_seconds
+    k: int | None = None  # the k it was calibrated at
+    about: str = ""
 
     @property
     def default_k(self) -> int:
         """Percentiles only mean something at the k the calibration was made with."""
-        return self.calibration_k or DEFAULT_ANOMALY_K
+        return self.k or DEFAULT_ANOMALY_K
 
     def percentile(self, score: float) -> float | None:
         """Where a score falls among the calibration scores, by linear interpolation between quantiles;
@@ -75,8 +82,25 @@ class ServedModel:
         (p0, s0), (p1, s1) = self.calibration[i - 1], self.calibration[i]
         return s0 + (s1 - s0) * (percentile - p0) / (p1 - p0)
 
+
+@dataclass
+class ServedModel:
+    name: str
+    path: Path
+    module: torch.jit.ScriptModule
+    meta: dict[str, Any]
+    device: torch.device
+    latent_dim: int
+    scores: dict[str, ScoreMethod] = field(default_factory=lambda: {BOUND: ScoreMethod(BOUND, None)})
+    default_score: str = BOUND
+    load_seconds: float = 0.0  # reading, checking and warming it up: vae_model_load_seconds
+
     def describe(self) -> dict[str, Any]:
-        return {**self.meta, "device": str(self.device), "file": self.path.name}
+        return {**self.meta, "device": str(self.device), "file": self.path.name,
+                "anomaly_score": {"default": self.default_score,
+                                  "methods": {n: {"about": m.about, "calibration_k": m.k,
+                                                  "calibrated": bool(m.calibration)}
+                                              for n, m in self.scores.items()}}}
 
 
 def load_model(path: Path, device: torch.device) -> ServedModel:
@@ -98,13 +122,17 @@ def load_model(path: Path, device: torch.device) -> ServedModel:
     if missing:
         raise ModelLoadError(f"{path}: artifact lacks method(s) {', '.join(missing)}")
     try:
-        calibration, cal_k = calibration_points(meta)
+        methods, default_score = score_methods(meta)
     except (ValueError, TypeError) as e:
-        raise ModelLoadError(f"{path}: anomaly_calibration in {META_FILE}: {e}") from e
+        raise ModelLoadError(f"{path}: anomaly scores in {META_FILE}: {e}") from e
+    if len(methods) > 1 and not hasattr(module, SCORES_METHOD):
+        raise ModelLoadError(f"{path}: {META_FILE} names anomaly scores {sorted(methods)}, but the artifact lacks "
+                             f"{SCORES_METHOD}")
     for p in module.parameters():
         p.requires_grad_(False)
     module.eval()
-    model = ServedModel(meta["name"], path, module, meta, device, meta["latent_dim"], calibration, cal_k)
+    scores = {n: ScoreMethod(n, m["column"], m["points"], m["k"], m["about"]) for n, m in methods.items()}
+    model = ServedModel(meta["name"], path, module, meta, device, meta["latent_dim"], scores, default_score)
     check_contract(model)
     model.load_seconds = time.perf_counter() - start
     return model
@@ -128,6 +156,12 @@ def check_contract(model: ServedModel) -> None:
         raise ModelLoadError(f"{path}: decode must return [B,1,28,28] in [0,1], got {tuple(probs.shape)}")
     if tuple(ll.shape) != (2,) or not all(math.isfinite(v) for v in ll.tolist()):
         raise ModelLoadError(f"{path}: log_likelihood_with_noise must return [B] finite values")
+    columns = [s.column for s in model.scores.values() if s.column is not None]
+    if columns:
+        out = m.anomaly_scores_with_noise(x, torch.zeros(2, 2, d, device=model.device))
+        if out.dim() != 2 or out.shape[0] != 2 or out.shape[1] <= max(columns):
+            raise ModelLoadError(f"{path}: {SCORES_METHOD} returned {tuple(out.shape)}; meta.json names column "
+                                 f"{max(columns)}")
 
 
 @torch.no_grad()
@@ -140,7 +174,10 @@ def warm_up(model: ServedModel, passes: int = 3) -> None:
             model.module.encode(x)
             model.module.forward(x)
             model.module.decode(torch.randn(b, model.latent_dim, device=model.device))
-            model.module.log_likelihood_with_noise(x, torch.randn(4, b, model.latent_dim, device=model.device))
+            eps = torch.randn(4, b, model.latent_dim, device=model.device)
+            model.module.log_likelihood_with_noise(x, eps)
+            if len(model.scores) > 1:
+                model.module.anomaly_scores_with_noise(x, eps)
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     model.load_seconds += time.perf_counter() - start

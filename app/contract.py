@@ -21,10 +21,17 @@ METHODS: dict[str, str] = {
     "log_likelihood": "(x: [B,1,28,28], k: int) -> [B] IWAE lower bound on log p(x), nats",
     "log_likelihood_with_noise": "(x: [B,1,28,28], eps: [k,B,D] standard normal) -> [B], as log_likelihood",
 }
+# Optional: an artifact that has it serves the anomaly scores meta.json's `anomaly_scores` names.
+SCORES_METHOD = "anomaly_scores_with_noise"
+OPTIONAL_METHODS: dict[str, str] = {
+    SCORES_METHOD: "(x: [B,1,28,28], eps: [k,B,D]) -> [B, M] anomaly scores, one column per method in "
+                   "meta.json's anomaly_scores; column 0 is the bound, -log_likelihood_with_noise",
+}
+BOUND = "bound"  # the score every artifact has: -log p(x), IWAE bound
 # meta.json keys: the service refuses an artifact without the required ones; the rest are shown by GET /models.
 REQUIRED_META: dict[str, type] = {"name": str, "latent_dim": int}
 META_KEYS = ("name", "arch", "latent_dim", "hidden", "input_shape", "likelihood", "pixels", "config", "dataset",
-             "metrics", "anomaly_calibration", "torch_version", "created")
+             "metrics", "anomaly_calibration", "anomaly_scores", "torch_version", "created")
 
 # The anomaly score's calibration: quantiles of -log p(x) (IWAE, k samples) over in-distribution images.
 DEFAULT_ANOMALY_K = 64  # k used for calibration, and so the service's default k for a model that names none
@@ -63,3 +70,31 @@ def calibration_points(meta: dict[str, Any]) -> tuple[list[tuple[float, float]],
         raise ValueError("calibration scores must not decrease with the percentile")
     k = cal.get("k")
     return points, int(k) if k is not None else None
+
+
+def score_methods(meta: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], str]:
+    """meta.json's anomaly scores read back: {name: {column, points, k, about}} and the default name.
+
+    `bound` is always there (column None: computed by log_likelihood_with_noise, calibrated by
+    `anomaly_calibration`); `anomaly_scores.methods` adds the others, each with its column of
+    anomaly_scores_with_noise and its own calibration.
+    """
+    points, k = calibration_points(meta)
+    methods: dict[str, dict[str, Any]] = {BOUND: {"column": None, "points": points, "k": k,
+                                                  "about": "-log p(x), IWAE bound, nats"}}
+    block = meta.get("anomaly_scores")
+    if block is None:
+        return methods, BOUND
+    if not isinstance(block, dict) or not isinstance(block.get("methods"), dict):
+        raise ValueError("anomaly_scores must be {'default': NAME, 'methods': {NAME: {...}}}")
+    for name, m in block["methods"].items():
+        if name == BOUND:
+            continue
+        if not isinstance(m, dict) or not isinstance(m.get("column"), int) or m["column"] < 1:
+            raise ValueError(f"anomaly_scores.methods.{name} needs an integer column >= 1")
+        pts, mk = calibration_points({"anomaly_calibration": m.get("calibration")})
+        methods[name] = {"column": m["column"], "points": pts, "k": mk, "about": str(m.get("about", ""))}
+    default = block.get("default", BOUND)
+    if default not in methods:
+        raise ValueError(f"anomaly_scores.default {default!r} is not among {sorted(methods)}")
+    return methods, default

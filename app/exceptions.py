@@ -45,6 +45,12 @@ class WrongLatentSize(InvalidInput):
     error = "wrong latent size"
 
 
+class UnknownScoreMethod(InvalidInput):
+    """A `method` the model does not serve (GET /models lists each model's)."""
+
+    error = "unknown score method"
+
+
 class LimitExceeded(ServiceError):
     """Over one of the VAE_MAX_* limits: the same request, smaller, would be served."""
 

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from app.artifacts import ServedModel
 from app.batching import Batcher, ComputeThread
-from app.exceptions import BatchTooLarge, InvalidInput, TooManySamples, WrongLatentSize
+from app.exceptions import BatchTooLarge, InvalidInput, TooManySamples, UnknownScoreMethod, WrongLatentSize
 from app.metrics import Metrics
 from app.settings import Settings
 
@@ -73,6 +73,7 @@ class Score:
 
 @dataclass
 class Scores:
+    method: str
     k: int
     threshold: float | None
     threshold_percentile: float
@@ -95,6 +96,7 @@ class Engine:
         self._forward = self._batcher(m.forward, (0,), "forward")
         # One batcher per k: only requests with the same number of samples can share a pass.
         self._ll: dict[int, Batcher] = {}
+        self._scores: dict[int, Batcher] = {}
 
     def _batcher(self, fn: Any, dims: tuple[int, ...], method: str) -> Batcher:
         b = self._batching
@@ -120,6 +122,11 @@ class Engine:
         if k not in self._ll:
             self._ll[k] = self._batcher(self.model.module.log_likelihood_with_noise, (0, 1), "log_likelihood")
         return self._ll[k]
+
+    def _anomaly_scores(self, k: int) -> Batcher:
+        if k not in self._scores:
+            self._scores[k] = self._batcher(self.model.module.anomaly_scores_with_noise, (0, 1), "anomaly_scores")
+        return self._scores[k]
 
     # --- the capabilities -----------------------------------------------------------------
 
@@ -148,32 +155,42 @@ class Engine:
         recon, _, _ = await self._forward(x)  # eval mode: z = mu, deterministic
         return recon
 
-    async def anomaly_scores(self, x: Tensor, k: int | None, seed: int, threshold_percentile: float | None) -> Scores:
-        """-log p(x) bound in nats for each image, with its place in the calibration distribution.
+    async def anomaly_scores(self, x: Tensor, k: int | None, seed: int, threshold_percentile: float | None,
+                             method: str | None = None) -> Scores:
+        """Each image's anomaly score (higher = less like the training digits) by `method` (default: the
+        artifact's), with its place in that method's calibration distribution.
 
         Every image of a request gets the same k noise draws (common random numbers): an
         image's score depends on the image and the seed only, not on its neighbours.
         """
-        k = k or self.limits.default_k or self.model.default_k
+        name = method or self.model.default_score
+        if name not in self.model.scores:
+            raise UnknownScoreMethod(f"{name!r}; model {self.model.name!r} serves {sorted(self.model.scores)}")
+        scorer = self.model.scores[name]
+        k = k or self.limits.default_k or scorer.default_k
         if k > self.limits.max_k:
             raise InvalidInput(f"k={k}; the limit is {self.limits.max_k} (VAE_MAX_K)", error="k too large")
         pct = threshold_percentile or self.limits.default_threshold_percentile
-        threshold = self.model.threshold(pct)
+        threshold = scorer.threshold(pct)
         d = self.model.latent_dim
-        noise = torch.randn(k, 1, d, generator=torch.Generator().manual_seed(seed))
-        ll = await self._log_likelihood(k)(x, noise.expand(k, x.shape[0], d))
+        noise = torch.randn(k, 1, d, generator=torch.Generator().manual_seed(seed)).expand(k, x.shape[0], d)
+        if scorer.column is None:
+            values = (-await self._log_likelihood(k)(x, noise)).tolist()
+        else:
+            values = (await self._anomaly_scores(k)(x, noise))[:, scorer.column].tolist()
         results = []
-        for value in (-ll).tolist():
+        for value in values:
             score = value if math.isfinite(value) else sys.float_info.max  # JSON has no infinity
             flagged = None if threshold is None else score > threshold
-            results.append(Score(score, self.model.percentile(score), flagged))
-        return Scores(k, threshold, pct, self.model.calibration_k, results)
+            results.append(Score(score, scorer.percentile(score), flagged))
+        return Scores(name, k, threshold, pct, scorer.k, results)
 
     # --- operations -----------------------------------------------------------------------
 
     def batchers(self) -> dict[str, Batcher]:
         named = {"encode": self._encode, "decode": self._decode, "forward": self._forward}
         named.update({f"log_likelihood_k{k}": b for k, b in sorted(self._ll.items())})
+        named.update({f"anomaly_scores_k{k}": b for k, b in sorted(self._scores.items())})
         return named
 
     def stats(self) -> dict[str, dict[str, int]]:

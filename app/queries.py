@@ -66,7 +66,9 @@ class ReconstructQuery(ImageQuery):
 
 
 class AnomalyQuery(ImageQuery):
-    fmt: JsonFormat = None
+    fmt: AnyFormat = None
+    method: str | None = Field(None, max_length=64, description="score method: the model's default (GET /models: "
+                               "anomaly_score) or bound, the plain -log p(x)")
     k: int | None = Field(None, ge=1, description="importance samples (default VAE_DEFAULT_K)")
     threshold_percentile: float | None = Field(None, gt=0, lt=100, allow_inf_nan=False,
                                                description="default VAE_DEFAULT_THRESHOLD_PERCENTILE")

@@ -15,6 +15,7 @@ import torch
 from fastapi.responses import JSONResponse, Response
 from torch import Tensor
 
+from app.explain import anomaly_picture
 from app.formats import MEDIA, Format
 from app.imaging import to_png
 from app.inference import Sample, Scores
@@ -75,10 +76,14 @@ def reconstructed(fmt: Format, encoding: str, model: str, x: Tensor, recon: Tens
 
 
 def scored(model: str, scores: Scores) -> JsonResponse:
-    out: dict[str, Any] = {"model": model, "k": scores.k, "threshold": scores.threshold,
+    out: dict[str, Any] = {"model": model, "method": scores.method, "k": scores.k, "threshold": scores.threshold,
                            "threshold_percentile": scores.threshold_percentile, "calibration_k": scores.calibration_k}
     if len(scores.results) == 1:
         out.update(asdict(scores.results[0]))
     else:
         out["results"] = [asdict(s) for s in scores.results]
     return JsonResponse(out)
+
+
+def explained(x: Tensor, recon: Tensor, scores: Scores) -> PngResponse:
+    return PngResponse(anomaly_picture(x, recon, scores))

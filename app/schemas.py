@@ -42,6 +42,14 @@ PNG_RESPONSE: dict[int | str, dict[str, Any]] = {
           "description": "PNG (default), or JSON with format=json / Accept: application/json"},
 }
 
+# /anomaly-score: JSON by default, a picture of why on request.
+EXPLAINED_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/AnomalyOut"}},
+                      "image/png": {"schema": {"type": "string", "format": "binary"}}},
+          "description": "JSON (default), or with format=png / Accept: image/png one picture row per image: "
+                         "the input as seen, its reconstruction, the per-pixel -log p(x_i|z) and the score"},
+}
+
 
 Pixel = Annotated[float, Field(ge=0.0, le=1.0, strict=True)]  # NaN fails both bounds; strict: no true, no "0.5"
 Row = Annotated[list[Pixel], Field(min_length=28, max_length=28)]
@@ -105,13 +113,15 @@ class ImagesOut(BaseModel):
 
 
 class ScoreOut(BaseModel):
-    score: float = Field(description="-log p(x) upper bound in nats (IWAE with k samples); higher = more unusual")
+    score: float = Field(description="the method's anomaly score; higher = less like the training digits (bound: "
+                         "-log p(x) upper bound in nats, IWAE with k samples)")
     percentile: float | None = Field(description="percentile of the score among MNIST test images")
     is_anomaly: bool | None
 
 
 class AnomalyOut(BaseModel):
     model: str
+    method: str = Field(description="the score method used (GET /models lists each model's)")
     k: int
     threshold: float | None = Field(description="score at threshold_percentile of the calibration set")
     threshold_percentile: float

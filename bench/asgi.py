@@ -28,10 +28,13 @@ async def measure(path: str, n: int, rounds: int) -> list[float]:
     body = (REPO / "tests" / "data" / "mnist_test_0_digit_7.png").read_bytes()
     headers = [(b"host", b"bench"), (b"content-type", b"image/png"), (b"content-length", str(len(body)).encode())]
 
+    route, _, query = path.partition("?")
+
     async def call() -> None:
         sent: list[dict] = []
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+                 "scheme": "http", "path": route, "raw_path": route.encode(), "query_string": query.encode(),
+                 "root_path": "",
                  "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "state": {}}
         messages = [{"type": "http.request", "body": body, "more_body": False}]
 
@@ -58,7 +61,8 @@ async def measure(path: str, n: int, rounds: int) -> list[float]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--path", default="/encode", help="/encode, /anomaly-score, /reconstruct or /_bare (a PNG upload)")
+    p.add_argument("--path", default="/encode", help="/encode, /anomaly-score, /reconstruct or /_bare (a PNG upload), "
+                   "with a query if wanted: '/anomaly-score?method=bound'")
     p.add_argument("--n", type=int, default=4000, help="requests per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--tree", type=Path, action="append", help="checkout(s) to measure, in turn (default: this one)")

@@ -108,6 +108,8 @@ def run(batching: str, duration: int, concurrency: list[int], only: list[str] | 
             "POST /encode (multipart)": (f"{base}/encode", lua_script(
                 folder, "POST", multipart_body(folder), f"multipart/form-data; boundary={BOUNDARY}")),
             "POST /anomaly-score": (f"{base}/anomaly-score", png),
+            "POST /anomaly-score?method=bound": (f"{base}/anomaly-score?method=bound", png),
+            "POST /anomaly-score?format=png": (f"{base}/anomaly-score?format=png", png),
             "GET /sample?n=16 (PNG)": (f"{base}/sample?n=16", lua_script(folder, "GET", None, None)),
         }
         if only:  # the ceiling always runs: every figure is a ratio to it

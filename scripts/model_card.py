@@ -22,6 +22,26 @@ def command(config: dict, out: str) -> str:
     return " ".join(parts) + f" --out {out}"
 
 
+def score_rows(artifact: Path, evaluated: dict) -> list[str]:
+    """The anomaly scores the artifact serves, each with its calibration, read from the artifact itself."""
+    meta = load(artifact)[1]
+    block = meta.get("anomaly_scores")
+    if block is None:
+        q = meta["anomaly_calibration"]["quantiles"]
+        return [f"| anomaly score `bound` (k={evaluated['k']}, {evaluated['n']} test images) p50 / p99 / p99.9 | "
+                f"{q['p50']:.1f} / {q['p99']:.1f} / {q['p99.9']:.1f} nats |"]
+    rows = []
+    for name, m in block["methods"].items():
+        c, q = m["calibration"], m["calibration"]["quantiles"]
+        default = " (default)" if name == block["default"] else ""
+        fitted = m.get("fitted_on")
+        extra = (f"; head trained {fitted['head_epochs']} epochs on {fitted['head_images']:,} training digits, "
+                 f"tails from {fitted['reference_images']:,} others" if fitted else "")
+        rows.append(f"| anomaly score `{name}`{default} (k={c['k']}, calibrated on {c['n']:,} held-out test images"
+                    f"{extra}) p50 / p99 / p99.9 | {q['p50']:.2f} / {q['p99']:.2f} / {q['p99.9']:.2f} |")
+    return rows
+
+
 def card(metrics_path: Path) -> str:
     m = json.loads(metrics_path.read_text())
     name, final, cfg = m["name"], m["final"], m["config"]
@@ -46,8 +66,7 @@ def card(metrics_path: Path) -> str:
         f"| final train / test objective | {epochs[-1]['train_loss']:.2f} / {epochs[-1]['test_loss']:.2f} |",
         f"| epochs, seconds per epoch ({m['device']}) | {len(epochs)}, {m['seconds_per_epoch']:.1f} s |",
         f"| export parity (max abs diff, eager vs reloaded) | {m['export_parity_max_abs_diff']:.1e} |",
-        f"| anomaly calibration (k={cal['k']}, {cal['n']} test images) p50 / p99 / p99.9 | "
-        f"{cal['quantiles']['p50']:.1f} / {cal['quantiles']['p99']:.1f} / {cal['quantiles']['p99.9']:.1f} nats |",
+        *score_rows(Path(m["artifact"]), cal),
         f"| torch | {m['torch_version']} |",
         "",
         "| latent space | samples | reconstructions (top: originals) |",
@@ -67,11 +86,17 @@ def main() -> None:
     text = [
         "# Model cards",
         "",
-        "Each artifact is a TorchScript module with `encode`, `decode`, `forward`, `log_likelihood(x, k)` and",
-        "`log_likelihood_with_noise(x, eps)`, and a `meta.json` (read it with `GET /models` or",
+        "Each artifact is a TorchScript module with `encode`, `decode`, `forward`, `log_likelihood(x, k)`,",
+        "`log_likelihood_with_noise(x, eps)` and `anomaly_scores_with_noise(x, eps)` (docs/artifact.md),",
+        "and a `meta.json` (read it with `GET /models` or",
         "`torch.jit.load(path, _extra_files={'meta.json': ''})`). Trained on the MNIST training set (60,000",
         "images); evaluated on the 10,000 test images. All figures below are read from the `*.metrics.json`",
         "files written by the training run (`python scripts/model_card.py` regenerates this page).",
+        "",
+        "The anomaly scores (`fisher`, the default, and `bound`) were fitted into the two artifacts after",
+        "training, without changing the VAE's weights: `vae-fit-score models/NAME.pt --data-dir",
+        "../shared/data/mnist --epochs 4` (about 8 minutes each here). `vae-train` now does the same at the end of",
+        "a run (`--score-epochs`, default 4).",
         "",
         "Data (SHA-256 of the uncompressed IDX files, recorded in every artifact):",
         "",

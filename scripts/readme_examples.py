@@ -59,6 +59,15 @@ EXAMPLES: list[tuple[str, str]] = [
      "'localhost:8000/anomaly-score?k=256'"),
     ("", f"curl -s -F file=@{D}/noise_28x28.png -F file=@{D}/mnist_test_3_digit_0.png "
      "'localhost:8000/anomaly-score?threshold_percentile=99.9'"),
+    ("The plain likelihood bound instead of the default score, on a printed question mark (not a digit; the "
+     "bound finds it ordinary):",
+     f"curl -s -X POST -H 'Content-Type: image/png' --data-binary @{D}/printed_question_mark.png "
+     "'localhost:8000/anomaly-score?method=bound'"),
+    ("", f"curl -s -X POST -H 'Content-Type: image/png' --data-binary @{D}/printed_question_mark.png "
+     "localhost:8000/anomaly-score"),
+    ("Why: input as seen, reconstruction and per-pixel -log p(x_i|z) for the question mark and a digit, as a PNG:",
+     f"curl -s -F file=@{D}/printed_question_mark.png -F file=@{D}/mnist_test_0_digit_7.png "
+     "'localhost:8000/anomaly-score?format=png' -o /tmp/why.png -w '%{http_code} %{content_type}\\n'"),
     ("Errors are JSON with a status that says what to fix:",
      "curl -s -w ' %{http_code}\\n' 'localhost:8000/sample?n=100000'"),
     ("", "curl -s -w ' %{http_code}\\n' -H 'Content-Type: application/json' -d '{\"z\": [[0, 0, 0]]}' "

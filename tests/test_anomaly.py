@@ -11,7 +11,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from app import contract
-from app.artifacts import ServedModel
+from app.artifacts import ScoreMethod
 from app.imaging import Preprocess, file_to_tensor
 from app.main import create_app
 from app.settings import Settings
@@ -22,8 +22,8 @@ DIGIT = (TEST_DATA / "mnist_test_0_digit_7.png").read_bytes()
 PNG = {"content-type": "image/png"}
 
 
-def served(points: list[tuple[float, float]]) -> ServedModel:
-    return ServedModel("m", Path("m.pt"), None, {}, torch.device("cpu"), 2, points, 64)  # type: ignore[arg-type]
+def served(points: list[tuple[float, float]]) -> ScoreMethod:
+    return ScoreMethod("bound", None, points, 64)
 
 
 def test_percentile_and_threshold_interpolate_the_calibration_table() -> None:
@@ -68,6 +68,7 @@ def calibrated(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     s = float(-module.log_likelihood_with_noise(x, eps)[0].detach())
     folder = tmp_path_factory.mktemp("calibrated")
     quantiles = {"p10": s - 100, "p50": s - 10, "p90": s + 30, "p99": s + 100}
+    meta = {k: v for k, v in meta.items() if k != "anomaly_scores"}  # the bound alone, as before fitted scores
     export.save(module, folder / "vae.pt", {**meta, "anomaly_calibration": {"k": 64, "quantiles": quantiles}})
     with TestClient(create_app(Settings(models_dir=folder, default_model="vae"))) as client:
         yield client, s

@@ -181,10 +181,11 @@ def test_reconstruct_png_pairs_and_json(client: TestClient, artifact) -> None:
 # --- anomaly score ---------------------------------------------------------------------
 
 def test_anomaly_score_matches_artifact_and_calibration(client: TestClient, artifact) -> None:
-    body = client.post("/anomaly-score?k=32&seed=5", content=DIGIT, headers={"content-type": "image/png"}).json()
+    body = client.post("/anomaly-score?k=32&seed=5&method=bound", content=DIGIT,
+                       headers={"content-type": "image/png"}).json()
     eps = torch.randn(32, 1, 2, generator=torch.Generator().manual_seed(5))
     expected = -artifact.log_likelihood_with_noise(prep(DIGIT)[None], eps)[0].detach()
-    assert body["k"] == 32 and body["threshold_percentile"] == 99.0
+    assert body["k"] == 32 and body["threshold_percentile"] == 99.0 and body["method"] == "bound"
     assert math.isclose(body["score"], float(expected), rel_tol=1e-5)
     models = {m["name"]: m for m in client.get("/models").json()["models"]}
     calibration = models["vae"]["anomaly_calibration"]
@@ -382,7 +383,8 @@ def test_query_errors_name_the_parameter_and_unknown_ones_are_ignored(client: Te
 
 
 @pytest.mark.parametrize(("query", "status"), [("k=0", 422), ("k=257", 422), ("threshold_percentile=100", 422),
-                                               ("model=nope", 404), ("format=png", 406)])
+                                               ("model=nope", 404), ("method=nope", 422),
+                                               ("model=deep-tiny&method=fisher", 422)])
 def test_bad_anomaly_queries(client: TestClient, query: str, status: int) -> None:
     r = client.post(f"/anomaly-score?{query}", content=DIGIT, headers={"content-type": "image/png"})
     assert r.status_code == status, r.text
@@ -435,12 +437,11 @@ def test_a_crash_is_a_json_500_that_keeps_the_request_id(models_dir: Path, caplo
 
 
 def test_png_from_a_json_only_endpoint_is_406_by_query_or_accept(client: TestClient) -> None:
-    for path in ("/encode", "/anomaly-score"):
-        by_query = client.post(f"{path}?format=png", content=DIGIT, headers={"content-type": "image/png"})
-        by_accept = client.post(path, content=DIGIT, headers={"content-type": "image/png", "accept": "image/png"})
-        assert by_query.status_code == by_accept.status_code == 406
-        assert by_query.json() == by_accept.json() == {"error": "format not available",
-                                                       "detail": "this endpoint answers json"}
+    by_query = client.post("/encode?format=png", content=DIGIT, headers={"content-type": "image/png"})
+    by_accept = client.post("/encode", content=DIGIT, headers={"content-type": "image/png", "accept": "image/png"})
+    assert by_query.status_code == by_accept.status_code == 406
+    assert by_query.json() == by_accept.json() == {"error": "format not available",
+                                                   "detail": "this endpoint answers json"}
 
 
 def test_undecodable_bytes_get_a_message_without_object_reprs(client: TestClient) -> None:

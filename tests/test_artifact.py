@@ -35,6 +35,8 @@ def doc_table(heading: str) -> dict[str, list[str]]:
 def test_doc_lists_exactly_the_contract() -> None:
     methods = doc_table("## Methods")
     assert {k: v[0].strip("`") for k, v in methods.items()} == contract.METHODS
+    optional = doc_table("## Optional methods")
+    assert {k: v[0].strip("`") for k, v in optional.items()} == contract.OPTIONAL_METHODS
     meta = doc_table("## `meta.json`")
     assert sorted(meta) == sorted(contract.META_KEYS)
     assert {k for k, v in meta.items() if v[0] == "yes"} == set(contract.REQUIRED_META)
@@ -44,7 +46,7 @@ def test_doc_lists_exactly_the_contract() -> None:
 
 def test_fresh_artifact_keeps_the_contract(trained: Path) -> None:
     module, meta = export.load(trained / "deep-tiny.pt")
-    assert set(meta) == set(contract.META_KEYS)
+    assert set(meta) == set(contract.META_KEYS) - {"anomaly_scores"}  # trained with --score-epochs 0
     for method in contract.METHODS:
         assert hasattr(module, method), method
     assert meta["input_shape"] == contract.INPUT_SHAPE
@@ -53,7 +55,8 @@ def test_fresh_artifact_keeps_the_contract(trained: Path) -> None:
     assert k == contract.DEFAULT_ANOMALY_K
     assert list(meta["anomaly_calibration"]["quantiles"])[-3:] == ["p99", "p99.5", "p99.9"]
     served = load_model(trained / "deep-tiny.pt", torch.device("cpu"))
-    assert served.calibration == points and served.default_k == k
+    assert served.scores["bound"].calibration == points and served.scores["bound"].default_k == k
+    assert served.default_score == "bound" and list(served.scores) == ["bound"]
 
 
 @pytest.mark.parametrize(("quantiles", "message"), [
@@ -70,12 +73,13 @@ def test_bad_calibration_fails_start_up(tmp_path: Path, trained: Path, quantiles
 
 
 def test_artifact_without_calibration_is_served_without_percentiles(tmp_path: Path, trained: Path) -> None:
-    module, meta = export.load(trained / "vae.pt")
+    module, meta = export.load(trained / "deep-tiny.pt")
     export.save(module, tmp_path / "vae.pt", {k: v for k, v in meta.items() if k != "anomaly_calibration"})
     served = load_model(tmp_path / "vae.pt", torch.device("cpu"))
-    assert served.percentile(100.0) is None and served.threshold(99.0) is None
-    assert served.default_k == contract.DEFAULT_ANOMALY_K
-    with TestClient(create_app(Settings(models_dir=tmp_path, default_model="vae"))) as client:
+    bound = served.scores["bound"]
+    assert bound.percentile(100.0) is None and bound.threshold(99.0) is None
+    assert bound.default_k == contract.DEFAULT_ANOMALY_K
+    with TestClient(create_app(Settings(models_dir=tmp_path, default_model="deep-tiny"))) as client:
         body = client.post("/anomaly-score", content=DIGIT, headers={"content-type": "image/png"}).json()
     assert body["k"] == contract.DEFAULT_ANOMALY_K and body["calibration_k"] is None
     assert body["threshold"] is None and body["percentile"] is None and body["is_anomaly"] is None

@@ -78,8 +78,8 @@ def evaluate(model: Any, test_x: Tensor, device: torch.device, nll_k: int, binar
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="vae-eval", description="Evaluate a TorchScript VAE artifact on MNIST test.")
-    p.add_argument("model", type=Path)
+    p = argparse.ArgumentParser(prog="vae-eval", description="Evaluate TorchScript VAE artifacts on MNIST test.")
+    p.add_argument("model", type=Path, nargs="+")
     p.add_argument("--data-dir", type=Path, default=Path("data/mnist"))
     p.add_argument("--k", type=int, default=1000, help="importance samples for the NLL bound")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images only")
@@ -87,9 +87,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="auto: as the model was trained (from meta.json)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ood", action="store_true", help="anomaly-detection evaluation (AUROC, FPR@95%%TPR) against "
-                   "Fashion-MNIST, uniform noise and flipped digits, instead of the NLL evaluation")
-    p.add_argument("--ood-k", type=int, nargs="+", default=[1, DEFAULT_ANOMALY_K], help="k values for --ood")
+    p.add_argument("--ood", action="store_true", help="anomaly-detection evaluation of every score method on the "
+                   "out-of-distribution suite (training/ood_sets.py) instead of the NLL evaluation")
+    p.add_argument("--ood-k", type=int, default=DEFAULT_ANOMALY_K, help="k of the scores for --ood")
+    p.add_argument("--ood-n", type=int, default=2000, help="images per out-of-distribution set")
+    p.add_argument("--ood-cache", type=Path, default=Path("data/ood-sets.npz"),
+                   help="the built sets are cached here (rebuilt when the set definitions change)")
+    p.add_argument("--pictures", type=Path, default=None, help="write failure-case pictures here (--ood)")
+    p.add_argument("--markdown", action="store_true", help="print Markdown tables instead of JSON (--ood)")
     p.add_argument("--fashion-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
     args = p.parse_args(argv)
 
@@ -98,30 +103,36 @@ def main(argv: list[str] | None = None) -> int:
     except NoGpu as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    extra = {META_FILE: ""}
-    model = torch.jit.load(str(args.model), map_location=device, _extra_files=extra).eval()
-    meta = json.loads(extra[META_FILE] or "{}")
     try:
         data = load_mnist(args.data_dir)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.ood:
-        from training.ood import evaluate_ood
+    results: list[dict[str, Any]] = []
+    for path in args.model:
+        extra = {META_FILE: ""}
+        model = torch.jit.load(str(path), map_location=device, _extra_files=extra).eval()
+        meta = json.loads(extra[META_FILE] or "{}")
+        meta.setdefault("name", path.stem)
+        if args.ood:
+            from training.ood import evaluate_suite, suite
 
-        try:
-            rows = evaluate_ood(model, meta, to_float(data.test_images).to(device), args.fashion_dir, args.ood_k,
-                                limit=args.limit)
-        except DataError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(json.dumps(rows, indent=2))
-        return 0
-    trained_binarized = meta.get("config", {}).get("binarize") == "dynamic"
-    binarized = trained_binarized if args.binarize == "auto" else args.binarize == "dynamic"
-    result = evaluate(model, to_float(data.test_images), device, args.k, binarized, args.limit, seed=args.seed)
-    result["model"] = meta.get("name", args.model.stem)
-    print(json.dumps(result, indent=2))
+            sets = suite(data.test_images.numpy(), args.fashion_dir, args.ood_cache, args.ood_n, args.seed)
+            results += evaluate_suite(model, meta, to_float(data.test_images), sets, args.ood_k, args.seed,
+                                      args.pictures)
+            continue
+        trained_binarized = meta.get("config", {}).get("binarize") == "dynamic"
+        binarized = trained_binarized if args.binarize == "auto" else args.binarize == "dynamic"
+        result = evaluate(model, to_float(data.test_images), device, args.k, binarized, args.limit, seed=args.seed)
+        results.append({"model": meta["name"], **result})
+    if args.ood and args.markdown:
+        from training.ood import flagged_table, markdown
+
+        print("AUROC\n\n" + markdown(results, "auroc") + "\n\nFPR at 95% TPR\n\n" + markdown(results, "fpr_at_95_tpr")
+              + "\n\nShare flagged at the p99 threshold\n\n" + markdown(results, "flagged_at_p99") + "\n\n"
+              + flagged_table(results))
+    else:
+        print(json.dumps(results if len(results) > 1 or args.ood else results[0], indent=2))
     return 0
 
 

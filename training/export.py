@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from app.contract import META_FILE
 from training.model import VAEBase
 
 
-def script(model: VAEBase) -> torch.jit.ScriptModule:
+def script(model: nn.Module) -> torch.jit.ScriptModule:
     return torch.jit.script(model.cpu().eval())
 
 

@@ -1,46 +1,48 @@
-"""How well the served anomaly score separates MNIST from what is not MNIST.
+"""How well each anomaly score separates MNIST digits from what is not one: `vae-eval --ood MODEL.pt ...`.
 
-The score is exactly the service's: -log p(x) by the IWAE bound with k samples and
-one shared draw of noise per seed (app/inference.py), on continuous pixels. In-
-distribution: the MNIST test set. Out: Fashion-MNIST test, uniform noise, and the
-MNIST test digits flipped upside down. Reported: AUROC, the false-positive rate at
-95% true-positive rate (anomalies are the positives), and how many MNIST test
-images the default threshold flags.
+The scores are exactly the service's: the artifact's own methods with one shared draw of noise
+per seed (app/inference.py). In-distribution: the half of the MNIST test set that no score was
+fitted or calibrated on (training/anomaly.py `calibration_split`). Out: the suite of
+training/ood_sets.py. Reported per model, method and set: AUROC and the false-positive rate at
+95% true-positive rate (anomalies are the positives), and the share flagged at the artifact's
+own p99 threshold: of the unseen MNIST half (should be ~1%), of each OOD set, and of digits
+printed in fonts (not anomalies: should stay low).
+
+Besides the served methods, candidates are measured from the same artifact: each statistic of
+the fitted score alone (`latent`, `head`), and the bound corrected by input complexity (Serrà
+et al. 2020, PNG bits).
 """
 
 from __future__ import annotations
 
 import io
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from sklearn.metrics import roc_auc_score, roc_curve
 from torch import Tensor
 
-from app.contract import quantile_key
-from training.data import DataError, batches, parse_idx, read_bytes, to_float
+from app.contract import BOUND, score_methods
+from training.anomaly import calibration_split
+from training.data import DataError, parse_idx, read_bytes
+from training.ood_sets import OodSet, build_sets, cached_sets, sheet, to_tensor
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+SEEN = {"mnist-rot90", "mnist-mirror"}  # broken the way the outlier head's negatives are: not unseen
+SYMMETRIC = {"mnist-rot90": "none (a 90-degree turn maps no digit onto a digit; a 1 becomes a dash)",
+             "mnist-mirror": "0, 1 and 8 (mirror-symmetric: indistinguishable from the originals)"}
 
 
-def load_fashion_test(folder: Path = FASHION_DIR) -> Tensor:
+def load_fashion_test(folder: Path = FASHION_DIR) -> np.ndarray:
     path = folder / "t10k-images-idx3-ubyte.gz"
     if not path.is_file():
         raise DataError(f"Fashion-MNIST not found at {path} (Debian: apt-get install dataset-fashion-mnist)")
-    return to_float(torch.from_numpy(parse_idx(read_bytes(path), str(path)).copy()))
-
-
-@torch.no_grad()
-def scores(model: Any, x: Tensor, k: int, seed: int = 0, batch_size: int = 100, progress: bool = True) -> Tensor:
-    """The service's anomaly score for each image (same noise for every image, as the service draws it)."""
-    d = int(model.encode(x[:1])[0].shape[1])
-    noise = torch.randn(k, 1, d, generator=torch.Generator().manual_seed(seed)).to(x.device)
-    return torch.cat([-model.log_likelihood_with_noise(xb, noise.expand(k, xb.shape[0], d))
-                      for xb in batches(x, batch_size, f"scores k={k}", progress)])
+    return parse_idx(read_bytes(path), str(path))
 
 
 def png_bits(x: Tensor) -> Tensor:
@@ -62,35 +64,121 @@ def detection_metrics(inlier: Tensor, outlier: Tensor) -> dict[str, float]:
             "fpr_at_95_tpr": round(float(fpr[np.searchsorted(tpr, 0.95)]), 4)}
 
 
-def ood_sets(mnist_test: Tensor, fashion_dir: Path, seed: int = 0) -> dict[str, Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return {
-        "Fashion-MNIST test": load_fashion_test(fashion_dir),
-        "uniform noise": torch.rand(mnist_test.shape[0], 1, 28, 28, generator=gen),
-        "MNIST test flipped upside down": mnist_test.flip(-2),
-    }
+@torch.no_grad()
+def all_scores(model: Any, meta: dict[str, Any], x: Tensor, k: int, seed: int = 0,
+               batch_size: int = 250) -> dict[str, Tensor]:
+    """Every served method's score and every candidate's, per image (noise shared, as the service draws it)."""
+    methods, _ = score_methods(meta)
+    d = int(meta["latent_dim"])
+    noise = torch.randn(k, 1, d, generator=torch.Generator().manual_seed(seed))
+    out: dict[str, list[Tensor]] = {}
+    for xb in x.split(batch_size):
+        eps = noise.expand(k, xb.shape[0], d)
+        if hasattr(model, "anomaly_scores_with_noise") and len(methods) > 1:
+            table = model.anomaly_scores_with_noise(xb, eps)  # column 0 is the bound (the contract)
+            cols = {BOUND: table[:, 0]}
+            cols.update({n: table[:, m["column"]] for n, m in methods.items() if m["column"] is not None})
+            stats = model.anomaly_statistics(xb, eps)
+            cols["latent (alone)"], cols["head (alone)"] = stats[:, 1], stats[:, 2]
+        else:
+            cols = {BOUND: -model.log_likelihood_with_noise(xb, eps)}
+        for name, v in cols.items():
+            out.setdefault(name, []).append(v.double())
+    scores = {n: torch.cat(v) for n, v in out.items()}
+    scores["bound - complexity (Serra)"] = scores[BOUND] - png_bits(x) * math.log(2)
+    return scores
 
 
-def evaluate_ood(model: Any, meta: dict[str, Any], mnist_test: Tensor, fashion_dir: Path, ks: list[int],
-                 threshold_percentile: float = 99.0, limit: int | None = None) -> list[dict[str, Any]]:
-    x_in = mnist_test[:limit] if limit else mnist_test
-    sets = {name: (x[:limit] if limit else x) for name, x in ood_sets(mnist_test, fashion_dir).items()}
-    bits = {name: png_bits(x) for name, x in [("MNIST", x_in), *sets.items()]}
-    quantiles = (meta.get("anomaly_calibration") or {}).get("quantiles", {})
-    threshold = quantiles.get(quantile_key(threshold_percentile))
+def thresholds(meta: dict[str, Any], percentile: float = 99.0) -> dict[str, float]:
+    methods, _ = score_methods(meta)
+    out = {}
+    for name, m in methods.items():
+        points = dict(m["points"])
+        if percentile in points:
+            out[name] = points[percentile]
+    return out
+
+
+def evaluate_suite(model: Any, meta: dict[str, Any], mnist_test: Tensor, sets: dict[str, OodSet], k: int,
+                   seed: int = 0, pictures: Path | None = None) -> list[dict[str, Any]]:
+    """One row per (method, set): AUROC, FPR@95%TPR and share flagged at the artifact's p99 threshold."""
+    _, held_out = calibration_split(mnist_test.shape[0], seed)
+    x_in = mnist_test[held_out]
+    s_in = all_scores(model, meta, x_in, k, seed)
+    thr = thresholds(meta)
     rows = []
-    for k in ks:
-        s_in = scores(model, x_in, k)
-        flagged = float((s_in > threshold).double().mean()) if threshold is not None else math.nan
-        for name, x in sets.items():
-            s_out = scores(model, x, k)
-            plain = detection_metrics(s_in, s_out)
-            corrected = detection_metrics(s_in.double() - bits["MNIST"] * math.log(2),
-                                          s_out.double() - bits[name] * math.log(2))
-            rows.append({"model": meta.get("name"), "k": k, "ood": name, **plain,
-                         "complexity_corrected_auroc": corrected["auroc"],
-                         "complexity_corrected_fpr_at_95_tpr": corrected["fpr_at_95_tpr"],
-                         "mnist_flagged_at_default_threshold": round(flagged, 4),
-                         "threshold_percentile": threshold_percentile, "calibration_k": meta.get(
-                             "anomaly_calibration", {}).get("k")})
+    s_sets = {name: all_scores(model, meta, to_tensor(s.images), k, seed) for name, s in sets.items()}
+    for method, inlier in s_in.items():
+        t = thr.get(method)
+        rows.append({"model": meta["name"], "method": method, "set": "MNIST held-out", "kind": "in",
+                     "n": len(inlier), "flagged_at_p99": None if t is None else round(float((inlier > t).double()
+                                                                                             .mean()), 4)})
+        for name, s in sets.items():
+            out = s_sets[name][method]
+            row = {"model": meta["name"], "method": method, "set": name, "kind": s.kind, "n": len(out),
+                   "seen": name in SEEN, **detection_metrics(inlier, out),
+                   "flagged_at_p99": None if t is None else round(float((out > t).double().mean()), 4)}
+            rows.append(row)
+        if pictures is not None:
+            failure_cases(x_in, inlier, sets, {n: v[method] for n, v in s_sets.items()},
+                          pictures / f"{meta['name']}-{slug(method)}.png")
     return rows
+
+
+def slug(method: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in method.split(" (")[0]).strip("-")
+
+
+def failure_cases(x_in: Tensor, s_in: Tensor, sets: dict[str, OodSet], s_out: dict[str, Tensor], path: Path,
+                  n: int = 8) -> None:
+    """Top row: the n held-out MNIST digits the score finds most anomalous; then per set, the n images it
+    finds most normal: the mistakes at either end, which say most about a score."""
+    rows = [(x_in[s_in.argsort(descending=True)[:n], 0].mul(255).round().to(torch.uint8).numpy(), "MNIST")]
+    for name, s in sets.items():
+        rows.append((s.images[s_out[name].argsort()[:n].numpy()], name))
+    tiles = np.concatenate([r for r, _ in rows])
+    img = sheet(tiles, cols=n).convert("RGB")
+    label = Image.new("RGB", (110, img.height), (255, 255, 255))
+    draw = ImageDraw.Draw(label)
+    for i, (_, name) in enumerate(rows):
+        draw.text((4, i * 30 + 9), name, fill=(0, 0, 0))
+    canvas = Image.new("RGB", (label.width + img.width, img.height), (255, 255, 255))
+    canvas.paste(label, (0, 0))
+    canvas.paste(img, (label.width, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def suite(mnist_test_u8: np.ndarray, fashion_dir: Path, cache: Path, n: int = 2000, seed: int = 0) -> dict[str, OodSet]:
+    try:
+        fashion = load_fashion_test(fashion_dir)
+    except DataError as e:
+        print(f"warning: {e}; the fashion set is left out", file=sys.stderr)
+        fashion = None
+    return cached_sets(cache, lambda: build_sets(mnist_test_u8, fashion, n, seed))
+
+
+def markdown(rows: list[dict[str, Any]], field: str) -> str:
+    """A table: one line per (model, method), one column per set."""
+    sets = list(dict.fromkeys(r["set"] for r in rows if r["set"] != "MNIST held-out"))
+    head = "| model | method | " + " | ".join(f"{s}{' (seen)' if s in SEEN else ''}" for s in sets) + " |"
+    lines = [head, "|" + " --- |" * (len(sets) + 2)]
+    keys = list(dict.fromkeys((r["model"], r["method"]) for r in rows))
+    for model, method in keys:
+        cells = {r["set"]: r.get(field) for r in rows if (r["model"], r["method"]) == (model, method)}
+        lines.append(f"| {model} | {method} | " + " | ".join("-" if cells.get(s) is None else f"{cells[s]:.3f}"
+                                                           for s in sets) + " |")
+    return "\n".join(lines)
+
+
+def flagged_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| model | method | MNIST held-out flagged at p99 | font digits flagged at p99 |",
+             "| --- | --- | --- | --- |"]
+    for r in rows:
+        if r["set"] == "MNIST held-out" and r["flagged_at_p99"] is not None:
+            font = next((x["flagged_at_p99"] for x in rows if (x["model"], x["method"], x["set"]) ==
+                         (r["model"], r["method"], "font-digits")), None)
+            lines.append(f"| {r['model']} | {r['method']} | {r['flagged_at_p99']:.2%} | "
+                         + ("-" if font is None else f"{font:.2%}") + " |")
+    return "\n".join(lines)
+

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from app.contract import DEFAULT_ANOMALY_K, INPUT_SHAPE
 from app.devices import NoGpu, resolve_device
-from training import export, plots
+from training import anomaly, export, plots
 from training.data import DataError, binarize, load_mnist, to_float
 from training.evaluate import evaluate
 from training.model import VAEBase, build, loss_function
@@ -51,6 +51,7 @@ class TrainConfig:
     out: Path = Path("models/vae.pt")
     resume: bool = False
     no_progress: bool = False
+    score_epochs: int = 4
 
     def recorded(self) -> dict[str, Any]:
         """What the model depends on: the flags that only steer this process (paths, bars, resuming) left out."""
@@ -85,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--out", type=Path, default=d.out)
     p.add_argument("--resume", action="store_true", help="continue from <out>.ckpt (written every epoch and on Ctrl-C)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
+    p.add_argument("--score-epochs", type=int, default=d.score_epochs,
+                   help="epochs of the anomaly score's outlier head (training/anomaly.py); 0: serve the plain bound")
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
@@ -203,14 +206,16 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
 
-    finish(model, cfg, name, data.sha256, test_x, data.test_labels, history, device)
+    train_y = data.train_labels[: cfg.train_limit]
+    finish(model, cfg, name, data.sha256, (train_x, train_y), test_x, data.test_labels, history, device)
     return 0
 
 
-def finish(model: VAEBase, cfg: TrainConfig, name: str, sha256: dict[str, str], test_x: Tensor,
-           test_labels: Tensor, history: list[dict[str, Any]], device: torch.device) -> None:
-    """Evaluate, export, verify the export, draw, and write the metrics."""
+def finish(model: VAEBase, cfg: TrainConfig, name: str, sha256: dict[str, str], train: tuple[Tensor, Tensor],
+           test_x: Tensor, test_labels: Tensor, history: list[dict[str, Any]], device: torch.device) -> None:
+    """Evaluate, fit the anomaly score, export, verify the export, draw, and write the metrics."""
     model.eval()
+    train_x, train_y = train
     print("evaluating on the test set ...", flush=True)
     metrics = evaluate(model, test_x, device, cfg.eval_k, cfg.binarize == "dynamic", cfg.eval_limit,
                        anomaly_k=DEFAULT_ANOMALY_K, progress=not cfg.no_progress)
@@ -229,9 +234,15 @@ def finish(model: VAEBase, cfg: TrainConfig, name: str, sha256: dict[str, str], 
         "torch_version": torch.__version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    export.save(export.script(model), cfg.out, meta)
+    served: torch.nn.Module = model
+    if cfg.score_epochs > 0:
+        print("fitting the anomaly score ...", flush=True)
+        calib_x = test_x[: cfg.eval_limit] if cfg.eval_limit else test_x
+        served, meta = anomaly.attach(model, meta, train_x, train_y, calib_x, DEFAULT_ANOMALY_K, cfg.score_epochs,
+                                      cfg.seed, progress=not cfg.no_progress)
+    export.save(export.script(served), cfg.out, meta)
     reloaded, _ = export.load(cfg.out)
-    diff = export.parity(model, reloaded, test_x[:256].cpu())
+    diff = export.parity(served, reloaded, test_x[:256].cpu())
     if diff > 1e-5:
         raise SystemExit(f"error: exported artifact differs from the eager model by {diff:.2e} (> 1e-5)")
 

@@ -12,7 +12,7 @@ from app.exceptions import UnsupportedMediaType
 from app.inputs import parse_body
 from app.queries import AnomalyQuery, DecodeQuery, EncodeQuery, ReconstructQuery, SampleQuery, openapi_parameters
 from app.responses import JsonResponse, PngResponse
-from app.schemas import ERRORS, IMAGE_BODY, PNG_RESPONSE, AnomalyOut, DecodeIn, EncodeOut
+from app.schemas import ERRORS, EXPLAINED_RESPONSE, IMAGE_BODY, PNG_RESPONSE, AnomalyOut, DecodeIn, EncodeOut
 
 router = APIRouter(tags=["model"], responses={k: ERRORS[k] for k in (400, 404, 422, 503, 504)},
                    generate_unique_id_function=operation_id)
@@ -64,13 +64,16 @@ async def reconstruct(request: Request) -> Response:
     return responses.reconstructed(call.fmt, call.query.encoding, call.engine.model.name, x, recon)
 
 
-@router.post("/anomaly-score", summary="-log p(x) bound per image, its percentile among MNIST test digits, and an "
-             "anomaly flag", response_class=JsonResponse, response_model=AnomalyOut,
-             response_model_exclude_none=True, responses=IMAGE_ERRORS,
+@router.post("/anomaly-score", summary="Anomaly score per image, its percentile among held-out MNIST digits, and "
+             "an anomaly flag (JSON), or a picture of why (PNG)", response_class=JsonResponse,
+             response_model=AnomalyOut, response_model_exclude_none=True,
+             responses={**EXPLAINED_RESPONSE, **IMAGE_ERRORS},
              openapi_extra={**IMAGE_BODY, "parameters": openapi_parameters(AnomalyQuery)})
 async def anomaly_score(request: Request) -> Response:
     call = await deps.open_anomaly_score(request)
     q = call.query
     x = await call.images()
-    scores = await call.engine.anomaly_scores(x, q.k, q.seed, q.threshold_percentile)
+    scores = await call.engine.anomaly_scores(x, q.k, q.seed, q.threshold_percentile, q.method)
+    if call.fmt == "png":
+        return responses.explained(x, await call.engine.reconstruct(x), scores)
     return responses.scored(call.engine.model.name, scores)

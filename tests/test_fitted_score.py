@@ -1,0 +1,156 @@
+"""The fitted anomaly score (training/anomaly.py): its parts pinned to values computed here, and the
+service serving it from the artifact (method, calibration, batching, the picture)."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app import explain
+from app.imaging import Preprocess, file_to_tensor
+from app.main import create_app
+from app.settings import Settings
+from tests.conftest import TEST_DATA
+from training import export
+from training.anomaly import LatentMixture, Tails, broken_digits
+
+DIGITS = sorted(TEST_DATA.glob("mnist_test_*_digit_*.png"))
+DIGIT = DIGITS[0].read_bytes()
+PNG = {"content-type": "image/png"}
+
+
+def prep(data: bytes) -> torch.Tensor:
+    return file_to_tensor(data, 10**7, Preprocess())
+
+
+# --- the parts --------------------------------------------------------------------------
+
+def test_tails_are_empirical_below_the_99th_percentile_and_exponential_above() -> None:
+    ref = torch.arange(1, 101, dtype=torch.float32)[:, None]  # 1..100, one statistic
+    tails = Tails(ref)
+    q = float(torch.quantile(ref.double()[:, 0], 0.99))  # 99.01
+    assert float(tails.q) == pytest.approx(q, abs=1e-4) and float(tails.beta) == pytest.approx(100 - q, abs=1e-4)
+    s = torch.tensor([[0.5], [1.0], [50.0], [50.5], [99.0]])
+    # P(reference >= s), with one pseudo-count: (N - #below + 1) / (N + 1)
+    expected = [101 / 101, 101 / 101, 52 / 101, 51 / 101, 3 / 101]
+    assert tails(s)[:, 0].exp().tolist() == pytest.approx(expected, rel=1e-6)
+    far = torch.tensor([[q + 1.0], [q + 10.0]])
+    got = tails(far)[:, 0]
+    beta = 100 - q
+    assert got.tolist() == pytest.approx([math.log(0.01) - 1 / beta, math.log(0.01) - 10 / beta], rel=1e-5)
+    assert bool(got[1] < got[0])  # far outliers keep being ordered instead of tying at 1/(N+1)
+
+
+def test_latent_mixture_is_the_equal_weight_gaussian_mixture_of_the_ten_digits() -> None:
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(10).repeat_interleave(50)
+    mu = torch.randn(500, 3, generator=g) + y[:, None].float()
+    mixture = LatentMixture(mu, y, ridge=0.0)
+    probe = torch.randn(4, 3, generator=g) * 3
+    comps = []
+    for c in range(10):
+        m = mu[y == c].double()
+        cov = torch.cov(m.T)
+        comps.append(torch.distributions.MultivariateNormal(m.mean(0), cov).log_prob(probe.double()))
+    expected = -(torch.logsumexp(torch.stack(comps, 1), 1) - math.log(10))
+    assert mixture(probe).tolist() == pytest.approx(expected.tolist(), rel=1e-4)
+
+
+def test_broken_digits_break_each_digit_and_never_mirror_a_symmetric_one() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(400, 1, 28, 28, generator=g)
+    y = torch.arange(10).repeat(40)
+    out = broken_digits(x, y, torch.Generator().manual_seed(2))
+    assert out.shape == x.shape and 0 <= float(out.min()) and float(out.max()) <= 1
+    changed = (out - x).abs().flatten(1).amax(1) > 0
+    assert bool(changed.all())  # every negative differs from its digit
+    mirrored = (out == x.flip(-1)).flatten(1).all(1)
+    assert mirrored.any() and not bool(mirrored[torch.isin(y, torch.tensor([0, 1, 8]))].any())
+    again = broken_digits(x, y, torch.Generator().manual_seed(2))
+    assert torch.equal(out, again)  # deterministic for a generator
+
+
+# --- served -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def client(models_dir: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(Settings(models_dir=models_dir, default_model="vae"))) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def scored(models_dir: Path) -> torch.jit.ScriptModule:
+    return export.load(models_dir / "vae.pt")[0]
+
+
+def test_default_method_is_the_fitted_one_and_equals_the_artifact(client: TestClient,
+                                                                  scored: torch.jit.ScriptModule) -> None:
+    body = client.post("/anomaly-score?seed=4", content=DIGIT, headers=PNG).json()
+    assert body["method"] == "fisher" and body["k"] == 64
+    eps = torch.randn(64, 1, 2, generator=torch.Generator().manual_seed(4))
+    both = scored.anomaly_scores_with_noise(prep(DIGIT)[None], eps)[0]
+    assert body["score"] == pytest.approx(float(both[1]), rel=1e-5)
+    bound = client.post("/anomaly-score?seed=4&method=bound", content=DIGIT, headers=PNG).json()
+    assert bound["method"] == "bound" and bound["score"] == pytest.approx(float(both[0]), rel=1e-5)
+    assert bound["threshold"] != body["threshold"]  # each method has its own calibration
+
+
+def test_fitted_score_threshold_is_its_own_calibration(client: TestClient) -> None:
+    models = {m["name"]: m for m in client.get("/models").json()["models"]}
+    fisher = models["vae"]["anomaly_scores"]["methods"]["fisher"]["calibration"]
+    body = client.post("/anomaly-score?threshold_percentile=95", content=DIGIT, headers=PNG).json()
+    assert body["threshold"] == pytest.approx(fisher["quantiles"]["p95"], rel=1e-6)
+    assert body["calibration_k"] == fisher["k"] == 64
+    assert body["is_anomaly"] == (body["score"] > body["threshold"])
+    assert models["vae"]["anomaly_score"]["default"] == "fisher"
+    assert set(models["vae"]["anomaly_score"]["methods"]) == {"bound", "fisher"}
+    assert models["deep-tiny"]["anomaly_score"] == {"default": "bound", "methods": {"bound": {
+        "about": "-log p(x), IWAE bound, nats", "calibration_k": 64, "calibrated": True}}}
+
+
+def test_fitted_score_is_the_same_batched_or_alone(client: TestClient) -> None:
+    files = [("file", (p.name, p.read_bytes(), "image/png")) for p in DIGITS]
+    batch = client.post("/anomaly-score?seed=7", files=files).json()["results"]
+    for i, f in enumerate(files):
+        alone = client.post("/anomaly-score?seed=7", files=[f]).json()
+        assert alone["score"] == pytest.approx(batch[i]["score"], rel=1e-5)
+
+
+def test_unknown_method_names_the_served_ones(client: TestClient) -> None:
+    r = client.post("/anomaly-score?method=dose", content=DIGIT, headers=PNG)
+    assert r.status_code == 422
+    assert r.json() == {"error": "unknown score method", "detail": "'dose'; model 'vae' serves ['bound', 'fisher']"}
+    old = client.post("/anomaly-score?model=deep-tiny", content=DIGIT, headers=PNG).json()
+    assert old["method"] == "bound"  # an artifact from before fitted scores: the bound, as before
+
+
+def test_picture_shows_input_reconstruction_and_pixel_heat(client: TestClient, scored: torch.jit.ScriptModule) -> None:
+    files = [("file", (p.name, p.read_bytes(), "image/png")) for p in DIGITS[:2]]
+    r = client.post("/anomaly-score?format=png", files=files)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    img = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
+    side, pad = 28 * explain.SCALE, explain.PAD
+    assert img.shape == (18 + 2 * (side + pad) + pad, 3 * side + 4 * pad + explain.TEXT_W, 3)
+    x = torch.stack([prep(p.read_bytes()) for p in DIGITS[:2]])
+    recon = scored.forward(x)[0].detach()
+    heat = explain.hot((explain.pixel_nll(x, recon) / explain.HEAT_MAX).numpy())
+    for row in range(2):
+        top = 18 + row * (side + pad)
+        for cy, cx in ((14, 14), (5, 20), (20, 9)):
+            py, px = top + cy * explain.SCALE + 1, cx * explain.SCALE + 1
+            assert img[py, pad + px, 0] == round(float(x[row, 0, cy, cx]) * 255)
+            assert abs(int(img[py, pad + side + pad + px, 0]) - round(float(recon[row, 0, cy, cx]) * 255)) <= 1
+            assert np.abs(img[py, pad + 2 * (side + pad) + px].astype(int) - heat[row, 0, cy, cx]).max() <= 1
+
+
+def test_hot_colour_map_is_matplotlibs() -> None:
+    got = explain.hot(np.array([0.0, 1 / 3, 0.5, 2 / 3, 1.0, 2.0]))
+    assert got.tolist() == [[0, 0, 0], [255, 0, 0], [255, 128, 0], [255, 255, 0], [255, 255, 255], [255, 255, 255]]

@@ -1,0 +1,113 @@
+"""The out-of-distribution suite (training/ood_sets.py) and `vae-eval --ood` over it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.settings import Settings
+from tests.conftest import DATA_DIR, TEST_DATA
+from training import evaluate, fit_score, ood_sets
+from training.ood_sets import build_sets, cached_sets, mnist_style
+
+DIGIT = (TEST_DATA / "mnist_test_0_digit_7.png").read_bytes()
+
+
+def test_mnist_style_fits_20x20_and_centres_by_mass() -> None:
+    ink = np.zeros((300, 120), np.uint8)
+    ink[20:280, 30:50] = 255  # a tall bar, left of centre, on a big page
+    ink[20:40, 30:110] = 255  # and a flag at its top: the mass sits high and left of the box's centre
+    out = mnist_style(ink)
+    ys, xs = np.nonzero(out > 0)
+    assert out.shape == (28, 28) and out.dtype == np.uint8
+    assert ys.max() - ys.min() + 1 == 20 and xs.max() - xs.min() + 1 <= 20  # long side 20, aspect kept
+    mass = out.astype(float)
+    cy = (mass.sum(1) * np.arange(28)).sum() / mass.sum()
+    cx = (mass.sum(0) * np.arange(28)).sum() / mass.sum()
+    assert abs(cy - 14) <= 0.5 and abs(cx - 14) <= 0.5
+    assert mnist_style(np.zeros((50, 50), np.uint8)).max() == 0
+
+
+def test_no_digit_or_look_alike_is_drawn_as_a_non_digit() -> None:
+    look_alikes = set("0123456789IlOoSsZzBbGgqi|/()[]{}!$§θϑЗбОоדרוזסვბგ")
+    for chars in (ood_sets.UPPER, ood_sets.LOWER, ood_sets.GREEK_CYRILLIC, ood_sets.SYMBOLS,
+                  *ood_sets.SCRIPT_FONTS.values()):
+        assert not look_alikes & set(chars), chars
+
+
+@pytest.fixture(scope="module")
+def small_suite(mnist) -> dict[str, ood_sets.OodSet]:
+    return build_sets(mnist.test_images[:200].numpy(), None, n=24, seed=3)
+
+
+def test_suite_sets_are_28x28_with_ink_and_deterministic(small_suite, mnist) -> None:
+    expected = {"noise", "mnist-rot90", "mnist-mirror", "letters-upper", "letters-lower", "greek-cyrillic",
+                "symbols", "scribbles", "doodles", "digit-pairs", "font-digits"}
+    assert expected <= set(small_suite) <= expected | {"other-scripts", "fashion"}
+    near = [s for s in small_suite.values() if s.kind == "near"]
+    assert len(near) >= 4 + 2  # at least four pen-stroke sets of our design, plus pairs and more
+    for name, s in small_suite.items():
+        assert s.images.shape == (24, 28, 28) and s.images.dtype == np.uint8, name
+        assert (s.images.reshape(24, -1).max(1) > 100).all(), name  # every image has ink
+    again = build_sets(mnist.test_images[:200].numpy(), None, n=24, seed=3)
+    assert all(np.array_equal(again[k].images, s.images) for k, s in small_suite.items())
+    mirrored = small_suite["mnist-mirror"].images
+    assert any(np.array_equal(mirrored[0], m[:, ::-1]) for m in mnist.test_images[:200].numpy())
+
+
+def test_cache_round_trips_and_is_rebuilt_for_a_new_version(tmp_path: Path, small_suite,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "sets.npz"
+    built = cached_sets(cache, lambda: small_suite)
+    loaded = cached_sets(cache, lambda: pytest.fail("rebuilt a current cache"))
+    assert {k: (v.kind, v.about) for k, v in loaded.items()} == {k: (v.kind, v.about) for k, v in built.items()}
+    assert all(np.array_equal(loaded[k].images, v.images) for k, v in built.items())
+    monkeypatch.setattr(ood_sets, "CACHE_VERSION", ood_sets.CACHE_VERSION + 1)
+    assert cached_sets(cache, lambda: {"x": small_suite["noise"]}).keys() == {"x"}
+
+
+def test_vae_eval_ood_reports_every_method_and_draws_failures(trained: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--data-dir", str(DATA_DIR), "--ood", "--ood-n", "40", "--ood-k", "4", "--ood-cache",
+            str(tmp_path / "sets.npz"), "--pictures", str(tmp_path / "pics"), "--fashion-dir", str(tmp_path)]
+    assert evaluate.main([str(trained / "vae.pt"), *args]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    methods = {r["method"] for r in rows}
+    assert methods == {"bound", "fisher", "latent (alone)", "head (alone)", "bound - complexity (Serra)"}
+    held = [r for r in rows if r["set"] == "MNIST held-out"]
+    assert {r["n"] for r in held} == {5000}
+    for r in rows:
+        if r["set"] != "MNIST held-out":
+            assert 0 <= r["auroc"] <= 1 and 0 <= r["fpr_at_95_tpr"] <= 1 and r["n"] == 40
+    noise = next(r for r in rows if (r["method"], r["set"]) == ("bound", "noise"))
+    assert noise["auroc"] > 0.99 and noise["flagged_at_p99"] == 1.0
+    assert {p.name for p in (tmp_path / "pics").glob("*.png")} == {
+        "vae-bound.png", "vae-fisher.png", "vae-latent.png", "vae-head.png", "vae-bound---complexity.png"}
+    assert evaluate.main([str(trained / "vae.pt"), *args, "--markdown"]) == 0
+    table = capsys.readouterr().out
+    assert "| vae | fisher |" in table and "mnist-rot90 (seen)" in table
+
+
+def test_fit_score_adds_the_score_to_an_old_artifact(trained: Path, tmp_path: Path) -> None:
+    out = tmp_path / "deep-tiny.pt"
+    assert fit_score.main([str(trained / "deep-tiny.pt"), "--data-dir", str(DATA_DIR), "--epochs", "1",
+                           "--train-limit", "1200", "--k", "8", "--out", str(out), "--no-progress"]) == 0
+    module, meta = fit_score.export.load(out)
+    assert meta["anomaly_scores"]["default"] == "fisher"
+    assert meta["anomaly_scores"]["methods"]["fisher"]["fitted_on"] == {
+        "head_images": 1000, "head_epochs": 1, "reference_images": 200, "seed": 0}
+    x = torch.rand(3, 1, 28, 28)
+    eps = torch.randn(8, 3, 8)
+    scores = module.anomaly_scores_with_noise(x, eps)
+    assert torch.allclose(scores[:, 0], -module.log_likelihood_with_noise(x, eps))
+    with TestClient(create_app(Settings(models_dir=tmp_path, default_model="deep-tiny"))) as client:
+        body = client.post("/anomaly-score", content=DIGIT, headers={"content-type": "image/png"}).json()
+        models = client.get("/models").json()["models"]
+    assert body["method"] == "fisher" and body["k"] == 8 and body["calibration_k"] == 8
+    assert models[0]["anomaly_score"]["default"] == "fisher"
