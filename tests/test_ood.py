@@ -72,6 +72,7 @@ def test_cache_round_trips_and_is_rebuilt_for_a_new_version(tmp_path: Path, smal
     assert cached_sets(cache, lambda: {"x": small_suite["noise"]}).keys() == {"x"}
 
 
+@pytest.mark.slow
 def test_vae_eval_ood_reports_every_method_and_draws_failures(trained: Path, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     args = ["--data-dir", str(DATA_DIR), "--ood", "--ood-n", "40", "--ood-k", "4", "--ood-cache",
@@ -94,6 +95,7 @@ def test_vae_eval_ood_reports_every_method_and_draws_failures(trained: Path, tmp
     assert "| vae | fisher |" in table and "mnist-rot90 (seen)" in table
 
 
+@pytest.mark.slow
 def test_fit_score_adds_the_score_to_an_old_artifact(trained: Path, tmp_path: Path) -> None:
     out = tmp_path / "deep-tiny.pt"
     assert fit_score.main([str(trained / "deep-tiny.pt"), "--data-dir", str(DATA_DIR), "--epochs", "1",
