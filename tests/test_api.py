@@ -510,3 +510,36 @@ def test_empty_folder_and_missing_default_fail_startup(tmp_path: Path, models_di
         start(tmp_path)
     with pytest.raises(ModelLoadError):
         start(models_dir, default_model="absent")
+
+
+def test_models_name_each_artifact_file(client: TestClient) -> None:
+    files = {m["name"]: m["file"] for m in client.get("/models").json()["models"]}
+    assert files == {"vae": "vae.pt", "deep-tiny": "deep-tiny.pt"}
+
+
+def test_integer_pixels_and_latents_are_numbers_too(client: TestClient, artifact) -> None:
+    """JSON has one number type: 0 and 1 written without a decimal point are still pixels and latents."""
+    ints = [[1 if 8 <= c <= 19 and 4 <= r <= 23 else 0 for c in range(28)] for r in range(28)]
+    floats = [[float(v) for v in row] for row in ints]
+    a = client.post("/encode", json={"pixels": [ints]}).json()
+    b = client.post("/encode", json={"pixels": [floats]}).json()
+    assert a == b and len(a["mu"]) == 2
+    z_int = client.post("/decode?format=json", json={"z": [[1, -1]]}).json()["images"]
+    z_float = client.post("/decode?format=json", json={"z": [[1.0, -1.0]]}).json()["images"]
+    assert z_int == z_float
+
+
+def test_sample_limit_is_inclusive_and_says_so(client: TestClient) -> None:
+    assert client.get("/sample?n=64&seed=1").status_code == 200  # max_samples=64 in this app
+    r = client.get("/sample?n=65")
+    assert r.status_code == 413
+    assert r.json() == {"error": "too many samples", "detail": "n=65; the limit is 64 (VAE_MAX_SAMPLES)"}
+
+
+def test_body_errors_say_where(client: TestClient) -> None:
+    broken = client.post("/encode", content=b'{"pixels": [1,', headers={"content-type": "application/json"})
+    assert broken.status_code == 400 and broken.json()["error"] == "malformed JSON"
+    assert broken.json()["detail"] == "Expecting value: line 1 column 15 (char 14)"  # where it broke
+    good = base64.b64encode(DIGIT).decode()
+    r = client.post("/encode", json={"images": [good, "%%%"]})
+    assert r.status_code == 422 and r.json()["detail"] == "images[1] is not valid base64"

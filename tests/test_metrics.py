@@ -35,6 +35,7 @@ def test_metrics_count_requests_passes_and_batches(models_dir: Path) -> None:
             assert client.post("/encode", content=DIGIT, headers=PNG).status_code == 200
         files = [("file", (f"{i}.png", DIGIT, "image/png")) for i in range(3)]
         client.post("/anomaly-score?model=deep-tiny&k=8", files=files)
+        client.post("/anomaly-score?k=8", files=files[:2])  # vae's fitted score: its own method label
         client.get("/sample?n=300")  # 413
         client.get("/no-such-page")
         r = client.get("/metrics")
@@ -54,6 +55,8 @@ def test_metrics_count_requests_passes_and_batches(models_dir: Path) -> None:
     assert 0 <= value(text, "vae_queue_seconds_sum", **encode) < 5  # waits, in seconds
     scored = {"model": "deep-tiny", "method": "log_likelihood"}
     assert value(text, "vae_inferences_total", **scored) == 1 and value(text, "vae_batch_size_rows_sum", **scored) == 3
+    fitted = {"model": "vae", "method": "anomaly_scores"}
+    assert value(text, "vae_inferences_total", **fitted) == 1 and value(text, "vae_batch_size_rows_sum", **fitted) == 2
     assert value(text, "vae_requests_in_flight") == 0
     for name in ("vae", "deep-tiny"):
         assert value(text, "vae_model_load_seconds", model=name) > 0

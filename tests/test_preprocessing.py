@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 from pathlib import Path
 
@@ -261,6 +262,9 @@ def test_background_levelling_maps_paper_to_black_and_the_brightest_ink_to_white
     ("F", [0.0, 1.5], [0, 2]),  # ... or in [0, 255]
     ("F", [0.0, 100.0, 255.0], [0, 100, 255]),
     ("F", [-0.5, 0.5, 1.0], [0, 128, 255]),
+    ("F", [0.0, 0.75, 1.0], [0, 191, 255]),  # 0.75 * 255 = 191.25: scaled by 255, not 256
+    ("F", [0.0, 1000.0], [0, 255]),  # past white: clipped, never wrapped round to black
+    ("I", [0, 65535, 200000], [0, 255, 255]),  # 32-bit values past 16 bits: clipped too
 ])
 def test_deep_and_float_images_are_scaled_to_8_bits(mode: str, values: list, expected: list[int]) -> None:
     from app.imaging import _to_gray
@@ -296,3 +300,23 @@ def test_image_reader_pool_path_gives_the_same_pixels_and_gives_up_when_told() -
             reader._decode([DIGIT], Preprocess(), time.monotonic() - 0.001, threading.Event())
     finally:
         reader.close()
+
+
+def test_small_grey_pngs_skip_pillow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 28x28 8-bit grey PNG (what MNIST tooling sends) is decoded by libpng from its header alone;
+    Pillow, ten times slower for it, is never called (the serving benchmark depends on it)."""
+    import app.imaging as imaging
+    from app.inputs import ImageReader
+
+    def no_pillow(data: bytes, max_pixels: int) -> np.ndarray:
+        raise AssertionError("Pillow decoded a small grey PNG")
+
+    expected = file_to_gray28(DIGIT, 10**6, Preprocess())
+    monkeypatch.setattr(imaging, "_decode_pillow", no_pillow)
+    assert np.array_equal(file_to_gray28(DIGIT, 10**6, Preprocess()), expected)
+    reader = ImageReader(10**6, timeout_s=5)
+    try:
+        x = asyncio.run(reader([DIGIT, DIGIT], Preprocess()))
+    finally:
+        reader.close()
+    assert x.shape == (2, 1, 28, 28) and np.array_equal((x[0, 0].numpy() * 255).round(), expected)
