@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -113,3 +115,41 @@ def test_sample_seeds_and_seedless_calls(calibrated: tuple[TestClient, float]) -
     assert len(seeds) == 3 and len({r.content for r in seedless}) == 3  # a new seed, and so new digits, each time
     again = client.get(f"/sample?n=4&seed={seedless[0].headers['x-seed']}")
     assert again.content == seedless[0].content  # and the seed it reports reproduces them
+
+
+class _FixedLikelihood:
+    """A stand-in artifact whose log-likelihood is whatever the test says, for the Engine's own logic."""
+
+    def __init__(self, ll: float) -> None:
+        self.ll = ll
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(x.shape[0], 2), torch.zeros(x.shape[0], 2)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(z.shape[0], 1, 28, 28)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return x, *self.encode(x)
+
+    def log_likelihood_with_noise(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0],), self.ll)
+
+
+@pytest.mark.parametrize(("ll", "score", "flagged"), [
+    (-100.0, 100.0, False),  # exactly at the threshold: not above it, not an anomaly
+    (-100.5, 100.5, True),
+    (-math.inf, sys.float_info.max, True),  # JSON has no infinity: the largest float instead
+])
+def test_engine_flags_scores_strictly_above_the_threshold(ll: float, score: float, flagged: bool) -> None:
+    from app.artifacts import ServedModel
+    from app.inference import Engine
+
+    bound = ScoreMethod("bound", None, [(50.0, 50.0), (99.0, 100.0)], 4)
+    model = ServedModel("m", Path("m.pt"), _FixedLikelihood(ll), {}, torch.device("cpu"), 2,  # type: ignore[arg-type]
+                        {"bound": bound})
+    engine = Engine(model, compute=None)
+    result = asyncio.run(engine.anomaly_scores(torch.zeros(1, 1, 28, 28), None, 0, None))
+    engine.close()
+    assert result.threshold == 100.0 and result.k == 4 and result.method == "bound"
+    assert result.results[0].score == score and result.results[0].is_anomaly is flagged

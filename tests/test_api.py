@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -543,3 +544,35 @@ def test_body_errors_say_where(client: TestClient) -> None:
     good = base64.b64encode(DIGIT).decode()
     r = client.post("/encode", json={"images": [good, "%%%"]})
     assert r.status_code == 422 and r.json()["detail"] == "images[1] is not valid base64"
+
+
+def test_multipart_errors_say_what_is_wrong(client: TestClient) -> None:
+    r = client.post("/encode", files=[("other", ("a.png", DIGIT, "image/png"))])
+    assert r.json() == {"error": "invalid request",
+                        "detail": "multipart body needs one or more 'file' fields holding images"}
+    broken = client.post("/encode", content=b"--x\r\nContent-Disposition: form-data\r\n\r\nab\r\n--x--\r\n",
+                         headers={"content-type": "multipart/form-data; boundary=x"})
+    assert broken.status_code == 400 and broken.json() == {  # the parser's own words
+        "error": "malformed multipart body",
+        "detail": '400: The Content-Disposition header field "name" must be provided.'}
+
+
+def test_startup_failure_is_reported_once(tmp_path: Path) -> None:
+    """uvicorn prints a failed lifespan's message; the service logs the reason itself, so the message
+    it sends up is empty (one clear line instead of a traceback twice)."""
+    app = create_app(settings(tmp_path))  # an empty models folder
+    sent: list[dict] = []
+    incoming = [{"type": "lifespan.startup"}]
+
+    async def receive() -> dict:
+        return incoming.pop() if incoming else {"type": "lifespan.shutdown"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def run() -> None:
+        await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
+
+    with pytest.raises(Exception, match=r"no \*\.pt model files"):
+        asyncio.run(run())
+    assert sent == [{"type": "lifespan.startup.failed", "message": ""}]

@@ -320,3 +320,40 @@ def test_small_grey_pngs_skip_pillow(monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         reader.close()
     assert x.shape == (2, 1, 28, 28) and np.array_equal((x[0, 0].numpy() * 255).round(), expected)
+
+
+def test_paper_one_grey_level_above_black_is_still_levelled() -> None:
+    from app.imaging import _level_background
+
+    gray = np.array([[1, 1, 1], [1, 128, 255], [1, 1, 1]], dtype=np.uint8)
+    assert _level_background(gray, np.ones(8, dtype=np.uint8)).tolist() == [[0, 0, 0], [0, 127, 255], [0, 0, 0]]
+
+
+@pytest.mark.parametrize(("shape", "box"), [((100, 1), (4, 23, 13, 13)), ((1, 100), (13, 13, 4, 23)),
+                                            ((13, 20), (7, 19, 4, 23))])
+def test_fit_keeps_one_pixel_lines_one_pixel_and_centres_odd_sizes(shape: tuple[int, int], box: tuple) -> None:
+    """A 1 px line stays 1 px wide (not stretched to 2); an odd height is centred with the spare row below."""
+    im = np.zeros((shape[0] + 20, shape[1] + 20), dtype=np.uint8)
+    im[10 : 10 + shape[0], 10 : 10 + shape[1]] = 255
+    out = file_to_gray28(encoded(Image.fromarray(im, "L")), 10**6, Preprocess(invert="false"))
+    ys, xs = np.nonzero(out)
+    assert out.dtype == np.uint8 and out.shape == (28, 28)
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == box
+
+
+def test_strokes_faded_below_half_ink_by_the_resize_are_restored() -> None:
+    """A 4 px pen on a 200 px page fades to ~40% of its ink at 20 px: below half, so the strokes are
+    pooled first and come back at full ink."""
+    im = Image.new("L", (200, 200), 255)
+    ImageDraw.Draw(im).rectangle((0, 0, 199, 199), outline=0, width=4)
+    out = file_to_gray28(encoded(im), 10**6, Preprocess())
+    assert out.max() >= 240
+
+
+def test_ink_exactly_as_far_from_the_paper_as_the_paper_from_black_is_not_inverted() -> None:
+    from app.imaging import _should_invert
+
+    gray = np.array([[128, 128, 128], [128, 255, 1], [128, 128, 128]], dtype=np.uint8)
+    border = np.full(8, 128, dtype=np.uint8)
+    assert not _should_invert(gray, border, "auto")  # 255 - 128 == 128 - 1: a tie keeps the image as sent
+    assert _should_invert(gray.clip(0, 250), border, "auto")
