@@ -153,3 +153,19 @@ def test_engine_flags_scores_strictly_above_the_threshold(ll: float, score: floa
     engine.close()
     assert result.threshold == 100.0 and result.k == 4 and result.method == "bound"
     assert result.results[0].score == score and result.results[0].is_anomaly is flagged
+
+
+def test_limits_and_batching_come_from_the_settings() -> None:
+    from app.inference import Batching, Limits
+
+    s = Settings(max_batch=5, max_samples=6, max_k=7, default_k=8, default_threshold_percentile=95.0,
+                 batch_max_size=9, batch_max_wait_us=2000, request_timeout_s=3.0, inline_max_us=500)
+    assert Limits.from_settings(s) == Limits(5, 6, 7, 8, 95.0)
+    assert Batching.from_settings(s) == Batching(9, 0.002, 3.0, 0.0005)
+
+
+def test_default_k_and_threshold_settings_reach_the_answer(models_dir: Path) -> None:
+    settings = Settings(models_dir=models_dir, default_model="vae", default_k=8, default_threshold_percentile=95.0)
+    with TestClient(create_app(settings)) as client:
+        body = client.post("/anomaly-score", content=DIGIT, headers=PNG).json()
+    assert body["k"] == 8 and body["threshold_percentile"] == 95.0

@@ -576,3 +576,22 @@ def test_startup_failure_is_reported_once(tmp_path: Path) -> None:
     with pytest.raises(Exception, match=r"no \*\.pt model files"):
         asyncio.run(run())
     assert sent == [{"type": "lifespan.startup.failed", "message": ""}]
+
+
+def test_body_kind_errors_say_what_to_send(client: TestClient) -> None:
+    bare = client.post("/encode", content=DIGIT, headers={"content-type": ""})
+    assert bare.status_code == 415 and bare.json()["detail"] == (
+        "got no Content-Type; send image/* or application/octet-stream (raw bytes), multipart/form-data with "
+        "field 'file', or application/json with 'images' or 'pixels'")
+    text = client.post("/encode", content=b"x", headers={"content-type": "Text/Plain; charset=utf-8"})
+    assert text.json()["detail"].startswith("got text/plain; send image/*")
+    both = client.post("/encode", json={"images": [base64.b64encode(DIGIT).decode()], "pixels": [[[0.0] * 28] * 28]})
+    assert both.status_code == 422
+    assert both.json()["detail"] == "give exactly one of 'images' (base64 files) or 'pixels'"
+
+
+def test_json_pixels_reconstruct_with_their_originals(client: TestClient) -> None:
+    pixels = [[[round((r * 28 + c) / 784, 5) for c in range(28)] for r in range(28)] for _ in range(2)]
+    body = client.post("/reconstruct?format=json", json={"pixels": pixels}).json()
+    assert body["originals"] == pixels and len(body["images"]) == 2
+    assert all(len(img) == 28 and len(img[0]) == 28 for img in body["images"])

@@ -36,6 +36,8 @@ def test_metrics_count_requests_passes_and_batches(models_dir: Path) -> None:
         files = [("file", (f"{i}.png", DIGIT, "image/png")) for i in range(3)]
         client.post("/anomaly-score?model=deep-tiny&k=8", files=files)
         client.post("/anomaly-score?k=8", files=files[:2])  # vae's fitted score: its own method label
+        client.post("/decode", json={"z": [[0.0, 0.0]]})
+        client.post("/reconstruct", content=DIGIT, headers=PNG)
         client.get("/sample?n=300")  # 413
         client.get("/no-such-page")
         r = client.get("/metrics")
@@ -55,6 +57,8 @@ def test_metrics_count_requests_passes_and_batches(models_dir: Path) -> None:
     assert 0 <= value(text, "vae_queue_seconds_sum", **encode) < 5  # waits, in seconds
     scored = {"model": "deep-tiny", "method": "log_likelihood"}
     assert value(text, "vae_inferences_total", **scored) == 1 and value(text, "vae_batch_size_rows_sum", **scored) == 3
+    for method in ("decode", "forward"):
+        assert value(text, "vae_inferences_total", model="vae", method=method) == 1
     fitted = {"model": "vae", "method": "anomaly_scores"}
     assert value(text, "vae_inferences_total", **fitted) == 1 and value(text, "vae_batch_size_rows_sum", **fitted) == 2
     assert value(text, "vae_requests_in_flight") == 0
