@@ -260,8 +260,9 @@ def test_close_answers_every_queued_request_and_lets_the_running_pass_finish() -
         done, pending = await asyncio.wait(queued, timeout=1)
         assert not pending
         assert all(isinstance(t.exception(), Unavailable) for t in done)
-        with pytest.raises(Unavailable):
+        with pytest.raises(Unavailable) as closed:
             await b(torch.ones(1))  # after close: answered at once, never queued
+        assert closed.value.detail == "the service is shutting down"
         release.set()
         assert float((await asyncio.wait_for(running, 5))[0]) == 0.0
 
@@ -269,3 +270,44 @@ def test_close_answers_every_queued_request_and_lets_the_running_pass_finish() -
         run(main())
     finally:
         compute.shutdown()
+
+
+def test_every_failed_shared_pass_is_counted_and_each_caller_gets_its_own_error() -> None:
+    bad = torch.full((1, 3), float("nan"))
+    eps = torch.zeros(1, 1, 2)
+
+    async def main() -> tuple[list, int]:
+        b = Batcher(fragile, (0, 1), max_size=64, max_wait_s=0.0, compute=None)
+        first = await asyncio.gather(b(bad, eps), b(bad, eps), return_exceptions=True)
+        second = await asyncio.gather(b(bad, eps), b(bad, eps), b(bad, eps), return_exceptions=True)
+        return first + second, b.isolated_batches
+
+    out, isolated = run(main())
+    assert isolated == 2  # two shared passes failed: each counted
+    assert all(isinstance(e, ValueError) and str(e) == "NaN input" for e in out)
+
+
+def test_a_cancelled_caller_does_not_keep_its_batch_mates_waiting() -> None:
+    async def main() -> list:
+        b = Batcher(lambda x: x * 3, (0,), max_size=64, max_wait_s=0.005, compute=None)
+        tasks = [asyncio.create_task(b(torch.full((1,), float(i)))) for i in range(4)]
+        await asyncio.sleep(0)
+        tasks[0].cancel()  # gone before the pass ran: its result has nowhere to go
+        _, pending = await asyncio.wait(tasks[1:], timeout=2)
+        assert not pending
+        return [float(t.result()[0]) for t in tasks[1:]]
+
+    assert run(main()) == [3.0, 6.0, 9.0]
+
+
+def test_a_cancelled_call_in_a_loop_turn_group_does_not_stop_the_rest() -> None:
+    async def main() -> list:
+        group = LoopTurnGroup(lambda x: x + 1)
+        tasks = [asyncio.create_task(group(i)) for i in range(3)]
+        await asyncio.sleep(0)
+        tasks[0].cancel()
+        _, pending = await asyncio.wait(tasks[1:], timeout=2)
+        assert not pending
+        return [t.result() for t in tasks[1:]]
+
+    assert run(main()) == [2, 3]
