@@ -84,3 +84,74 @@ def test_artifact_without_calibration_is_served_without_percentiles(tmp_path: Pa
     assert body["k"] == contract.DEFAULT_ANOMALY_K and body["calibration_k"] is None
     assert body["threshold"] is None and body["percentile"] is None and body["is_anomaly"] is None
     assert body["score"] > 0
+
+
+# --- what start-up refuses, and how it says so -------------------------------------------------
+
+def _save(folder: Path, name: str, module: torch.jit.ScriptModule, meta: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    export.save(module, folder / f"{name}.pt", meta)
+    return folder / f"{name}.pt"
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda m: {k: v for k, v in m.items() if k != "name"}, "meta.json must give a string 'name' and an integer "
+                                                            "'latent_dim'"),
+    (lambda m: {**m, "latent_dim": "8"}, "must give a string 'name' and an integer 'latent_dim'"),
+    (lambda m: {**m, "input_shape": [3, 28, 28]}, "input_shape [3, 28, 28] is not [1, 28, 28]"),
+    (lambda m: {**m, "latent_dim": 3}, "does meta.json's latent_dim=3 match the model?"),
+    (lambda m: {**m, "anomaly_scores": []}, "anomaly_scores must be {'default': NAME, 'methods': {NAME: {...}}}"),
+    (lambda m: {**m, "anomaly_scores": {"default": "x"}}, "anomaly_scores must be"),
+    (lambda m: {**m, "anomaly_scores": {"methods": {"x": {"column": 0}}}}, "anomaly_scores.methods.x needs an "
+                                                                            "integer column >= 1"),
+    (lambda m: {**m, "anomaly_scores": {"default": "y", "methods": {"x": {"column": 1}}}},
+     "anomaly_scores.default 'y' is not among ['bound', 'x']"),
+    (lambda m: {**m, "anomaly_scores": {"default": "x", "methods": {"x": {"column": 1}}}},
+     "names anomaly scores ['bound', 'x'], but the artifact lacks anomaly_scores_with_noise"),
+])
+def test_start_up_refuses_an_artifact_that_lies_and_names_the_file(tmp_path: Path, trained: Path, change,
+                                                                   message: str) -> None:
+    module, meta = export.load(trained / "deep-tiny.pt")  # no anomaly_scores_with_noise
+    path = _save(tmp_path, "deep-tiny", module, change(meta))
+    with pytest.raises(ModelLoadError) as e:
+        load_model(path, torch.device("cpu"))
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
+
+
+def test_a_fitted_score_column_past_the_artifacts_output_is_refused(tmp_path: Path, trained: Path) -> None:
+    module, meta = export.load(trained / "vae.pt")
+    scores = meta["anomaly_scores"]
+    scores["methods"]["fisher"]["column"] = 5
+    path = _save(tmp_path, "vae", module, meta)
+    with pytest.raises(ModelLoadError, match=r"anomaly_scores_with_noise returned \(2, 2\); meta.json names column 5"):
+        load_model(path, torch.device("cpu"))
+
+
+def test_bad_files_and_folders_are_refused_by_name(tmp_path: Path, trained: Path) -> None:
+    from app.artifacts import load_models
+
+    cpu = torch.device("cpu")
+    with pytest.raises(ModelLoadError, match=f"^{tmp_path / 'none'}: models folder does not exist$"):
+        load_models(tmp_path / "none", cpu, "vae")
+    with pytest.raises(ModelLoadError, match=r": no \*\.pt model files in the models folder$"):
+        load_models(tmp_path, cpu, "vae")
+    (tmp_path / "junk.pt").write_bytes(b"not a zip")
+    with pytest.raises(ModelLoadError, match=r"junk\.pt: not a loadable TorchScript archive \(.+\)$"):
+        load_models(tmp_path, cpu, "vae")
+    (tmp_path / "junk.pt").unlink()
+    module, meta = export.load(trained / "deep-tiny.pt")
+    torch.jit.save(module, str(tmp_path / "nometa.pt"))
+    with pytest.raises(ModelLoadError, match=r"nometa\.pt: meta\.json missing or not JSON \(.+\)$"):
+        load_models(tmp_path, cpu, "vae")
+    (tmp_path / "nometa.pt").unlink()
+    _save(tmp_path, "a", module, meta)
+    _save(tmp_path, "b", module, meta)
+    with pytest.raises(ModelLoadError, match=r"b\.pt: model name 'deep-tiny' already used by .*a\.pt$"):
+        load_models(tmp_path, cpu, "deep-tiny")
+    (tmp_path / "b.pt").unlink()
+    with pytest.raises(ModelLoadError, match=r"default model 'vae' not among \['deep-tiny'\] \(set VAE_DEFAULT"):
+        load_models(tmp_path, cpu, "vae")
+    loaded = load_models(tmp_path, cpu, "deep-tiny")["deep-tiny"]
+    assert 0 < loaded.load_seconds < 60
+    assert not any(p.requires_grad for p in loaded.module.parameters())
+    assert loaded.scores["bound"].about == "-log p(x), IWAE bound, nats"
