@@ -311,3 +311,23 @@ def test_a_cancelled_call_in_a_loop_turn_group_does_not_stop_the_rest() -> None:
         return [t.result() for t in tasks[1:]]
 
     assert run(main()) == [2, 3]
+
+
+def test_without_an_inline_budget_every_pass_runs_on_the_compute_thread() -> None:
+    compute = ComputeThread()
+    threads: list[str] = []
+
+    def where(x: torch.Tensor) -> torch.Tensor:
+        threads.append(threading.current_thread().name)
+        return x
+
+    async def main() -> None:
+        b = Batcher(where, (0,), max_size=4, max_wait_s=0.0, compute=compute)
+        for _ in range(3):  # measured fast, but the default budget is zero: never on the event loop
+            await b(torch.zeros(1))
+
+    try:
+        run(main())
+    finally:
+        compute.shutdown()
+    assert len(threads) == 3 and all(name.startswith("compute") for name in threads)

@@ -357,3 +357,12 @@ def test_ink_exactly_as_far_from_the_paper_as_the_paper_from_black_is_not_invert
     border = np.full(8, 128, dtype=np.uint8)
     assert not _should_invert(gray, border, "auto")  # 255 - 128 == 128 - 1: a tie keeps the image as sent
     assert _should_invert(gray.clip(0, 250), border, "auto")
+
+
+def test_fit_false_says_the_size_it_got() -> None:
+    from app.exceptions import WrongImageSize
+
+    wide = encoded(Image.new("L", (40, 30), 0))
+    with pytest.raises(WrongImageSize) as e:
+        file_to_gray28(wide, 10**6, Preprocess(fit=False))
+    assert e.value.detail == "image is 40x30; with fit=false it must be 28x28"
