@@ -95,6 +95,11 @@ class ServedModel:
     default_score: str = BOUND
     load_seconds: float = 0.0  # reading, checking and warming it up: vae_model_load_seconds
 
+    @property
+    def fitted_columns(self) -> list[int]:
+        """Columns of anomaly_scores_with_noise that the served methods read; empty: the bound alone."""
+        return [s.column for s in self.scores.values() if s.column is not None]
+
     def describe(self) -> dict[str, Any]:
         return {**self.meta, "device": str(self.device), "file": self.path.name,
                 "anomaly_score": {"default": self.default_score,
@@ -125,7 +130,7 @@ def load_model(path: Path, device: torch.device) -> ServedModel:
         methods, default_score = score_methods(meta)
     except (ValueError, TypeError) as e:
         raise ModelLoadError(f"{path}: anomaly scores in {META_FILE}: {e}") from e
-    if len(methods) > 1 and not hasattr(module, SCORES_METHOD):
+    if any(m["column"] is not None for m in methods.values()) and not hasattr(module, SCORES_METHOD):
         raise ModelLoadError(f"{path}: {META_FILE} names anomaly scores {sorted(methods)}, but the artifact lacks "
                              f"{SCORES_METHOD}")
     for p in module.parameters():
@@ -156,7 +161,7 @@ def check_contract(model: ServedModel) -> None:
         raise ModelLoadError(f"{path}: decode must return [B,1,28,28] in [0,1], got {tuple(probs.shape)}")
     if tuple(ll.shape) != (2,) or not all(math.isfinite(v) for v in ll.tolist()):
         raise ModelLoadError(f"{path}: log_likelihood_with_noise must return [B] finite values")
-    columns = [s.column for s in model.scores.values() if s.column is not None]
+    columns = model.fitted_columns
     if columns:
         out = m.anomaly_scores_with_noise(x, torch.zeros(2, 2, d, device=model.device))
         if out.dim() != 2 or out.shape[0] != 2 or out.shape[1] <= max(columns):
@@ -176,7 +181,7 @@ def warm_up(model: ServedModel, passes: int = 3) -> None:
             model.module.decode(torch.randn(b, model.latent_dim, device=model.device))
             eps = torch.randn(4, b, model.latent_dim, device=model.device)
             model.module.log_likelihood_with_noise(x, eps)
-            if len(model.scores) > 1:
+            if model.fitted_columns:
                 model.module.anomaly_scores_with_noise(x, eps)
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
@@ -24,8 +25,7 @@ PAD = 4
 
 def pixel_nll(x: Tensor, recon: Tensor) -> Tensor:
     """-log p(x_i | z) per pixel for Bernoulli means `recon`, continuous x in [0, 1] (cross-entropy)."""
-    p = recon.clamp(1e-6, 1 - 1e-6)
-    return -(x * p.log() + (1 - x) * (1 - p).log())
+    return F.binary_cross_entropy(recon.clamp(1e-6, 1 - 1e-6), x, reduction="none")
 
 
 def hot(values: np.ndarray) -> np.ndarray:

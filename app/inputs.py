@@ -76,18 +76,18 @@ class ImageReader:
             return await self.small(blobs, headers, prep)
         cancelled = threading.Event()
         deadline = time.monotonic() + self.timeout_s
-        work = asyncio.get_running_loop().run_in_executor(self.pool, self._decode, blobs, prep, deadline, cancelled,
-                                                          headers)
+        work = asyncio.get_running_loop().run_in_executor(self.pool, self._decode, blobs, headers, prep, deadline,
+                                                          cancelled)
         try:
             return await asyncio.wait_for(work, self.timeout_s)
         except TimeoutError:
             cancelled.set()
             raise ComputeTimeout(f"images not decoded within {self.timeout_s} s (VAE_REQUEST_TIMEOUT_S)") from None
 
-    def _decode(self, blobs: list[bytes], prep: Preprocess, deadline: float, cancelled: threading.Event,
-                headers: list[PngHeader | None] | None = None) -> torch.Tensor:
+    def _decode(self, blobs: list[bytes], headers: list[PngHeader | None], prep: Preprocess, deadline: float,
+                cancelled: threading.Event) -> torch.Tensor:
         grays = []
-        for b, h in zip(blobs, headers or [png_header(b) for b in blobs], strict=True):
+        for b, h in zip(blobs, headers, strict=True):
             if cancelled.is_set() or time.monotonic() > deadline:
                 raise ComputeTimeout("gave up decoding: the request ran out of time")
             grays.append(gray28(b, h, self.max_pixels, prep))

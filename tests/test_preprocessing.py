@@ -283,21 +283,23 @@ def test_image_reader_pool_path_gives_the_same_pixels_and_gives_up_when_told() -
     import time
 
     from app.exceptions import ComputeTimeout
+    from app.imaging import png_header
     from app.inputs import ImageReader
 
     reader = ImageReader(10**8, timeout_s=5)
     photo = (TEST_DATA / "photo_dark_on_light_digit_4.jpg").read_bytes()
     try:
-        x = reader._decode([photo, DIGIT], Preprocess(), time.monotonic() + 5, threading.Event())
+        x = reader._decode([photo, DIGIT], [png_header(photo), png_header(DIGIT)], Preprocess(),
+                           time.monotonic() + 5, threading.Event())
         assert torch.equal(x, torch.stack([file_to_tensor(photo, 10**8, Preprocess()),
                                            file_to_tensor(DIGIT, 10**8, Preprocess())]))
         cancelled = threading.Event()
         cancelled.set()
         with pytest.raises(ComputeTimeout) as gave_up:
-            reader._decode([DIGIT], Preprocess(), time.monotonic() + 5, cancelled)
+            reader._decode([DIGIT], [png_header(DIGIT)], Preprocess(), time.monotonic() + 5, cancelled)
         assert gave_up.value.detail == "gave up decoding: the request ran out of time"
         with pytest.raises(ComputeTimeout):
-            reader._decode([DIGIT], Preprocess(), time.monotonic() - 0.001, threading.Event())
+            reader._decode([DIGIT], [png_header(DIGIT)], Preprocess(), time.monotonic() - 0.001, threading.Event())
     finally:
         reader.close()
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from app.contract import CALIBRATION_PERCENTILES, calibration_block
+from training.evaluate import calibration
 from training.model import VAEBase
 
 METHOD = "fisher"
@@ -217,27 +217,11 @@ class ScoredVAE(nn.Module):
 
 
 @torch.no_grad()
-def statistics(model: ScoredVAE, x: Tensor, noise: Tensor, batch_size: int = 500) -> Tensor:
+def with_shared_noise(method: Any, x: Tensor, noise: Tensor, batch_size: int = 500) -> Tensor:
+    """An artifact method (x, eps) over x in batches, every image with the same draw (noise: [k, 1, D]),
+    as the service draws it."""
     k, d = noise.shape[0], noise.shape[2]
-    return torch.cat([model.anomaly_statistics(xb, noise.expand(k, xb.shape[0], d)) for xb in x.split(batch_size)])
-
-
-@torch.no_grad()
-def scores(model: Any, x: Tensor, noise: Tensor, batch_size: int = 500) -> Tensor:
-    """[N, 2] anomaly scores with one shared draw of noise (noise: [k, 1, D]), as the service draws it."""
-    k, d = noise.shape[0], noise.shape[2]
-    return torch.cat([model.anomaly_scores_with_noise(xb, noise.expand(k, xb.shape[0], d))
-                      for xb in x.split(batch_size)])
-
-
-def calibrations(values: Tensor, k: int, data: str) -> list[dict[str, Any]]:
-    levels = torch.tensor(CALIBRATION_PERCENTILES, dtype=torch.float64) / 100
-    out = []
-    for col in values.double().T:
-        q = torch.quantile(col, levels).tolist()
-        out.append(calibration_block(k, data, dict(zip(CALIBRATION_PERCENTILES, q, strict=True)),
-                                     float(col.mean()), float(col.std()), int(col.numel())))
-    return out
+    return torch.cat([method(xb, noise.expand(k, xb.shape[0], d)) for xb in x.split(batch_size)])
 
 
 def fit(vae: VAEBase, train_x: Tensor, train_y: Tensor, calib_x: Tensor, k: int, epochs: int, seed: int = 0,
@@ -253,10 +237,12 @@ def fit(vae: VAEBase, train_x: Tensor, train_y: Tensor, calib_x: Tensor, k: int,
         mu = torch.cat([vae.encode(xb)[0] for xb in train_x.split(1000)])
     model = ScoredVAE(vae, head, LatentMixture(mu, train_y)).eval()
     noise = torch.randn(k, 1, vae.latent_dim, generator=torch.Generator().manual_seed(seed))
-    model.tails = Tails(statistics(model, train_x[ref_idx], noise))
+    model.tails = Tails(with_shared_noise(model.anomaly_statistics, train_x[ref_idx], noise))
     for p in model.parameters():
         p.requires_grad_(False)
-    cal = calibrations(scores(model, calib_x, noise), k, f"{calib_x.shape[0]} held-out MNIST test images")
+    data = f"{calib_x.shape[0]} held-out MNIST test images"
+    cal = [calibration(col, k, data)
+           for col in with_shared_noise(model.anomaly_scores_with_noise, calib_x, noise).double().T]
     block = {"default": METHOD, "methods": {
         "bound": {"column": 0, "about": ABOUT["bound"], "calibration": cal[0]},
         METHOD: {"column": 1, "about": ABOUT[METHOD], "calibration": cal[1],

@@ -51,11 +51,11 @@ def test_nll(model: Any, x: Tensor, k: int, device: torch.device, binarized: boo
     return -log_likelihoods(model, x, k, device, progress=progress).mean().item()
 
 
-def calibration(scores: Tensor, k: int) -> dict[str, Any]:
+def calibration(scores: Tensor, k: int, data: str = "MNIST test set, continuous pixels") -> dict[str, Any]:
     """Quantiles of in-distribution anomaly scores: the service turns a score into a percentile with them."""
     levels = torch.tensor(CALIBRATION_PERCENTILES, dtype=torch.float64) / 100
     q = torch.quantile(scores.double(), levels).tolist()
-    return calibration_block(k, "MNIST test set, continuous pixels", dict(zip(CALIBRATION_PERCENTILES, q, strict=True)),
+    return calibration_block(k, data, dict(zip(CALIBRATION_PERCENTILES, q, strict=True)),
                              float(scores.mean()), float(scores.std()), int(scores.numel()))
 
 

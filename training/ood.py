@@ -29,8 +29,8 @@ from torch import Tensor
 
 from app.contract import BOUND, score_methods
 from training.anomaly import calibration_split
-from training.data import DataError, parse_idx, read_bytes
-from training.ood_sets import OodSet, build_sets, cached_sets, sheet, to_tensor
+from training.data import DataError, parse_idx, read_bytes, to_float
+from training.ood_sets import OodSet, build_sets, cached_sets, sheet
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 SEEN = {"mnist-rot90", "mnist-mirror"}  # broken the way the outlier head's negatives are: not unseen
@@ -107,7 +107,7 @@ def evaluate_suite(model: Any, meta: dict[str, Any], mnist_test: Tensor, sets: d
     s_in = all_scores(model, meta, x_in, k, seed)
     thr = thresholds(meta)
     rows = []
-    s_sets = {name: all_scores(model, meta, to_tensor(s.images), k, seed) for name, s in sets.items()}
+    s_sets = {name: all_scores(model, meta, to_float(torch.from_numpy(s.images)), k, seed) for name, s in sets.items()}
     for method, inlier in s_in.items():
         t = thr.get(method)
         rows.append({"model": meta["name"], "method": method, "set": "MNIST held-out", "kind": "in",

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 CACHE_VERSION = 2
@@ -301,10 +300,6 @@ def cached_sets(cache: Path, build: Callable[[], dict[str, OodSet]]) -> dict[str
         arrays[k], arrays[f"__about__{k}"], arrays[f"__kind__{k}"] = s.images, np.array(s.about), np.array(s.kind)
     np.savez_compressed(cache, **arrays)
     return sets
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
 
 
 def sheet(images: np.ndarray, cols: int = 16) -> Image.Image:

@@ -75,5 +75,5 @@ async def anomaly_score(request: Request) -> Response:
     x = await call.images()
     scores = await call.engine.anomaly_scores(x, q.k, q.seed, q.threshold_percentile, q.method)
     if call.fmt == "png":
-        return responses.explained(x, await call.engine.reconstruct(x), scores)
+        return await responses.explained(x, await call.engine.reconstruct(x), scores)
     return responses.scored(call.engine.model.name, scores)
