@@ -50,6 +50,43 @@ def service_error_response(exc: ex.ServiceError) -> JSONResponse:
     return error_response(status, exc.error, exc.detail, RETRY_LATER if status == 503 else None)
 
 
+PROTOCOL_PREFIX = "/v2"  # Open Inference Protocol routes: errors in that protocol's shape
+
+
+def protocol_status(exc: ex.ServiceError) -> int:
+    """The Open Inference Protocol's statuses: 400 for anything wrong with the request, 404 for an
+    unknown model; the body limit (checked before the request is read), overload and timeouts keep theirs."""
+    status = status_of(exc)
+    if 400 <= status < 500 and status != 404 and not isinstance(exc, ex.BodyTooLarge):
+        return 400
+    return status
+
+
+def protocol_error_response(exc: ex.ServiceError) -> JSONResponse:
+    """{"error": "<title>: <what to fix>"}: the protocol's error body has one string."""
+    status = protocol_status(exc)
+    return JSONResponse({"error": f"{exc.error}: {describe(exc.detail)}" if exc.detail else exc.error},
+                        status_code=status, headers=RETRY_LATER if status == 503 else None)
+
+
+def describe(detail: Any) -> str:
+    """A detail as one line: validation errors become `loc: msg` pairs."""
+    if isinstance(detail, list) and all(isinstance(d, dict) and "msg" in d for d in detail):
+        return "; ".join(f"{'.'.join(map(str, d.get('loc', ())))}: {d['msg']}" for d in detail)
+    return str(detail)
+
+
+def is_protocol(path: str) -> bool:
+    return path == PROTOCOL_PREFIX or path.startswith(PROTOCOL_PREFIX + "/")
+
+
+def error_response_for(path: str, exc: ex.ServiceError) -> JSONResponse:
+    """The error in the shape of the API the path belongs to."""
+    if is_protocol(path):
+        return protocol_error_response(exc)
+    return service_error_response(exc)
+
+
 def internal_error_response(exc: BaseException) -> JSONResponse:
     """A bug, not a bad request: the traceback goes to the log, the client gets the exception's type only."""
     log.error("unhandled %s", type(exc).__name__, exc_info=exc)
@@ -63,13 +100,16 @@ def validation_details(errors: Sequence[Any]) -> list[dict[str, Any]]:
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(ex.ServiceError)
-    async def _service_error(_: Request, exc: ex.ServiceError) -> JSONResponse:
-        return service_error_response(exc)
+    async def _service_error(request: Request, exc: ex.ServiceError) -> JSONResponse:
+        return error_response_for(request.url.path, exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, "invalid request", validation_details(exc.errors()))
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response_for(request.url.path, ex.InvalidInput(validation_details(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if is_protocol(request.url.path):
+            return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code,
+                                headers=getattr(exc, "headers", None))
         return error_response(exc.status_code, str(exc.detail), None, getattr(exc, "headers", None))

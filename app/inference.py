@@ -134,10 +134,14 @@ class Engine:
         """[B,1,28,28] -> the posterior's (mu, logvar), each [B, latent_dim]."""
         return await self._encode(x)
 
-    async def decode(self, z: list[list[float]]) -> Tensor:
-        """Latent vectors (already finite and bounded by the request schema) -> images [B,1,28,28]."""
+    async def decode(self, z: list[list[float]] | Tensor) -> Tensor:
+        """Latent vectors (already finite and bounded by the request's schema) -> images [B,1,28,28]."""
         self.limits.check_batch(len(z), "vectors")
         d = self.model.latent_dim
+        if isinstance(z, Tensor):
+            if z.ndim != 2 or z.shape[1] != d:
+                raise WrongLatentSize(f"z has shape {list(z.shape)}; model {self.model.name!r} takes [n, {d}]")
+            return await self._decode(z.float())
         for i, row in enumerate(z):
             if len(row) != d:
                 raise WrongLatentSize(f"z[{i}] has {len(row)} values; model {self.model.name!r} has latent_dim={d}")

@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 
 from app import errors, tuning
-from app.api.routes import docs, model, ops
+from app.api.routes import docs, model, ops, v2
 from app.artifacts import ModelLoadError, load_models, warm_up
 from app.batching import ComputeThread
 from app.devices import resolve_device
@@ -26,7 +26,8 @@ from app.inference import Batching, Engine, Limits
 from app.inputs import ImageReader
 from app.metrics import Metrics
 from app.middleware import ServiceMiddleware
-from app.schemas import DecodeIn, ErrorOut, ImagesIn, ImagesOut
+from app.protocol.codec import InferenceRequest
+from app.schemas import DecodeIn, ErrorOut, ImagesIn, ImagesOut, InferenceResponse, ProtocolErrorOut
 from app.settings import Settings, get_settings
 
 log = logging.getLogger("app")
@@ -98,7 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_body_bytes, max_in_flight=settings.max_in_flight,
                        metrics=app.state.metrics)
-    routers = [model.router, ops.router, *([ops.metrics_router] if settings.metrics else []), docs.router,
+    routers = [model.router, v2.router, ops.router, *([ops.metrics_router] if settings.metrics else []), docs.router,
                *([ops.bare_router] if settings.bare_endpoint else [])]
     add_routes(app, *routers)
     docs.mount_assets(app)
@@ -128,7 +129,8 @@ def add_body_schemas(app: FastAPI) -> None:
         if app.openapi_schema is None:
             spec = generate()
             components = spec.setdefault("components", {}).setdefault("schemas", {})
-            for body in (ImagesIn, DecodeIn, ImagesOut, ErrorOut):
+            for body in (ImagesIn, DecodeIn, ImagesOut, ErrorOut, InferenceRequest, InferenceResponse,
+                         ProtocolErrorOut):
                 schema = body.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(schema.pop("$defs", {}))
                 components[body.__name__] = schema

@@ -22,7 +22,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import internal_error_response, service_error_response
+from app.errors import error_response_for, internal_error_response, is_protocol
 from app.exceptions import BodyTooLarge, Overloaded, ServiceError
 from app.metrics import Metrics
 
@@ -59,9 +59,11 @@ class ServiceMiddleware:
                 message["headers"] = [*message["headers"], (b"x-request-id", rid.encode("latin-1"))]
             await send(message)
 
-        limited = scope["path"] not in UNLIMITED
+        path = scope["path"]
+        # Protocol GETs are health and metadata: probes, never refused either.
+        limited = path not in UNLIMITED and not (scope["method"] == "GET" and is_protocol(path))
         if limited and self.in_flight >= self.max_in_flight:
-            await service_error_response(Overloaded(f"{self.in_flight} requests in progress; the limit is "
+            await error_response_for(path, Overloaded(f"{self.in_flight} requests in progress; the limit is "
                                                     f"{self.max_in_flight} (VAE_MAX_IN_FLIGHT)"))(scope, receive,
                                                                                                   send_with_id)
             self._done(scope, rid, status, start)
@@ -69,7 +71,7 @@ class ServiceMiddleware:
 
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            await service_error_response(BodyTooLarge(f"{int(length)} bytes; the limit is {self.max_body_bytes} "
+            await error_response_for(path, BodyTooLarge(f"{int(length)} bytes; the limit is {self.max_body_bytes} "
                                                       "(VAE_MAX_BODY_BYTES)"))(scope, receive, send_with_id)
             self._done(scope, rid, status, start)
             return
@@ -94,7 +96,7 @@ class ServiceMiddleware:
         except Exception as e:
             if started:  # too late for an error answer; the server closes the connection
                 raise
-            response = service_error_response(e) if isinstance(e, ServiceError) else internal_error_response(e)
+            response = error_response_for(path, e) if isinstance(e, ServiceError) else internal_error_response(e)
             await response(scope, receive, send_with_id)
         finally:
             self.in_flight -= limited

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 from starlette.requests import Request
 
 from app.errors import validation_details
@@ -31,6 +31,12 @@ class QueryModel(BaseModel):
 class ImageQuery(QueryModel):
     invert: Literal["auto", "true", "false"] = Field("auto", description="auto: invert light-background images")
     fit: bool = Field(True, description="scale to fit 28x28 keeping aspect ratio, pad with black")
+
+    @field_validator("invert", mode="before")
+    @classmethod
+    def _boolean_invert(cls, value: Any) -> Any:
+        """true/false as JSON booleans too (protocol parameters are JSON values, not query strings)."""
+        return str(value).lower() if isinstance(value, bool) else value
 
     @property
     def preprocess(self) -> Preprocess:
@@ -80,9 +86,7 @@ _defaults: dict[type[QueryModel], QueryModel] = {}
 
 def parse_query(model: type[Query], request: Request) -> Query:
     if not request.scope["query_string"]:  # the common case: every default, validated once
-        if model not in _defaults:
-            _defaults[model] = model()
-        return _defaults[model]  # type: ignore[return-value]
+        return default_query(model)
     try:
         return model.model_validate(dict(request.query_params))
     except ValidationError as e:
@@ -90,6 +94,26 @@ def parse_query(model: type[Query], request: Request) -> Query:
         for d in details:
             d["loc"] = ["query", *d["loc"]]
         raise InvalidInput(details) from e
+
+
+def parse_parameters(model: type[Query], parameters: dict[str, Any]) -> Query:
+    """The same fields from an Open Inference Protocol request's `parameters` (JSON values; others
+    that clients add, such as binary_data_output, are ignored): one definition of each limit."""
+    if not parameters:
+        return default_query(model)
+    try:
+        return model.model_validate(parameters)
+    except ValidationError as e:
+        details = validation_details(e.errors())
+        for d in details:
+            d["loc"] = ["parameters", *d["loc"]]
+        raise InvalidInput(details) from e
+
+
+def default_query(model: type[Query]) -> Query:
+    if model not in _defaults:
+        _defaults[model] = model()
+    return _defaults[model]  # type: ignore[return-value]
 
 
 def openapi_parameters(model: type[QueryModel]) -> list[dict[str, Any]]:

@@ -130,3 +130,45 @@ class AnomalyOut(BaseModel):
     percentile: float | None = None
     is_anomaly: bool | None = None
     results: list[ScoreOut] | None = None
+
+
+# --- Open Inference Protocol (app/api/routes/v2.py) ----------------------------------------
+
+
+class ProtocolErrorOut(BaseModel):
+    error: str = Field(examples=["unknown model: 'vae.nope'; served: vae.encode, vae.decode, ..."])
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, Any] | None = Field(None, description="binary_data_size when the data follows the "
+                                              "JSON document")
+    data: list[Any] | None = Field(None, description="row-major, flat")
+
+
+class InferenceResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    outputs: list[ResponseOutput]
+
+
+PROTOCOL_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"description": text,
+           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ProtocolErrorOut"}}}}
+    for code, text in {400: "bad request", 404: "unknown model or version", 413: "body over VAE_MAX_BODY_BYTES",
+                       503: "not ready, or overloaded (Retry-After)", 504: "compute timeout"}.items()
+}
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+PROTOCOL_INFER_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}, "example": {
+        "inputs": [{"name": "images_uint8", "datatype": "UINT8", "shape": [1, 28, 28], "data": [0] * 784}]}},
+    "application/octet-stream": _BINARY}}}
+PROTOCOL_INFER_RESPONSE: dict[int | str, dict[str, Any]] = {200: {
+    "description": "JSON, or (binary outputs asked for) the JSON document then the outputs' bytes, "
+    "Inference-Header-Content-Length giving the document's length",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferenceResponse"}},
+                "application/octet-stream": _BINARY}}}

@@ -56,12 +56,16 @@ def operation_id(route: APIRoute) -> str:
     return route.name
 
 
-def engine_for(request: Request, name: str | None) -> Engine:
-    state = request.app.state
-    if not state.ready:
+def engines_of(request: Request) -> dict[str, Engine]:
+    """Every served model's engine, once they are all loaded (503 before)."""
+    if not request.app.state.ready:
         raise Unavailable("models are still loading")
-    name = name or state.settings.default_model
-    engines: dict[str, Engine] = state.engines
+    return request.app.state.engines
+
+
+def engine_for(request: Request, name: str | None) -> Engine:
+    engines = engines_of(request)
+    name = name or request.app.state.settings.default_model
     if name not in engines:
         raise UnknownModel(f"{name!r}; available: {sorted(engines)}")
     request.state.model = name  # for the access log
