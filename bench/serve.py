@@ -30,13 +30,15 @@ DIGIT = REPO / "tests" / "data" / "mnist_test_0_digit_7.png"
 BOUNDARY = "vaebenchboundary"
 
 
-def lua_script(folder: Path, method: str, body: Path | None, content_type: str | None) -> Path:
+def lua_script(folder: Path, method: str, body: Path | None, content_type: str | None,
+               headers: dict[str, str] | None = None) -> Path:
     lines = [f'wrk.method = "{method}"']
     if body is not None:
         lines += [f'local f = io.open("{body}", "rb")', "wrk.body = f:read('*all')", "f:close()"]
     if content_type:
         lines.append(f'wrk.headers["Content-Type"] = "{content_type}"')
-    path = folder / f"{method}-{abs(hash((body, content_type)))}.lua"
+    lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in (headers or {}).items()]
+    path = folder / f"{method}-{abs(hash((body, content_type, str(headers))))}.lua"
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -48,6 +50,36 @@ def multipart_body(folder: Path) -> Path:
     path = folder / "multipart.bin"
     path.write_bytes(body)
     return path
+
+
+def protocol_scripts(folder: Path) -> dict[str, Path]:
+    """One image per request to the Open Inference Protocol's vae.encode, as its clients send it:
+    binary tensors with binary outputs (tritonclient's default), JSON in and out, and the PNG file
+    as a BYTES tensor."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(DIGIT).convert("L"))[None]
+    png = DIGIT.read_bytes()
+    binary = {
+        "binary UINT8": ("images_uint8", "UINT8", [1, 28, 28], pixels.tobytes()),
+        "binary FP32": ("images", "FP32", [1, 1, 28, 28], (pixels / 255).astype("<f4").tobytes()),
+        "BYTES PNG": ("image_files", "BYTES", [1], len(png).to_bytes(4, "little") + png),
+    }
+    scripts = {}
+    for label, (name, datatype, shape, blob) in binary.items():
+        header = json.dumps({"inputs": [{"name": name, "datatype": datatype, "shape": shape,
+                                         "parameters": {"binary_data_size": len(blob)}}],
+                             "parameters": {"binary_data_output": True}}).encode()
+        body = folder / f"oip-{name}.bin"
+        body.write_bytes(header + blob)
+        scripts[label] = lua_script(folder, "POST", body, "application/octet-stream",
+                                    {"Inference-Header-Content-Length": str(len(header))})
+    body = folder / "oip-json.json"
+    body.write_text(json.dumps({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1, 28, 28],
+                                            "data": (pixels / 255).astype("float32").reshape(-1).tolist()}]}))
+    scripts["JSON FP32"] = lua_script(folder, "POST", body, "application/json")
+    return scripts
 
 
 def free_port() -> int:
@@ -111,6 +143,8 @@ def run(batching: str, duration: int, concurrency: list[int], only: list[str] | 
             "POST /anomaly-score?method=bound": (f"{base}/anomaly-score?method=bound", png),
             "POST /anomaly-score?format=png": (f"{base}/anomaly-score?format=png", png),
             "GET /sample?n=16 (PNG)": (f"{base}/sample?n=16", lua_script(folder, "GET", None, None)),
+            **{f"OIP vae.encode ({label})": (f"{base}/v2/models/vae.encode/infer", script)
+               for label, script in protocol_scripts(folder).items()},
         }
         if only:  # the ceiling always runs: every figure is a ratio to it
             targets = {n: t for i, (n, t) in enumerate(targets.items()) if i == 0 or any(o in n for o in only)}
@@ -124,7 +158,7 @@ def run(batching: str, duration: int, concurrency: list[int], only: list[str] | 
                     row = {"workers": workers, "batching": batching, "concurrency": c, "endpoint": name, **r,
                            "rps_ratio": r["rps"] / ceiling["rps"], "p50_ratio": r["p50_ms"] / ceiling["p50_ms"]}
                     rows.append(row)
-                    print(f"w={workers} {batching:>3} c={c:<4} {name:<26} {r['rps']:>8.0f} req/s "
+                    print(f"w={workers} {batching:>3} c={c:<4} {name:<32} {r['rps']:>8.0f} req/s "
                           f"({row['rps_ratio']:.2f} of ceiling)  p50 {r['p50_ms']:7.2f} ms "
                           f"({row['p50_ratio']:.2f}x)  p99 {r['p99_ms']:7.2f} ms"
                           f"{'  non-2xx ' + str(r['non2xx']) if r['non2xx'] else ''}", flush=True)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from app.exceptions import InvalidInput, UnknownModel
+from app.imaging import grays_to_tensor
 from app.inference import Engine
 from app.inputs import ImageReader
 from app.protocol.codec import Output, Parameters, Tensor
@@ -86,12 +87,13 @@ async def read_images(engine: Engine, tensors: list[Tensor], parameters: Paramet
     assert t.array is not None
     if t.shape[1:] not in ((1, 28, 28), (28, 28)):
         raise InvalidInput(f"input {t.name!r} has shape {list(t.shape)}; it takes [n,1,28,28] or [n,28,28]")
-    x = torch.from_numpy(t.array).reshape(batch, 1, 28, 28)
+    # In numpy, as decoded files are (imaging.grays_to_tensor says why): UINT8 pixels become
+    # exactly the floats a PNG of the same pixels does.
     if spec is IMAGES_UINT8:
-        return x.float().div_(255)
-    if not bool(((x >= 0) & (x <= 1)).all()):  # NaN fails both
+        return grays_to_tensor(list(t.array.reshape(batch, 28, 28)))
+    if not ((t.array >= 0) & (t.array <= 1)).all():  # NaN fails both
         raise InvalidInput("input 'images' must hold pixels in [0, 1] (white digit on black)")
-    return x
+    return torch.from_numpy(t.array.reshape(batch, 1, 28, 28))
 
 
 def _file(element: bytes | str, index: int) -> bytes:
