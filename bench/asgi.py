@@ -5,6 +5,10 @@ request-path questions worth a few microseconds (a FastAPI dependency or not, ne
 not: docs/benchmarks.md#layout). Compare two trees by pointing --tree at each, in one session:
 
     python bench/asgi.py --path /encode --tree . --tree /tmp/other-checkout
+
+Several --path values are measured in the same process, round by round in turn; `oip:LABEL`
+is the Open Inference Protocol's vae.encode with the body bench/serve.py sends for LABEL
+(`oip:binary-UINT8`, `oip:binary-FP32`, `oip:BYTES-PNG`, `oip:JSON-FP32`).
 """
 
 from __future__ import annotations
@@ -20,22 +24,33 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-async def measure(path: str, n: int, rounds: int) -> list[float]:
+def request_for(path: str) -> tuple[str, str, bytes, list[tuple[bytes, bytes]]]:
+    """(route, query, body, headers) of one measured request: a PNG upload, or a protocol request."""
+    if path.startswith("oip:"):
+        sys.path.insert(0, str(REPO))  # run as a script, bench/ itself is on the path, not the repository
+        from bench.serve import protocol_bodies
+
+        body, headers = protocol_bodies()[path.removeprefix("oip:").replace("-", " ")]
+        return ("/v2/models/vae.encode/infer", "", body,
+                [(k.lower().encode(), v.encode()) for k, v in headers.items()])
+    route, _, query = path.partition("?")
+    return route, query, (REPO / "tests" / "data" / "mnist_test_0_digit_7.png").read_bytes(), [
+        (b"content-type", b"image/png")]
+
+
+async def measure(paths: list[str], n: int, rounds: int) -> dict[str, list[float]]:
     from app.main import create_app
     from app.settings import Settings
 
     app = create_app(Settings(bare_endpoint=True, log_level="warning"))
-    body = (REPO / "tests" / "data" / "mnist_test_0_digit_7.png").read_bytes()
-    headers = [(b"host", b"bench"), (b"content-type", b"image/png"), (b"content-length", str(len(body)).encode())]
 
-    route, _, query = path.partition("?")
-
-    async def call() -> None:
+    async def call(route: str, query: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         sent: list[dict] = []
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
                  "scheme": "http", "path": route, "raw_path": route.encode(), "query_string": query.encode(),
-                 "root_path": "",
-                 "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "state": {}}
+                 "root_path": "", "headers": [(b"host", b"bench"), (b"content-length", str(len(body)).encode()),
+                                              *headers],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "state": {}}
         messages = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def receive() -> dict:
@@ -47,22 +62,25 @@ async def measure(path: str, n: int, rounds: int) -> list[float]:
         await app(scope, receive, send)
         assert sent[0]["status"] == 200, sent
 
+    requests = {path: request_for(path) for path in paths}
     async with app.router.lifespan_context(app):
-        for _ in range(2000):  # warm-up: caches, JIT profiling, the batcher's estimates
-            await call()
-        results = []
+        for request in requests.values():
+            for _ in range(2000):  # warm-up: caches, JIT profiling, the batcher's estimates
+                await call(*request)
+        results: dict[str, list[float]] = {path: [] for path in paths}
         for _ in range(rounds):
-            start = time.perf_counter()
-            for _ in range(n):
-                await call()
-            results.append((time.perf_counter() - start) / n * 1e6)
+            for path, request in requests.items():
+                start = time.perf_counter()
+                for _ in range(n):
+                    await call(*request)
+                results[path].append((time.perf_counter() - start) / n * 1e6)
     return results
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--path", default="/encode", help="/encode, /anomaly-score, /reconstruct or /_bare (a PNG upload), "
-                   "with a query if wanted: '/anomaly-score?method=bound'")
+    p.add_argument("--path", nargs="+", default=["/encode"], help="/encode, /anomaly-score, /reconstruct or /_bare "
+                   "(a PNG upload), with a query if wanted: '/anomaly-score?method=bound'; or oip:LABEL")
     p.add_argument("--n", type=int, default=4000, help="requests per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--tree", type=Path, action="append", help="checkout(s) to measure, in turn (default: this one)")
@@ -71,13 +89,13 @@ def main() -> int:
     if args.tree:  # each tree in its own process, taking turns, so that drifts of the machine hit all alike
         for _ in range(args.alternations):
             for tree in args.tree:
-                subprocess.run([sys.executable, str(Path(__file__).resolve()), "--path", args.path, "--n",
+                subprocess.run([sys.executable, str(Path(__file__).resolve()), "--path", *args.path, "--n",
                                 str(args.n), "--rounds", str(args.rounds)], cwd=tree,
                                env={**os.environ, "PYTHONPATH": str(tree.resolve())}, check=True)
         return 0
-    rounds = asyncio.run(measure(args.path, args.n, args.rounds))
-    print(f"{REPO.name if Path.cwd() == REPO else Path.cwd()} {args.path}: {min(rounds):.1f} µs/request "
-          f"(best of {args.rounds} rounds of {args.n}; all {', '.join(f'{r:.1f}' for r in rounds)})", flush=True)
+    for path, rounds in asyncio.run(measure(args.path, args.n, args.rounds)).items():
+        print(f"{REPO.name if Path.cwd() == REPO else Path.cwd()} {path}: {min(rounds):.1f} µs/request "
+              f"(best of {args.rounds} rounds of {args.n}; all {', '.join(f'{r:.1f}' for r in rounds)})", flush=True)
     return 0
 
 

@@ -52,10 +52,10 @@ def multipart_body(folder: Path) -> Path:
     return path
 
 
-def protocol_scripts(folder: Path) -> dict[str, Path]:
+def protocol_bodies() -> dict[str, tuple[bytes, dict[str, str]]]:
     """One image per request to the Open Inference Protocol's vae.encode, as its clients send it:
     binary tensors with binary outputs (tritonclient's default), JSON in and out, and the PNG file
-    as a BYTES tensor."""
+    as a BYTES tensor. Label -> (body, headers)."""
     import numpy as np
     from PIL import Image
 
@@ -66,19 +66,26 @@ def protocol_scripts(folder: Path) -> dict[str, Path]:
         "binary FP32": ("images", "FP32", [1, 1, 28, 28], (pixels / 255).astype("<f4").tobytes()),
         "BYTES PNG": ("image_files", "BYTES", [1], len(png).to_bytes(4, "little") + png),
     }
-    scripts = {}
+    bodies = {}
     for label, (name, datatype, shape, blob) in binary.items():
         header = json.dumps({"inputs": [{"name": name, "datatype": datatype, "shape": shape,
                                          "parameters": {"binary_data_size": len(blob)}}],
                              "parameters": {"binary_data_output": True}}).encode()
-        body = folder / f"oip-{name}.bin"
-        body.write_bytes(header + blob)
-        scripts[label] = lua_script(folder, "POST", body, "application/octet-stream",
-                                    {"Inference-Header-Content-Length": str(len(header))})
-    body = folder / "oip-json.json"
-    body.write_text(json.dumps({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1, 28, 28],
-                                            "data": (pixels / 255).astype("float32").reshape(-1).tolist()}]}))
-    scripts["JSON FP32"] = lua_script(folder, "POST", body, "application/json")
+        bodies[label] = (header + blob, {"Content-Type": "application/octet-stream",
+                                         "Inference-Header-Content-Length": str(len(header))})
+    document = {"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1, 28, 28],
+                            "data": (pixels / 255).astype("float32").reshape(-1).tolist()}]}
+    bodies["JSON FP32"] = (json.dumps(document).encode(), {"Content-Type": "application/json"})
+    return bodies
+
+
+def protocol_scripts(folder: Path) -> dict[str, Path]:
+    scripts = {}
+    for i, (label, (body, headers)) in enumerate(protocol_bodies().items()):
+        path = folder / f"oip-{i}.bin"
+        path.write_bytes(body)
+        headers = dict(headers)
+        scripts[label] = lua_script(folder, "POST", path, headers.pop("Content-Type"), headers)
     return scripts
 
 

@@ -68,6 +68,11 @@ EXAMPLES: list[tuple[str, str]] = [
     ("Why: input as seen, reconstruction and per-pixel -log p(x_i|z) for the question mark and a digit, as a PNG:",
      f"curl -s -F file=@{D}/printed_question_mark.png -F file=@{D}/mnist_test_0_digit_7.png "
      "'localhost:8000/anomaly-score?format=png' -o /tmp/why.png -w '%{http_code} %{content_type}\\n'"),
+    ("The Open Inference Protocol (below): a protocol model's metadata, then an inference with the PNG as a BYTES "
+     "tensor (base64 in JSON):", "curl -s localhost:8000/v2/models/vae-2d.encode"),
+    ("", "curl -s -d \"{\\\"inputs\\\": [{\\\"name\\\": \\\"image_files\\\", \\\"datatype\\\": "
+     "\\\"BYTES\\\", \\\"shape\\\": [1], \\\"data\\\": [\\\"$(base64 -w0 "
+     f"{D}/mnist_test_0_digit_7.png)\\\"]}}]}}\" localhost:8000/v2/models/vae-2d.encode/infer"),
     ("Errors are JSON with a status that says what to fix:",
      "curl -s -w ' %{http_code}\\n' 'localhost:8000/sample?n=100000'"),
     ("", "curl -s -w ' %{http_code}\\n' -H 'Content-Type: application/json' -d '{\"z\": [[0, 0, 0]]}' "
