@@ -29,8 +29,11 @@ def main() -> int:
     settings = get_settings()
     print(f"vae-serve: models from {settings.models_dir.resolve()}, serving on "
           f"http://{settings.host}:{settings.port} with {settings.workers} worker(s) (docs at /docs)", flush=True)
+    # Which layer bounds what: uvicorn the connections (limit_concurrency) and idle keep-alive time;
+    # app/server.py the request head (time, size); app/middleware.py the body and the work.
     options = {"host": settings.host, "port": settings.port, "log_level": settings.log_level, "access_log": False,
-               "timeout_graceful_shutdown": settings.shutdown_grace_s, "timeout_keep_alive": settings.keep_alive_s}
+               "timeout_graceful_shutdown": settings.shutdown_grace_s, "timeout_keep_alive": settings.keep_alive_s,
+               "limit_concurrency": settings.max_connections, "http": "app.server:GuardedHttpToolsProtocol"}
     if settings.workers == 1:
         uvicorn.run("app.main:create_app", factory=True, **options)  # exits with status 3 itself when start-up fails
         return 0

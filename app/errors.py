@@ -24,6 +24,7 @@ STATUS: dict[type[ex.ServiceError], int] = {
     ex.UnknownModel: 404,
     ex.FormatNotAvailable: 406,
     ex.LimitExceeded: 413,
+    ex.RequestTimeout: 408,
     ex.UnsupportedMediaType: 415,
     ex.UndecodableImage: 415,
     ex.InvalidInput: 422,
@@ -57,7 +58,7 @@ def protocol_status(exc: ex.ServiceError) -> int:
     """The Open Inference Protocol's statuses: 400 for anything wrong with the request, 404 for an
     unknown model; the body limit (checked before the request is read), overload and timeouts keep theirs."""
     status = status_of(exc)
-    if 400 <= status < 500 and status != 404 and not isinstance(exc, ex.BodyTooLarge):
+    if 400 <= status < 500 and status not in (404, 408) and not isinstance(exc, ex.BodyTooLarge):
         return 400
     return status
 

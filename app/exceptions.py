@@ -99,6 +99,12 @@ class Overloaded(Unavailable):
     error = "overloaded"
 
 
+class RequestTimeout(ServiceError):
+    """The client did not send its request within the time allowed (VAE_BODY_TIMEOUT_S)."""
+
+    error = "request timeout"
+
+
 class ComputeTimeout(ServiceError):
     """The forward pass did not finish within the request's time budget."""
 

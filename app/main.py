@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI
 
-from app import errors, tuning
+from app import draining, errors, tuning
 from app.api.routes import docs, model, ops, v2
 from app.artifacts import ModelLoadError, load_models, warm_up
 from app.batching import ComputeThread
@@ -25,7 +25,7 @@ from app.devices import resolve_device
 from app.inference import Batching, Engine, Limits
 from app.inputs import ImageReader
 from app.metrics import Metrics
-from app.middleware import ServiceMiddleware
+from app.middleware import Drain, HttpLimits, ServiceMiddleware
 from app.protocol.codec import InferenceRequest
 from app.schemas import DecodeIn, ErrorOut, ImagesIn, ImagesOut, InferenceResponse, ProtocolErrorOut
 from app.settings import Settings, get_settings
@@ -58,7 +58,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     tuning.freeze_startup_objects()
     app.state.ready = True
     try:
-        yield
+        with draining.drain_on_sigterm(app.state.drain, settings.drain_delay_s):
+            yield
     finally:
         app.state.ready = False
         for engine in app.state.engines.values():
@@ -97,8 +98,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engines = {}
     app.state.metrics = Metrics() if settings.metrics else None
     errors.install(app)
-    app.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_body_bytes, max_in_flight=settings.max_in_flight,
-                       metrics=app.state.metrics)
+    app.state.drain = Drain()
+    app.add_middleware(ServiceMiddleware, limits=HttpLimits(settings.max_body_bytes, settings.max_in_flight,
+                                                        settings.max_receiving, settings.body_timeout_s),
+                       metrics=app.state.metrics, drain=app.state.drain)
     routers = [model.router, v2.router, ops.router, *([ops.metrics_router] if settings.metrics else []), docs.router,
                *([ops.bare_router] if settings.bare_endpoint else [])]
     add_routes(app, *routers)

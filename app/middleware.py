@@ -1,9 +1,12 @@
 """Pure-ASGI middleware (no per-request task switch, unlike BaseHTTPMiddleware).
 
 - Request ids: echo the client's X-Request-ID or make one, put it on the response.
-- Load limit: beyond `max_in_flight` model requests, answer 503 + Retry-After at once.
-- Body limit: refuse bodies above the limit with 413, by Content-Length before
-  reading, or by counting the stream for chunked uploads.
+- Load limits: beyond `max_in_flight` model requests computing, or `max_receiving` uploads
+  still arriving, answer 503 + Retry-After at once. A request computes once its body is in.
+- Body limits: refuse bodies above the size limit with 413, by Content-Length before
+  reading, or by counting the stream for chunked uploads; a body not in within
+  `body_timeout_s` gets 408 and the connection is closed.
+- Draining (SIGTERM, app/draining.py): every answer carries `Connection: close`.
 - Access log: one JSON line per request with id, method, path, status, latency.
 - Unexpected exceptions: a JSON 500 that still carries the request id (Starlette's own
   500 handler runs outside every middleware, so its answers would not), and the
@@ -14,16 +17,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import error_response_for, internal_error_response, is_protocol
-from app.exceptions import BodyTooLarge, Overloaded, ServiceError
+from app.exceptions import BodyTooLarge, Overloaded, RequestTimeout, ServiceError
 from app.metrics import Metrics
 
 access_log = logging.getLogger("app.access")
@@ -31,11 +36,34 @@ access_log = logging.getLogger("app.access")
 UNLIMITED = {"/healthz", "/readyz", "/models", "/metrics", "/docs", "/redoc", "/openapi.json", "/"}
 
 
+@dataclass
+class Drain:
+    """Set on SIGTERM (app/draining.py): /readyz answers 503 and every answer carries
+    `Connection: close`, so that clients and load balancers move off before the server stops."""
+
+    draining: bool = False
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_in_flight: int = 256
+    max_receiving: int = 1024
+    body_timeout_s: float = 30.0
+
+
 class ServiceMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int, max_in_flight: int, metrics: Metrics | None = None) -> None:
-        self.app, self.max_body_bytes, self.max_in_flight = app, max_body_bytes, max_in_flight
-        self.metrics = metrics
-        self.in_flight = 0
+    """Which layer bounds what: uvicorn caps connections (VAE_MAX_CONNECTIONS, its
+    limit_concurrency) and closes idle keep-alive ones; app/server.py bounds the request head
+    (time and size); this middleware bounds everything after the head: the body's size and
+    arrival time, uploads still arriving, and requests computing."""
+
+    def __init__(self, app: ASGIApp, limits: HttpLimits, metrics: Metrics | None = None, drain: Drain | None = None
+                 ) -> None:
+        self.app, self.limits, self.metrics = app, limits, metrics
+        self.drain = drain or Drain()
+        self.in_flight = 0  # requests computing: their body (if any) is in
+        self.receiving = 0  # requests whose body is still arriving
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -45,64 +73,115 @@ class ServiceMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
+        limits = self.limits
         headers = dict(scope["headers"])
         rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
         status = 500
         started = False
+        extra_headers = [(b"x-request-id", rid.encode("latin-1"))]
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 status, started = message["status"], True
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode("latin-1"))]
+                more = [*extra_headers, (b"connection", b"close")] if self.drain.draining else extra_headers
+                message["headers"] = [*message.get("headers", ()), *more]
             await send(message)
+
+        async def refuse(error: ServiceError) -> None:
+            await error_response_for(path, error)(scope, receive, send_with_id)
+            self._done(scope, rid, status, start)
 
         path = scope["path"]
         # Protocol GETs are health and metadata: probes, never refused either.
         limited = path not in UNLIMITED and not (scope["method"] == "GET" and is_protocol(path))
-        if limited and self.in_flight >= self.max_in_flight:
-            await error_response_for(path, Overloaded(f"{self.in_flight} requests in progress; the limit is "
-                                                    f"{self.max_in_flight} (VAE_MAX_IN_FLIGHT)"))(scope, receive,
-                                                                                                  send_with_id)
-            self._done(scope, rid, status, start)
-            return
-
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            await error_response_for(path, BodyTooLarge(f"{int(length)} bytes; the limit is {self.max_body_bytes} "
-                                                      "(VAE_MAX_BODY_BYTES)"))(scope, receive, send_with_id)
-            self._done(scope, rid, status, start)
+        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
+            await refuse(BodyTooLarge(f"{int(length)} bytes; the limit is {limits.max_body_bytes} "
+                                      "(VAE_MAX_BODY_BYTES)"))
             return
+        # A compute slot is taken once the body is in: a slow upload holds only a receiving slot,
+        # and never stops a fast request from being served.
+        uploading = limited and ((length is not None and length != b"0") or b"transfer-encoding" in headers)
+        if uploading and self.receiving >= limits.max_receiving:
+            await refuse(Overloaded(f"{self.receiving} uploads still arriving; the limit is {limits.max_receiving} "
+                                    "(VAE_MAX_RECEIVING)"))
+            return
+        if limited and not uploading and not self._take_slot():
+            await refuse(self._full())
+            return
+        computing = limited and not uploading
+        self.receiving += uploading
+        task = asyncio.current_task()
+        timed_out = False
 
+        def too_slow() -> None:
+            nonlocal timed_out
+            timed_out = True
+            if task is not None:
+                task.cancel()
+
+        timer = asyncio.get_running_loop().call_later(limits.body_timeout_s, too_slow) if uploading else None
         received = 0
 
         async def counting_receive() -> Message:
-            nonlocal received
+            nonlocal received, uploading, computing
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise BodyTooLarge(f"more than {self.max_body_bytes} bytes; the limit is {self.max_body_bytes} "
-                                       "(VAE_MAX_BODY_BYTES)")
+                if received > limits.max_body_bytes:
+                    raise BodyTooLarge(f"more than {limits.max_body_bytes} bytes; the limit is "
+                                       f"{limits.max_body_bytes} (VAE_MAX_BODY_BYTES)")
+                if message.get("more_body", False):
+                    return message
+            if uploading:  # the whole body is in (or the client left): from receiving to computing
+                uploading = False
+                self.receiving -= 1
+                if timer is not None:
+                    timer.cancel()
+                if not self._take_slot():
+                    raise self._full()
+                computing = True
             return message
 
-        self.in_flight += limited
-        if limited and self.metrics is not None:
-            self.metrics.in_flight.inc()
         try:
             await self.app(scope, counting_receive, send_with_id)
+        except asyncio.CancelledError:
+            if not timed_out:
+                raise
+            task.uncancel()  # type: ignore[union-attr]
+            extra_headers.append((b"connection", b"close"))  # the rest of the body is never read
+            if not started:
+                await error_response_for(path, RequestTimeout(
+                    f"the body did not arrive within {limits.body_timeout_s:g} s ({received} bytes came; "
+                    "VAE_BODY_TIMEOUT_S)"))(scope, receive, send_with_id)
         except Exception as e:
             if started:  # too late for an error answer; the server closes the connection
                 raise
             response = error_response_for(path, e) if isinstance(e, ServiceError) else internal_error_response(e)
             await response(scope, receive, send_with_id)
         finally:
-            self.in_flight -= limited
-            if limited and self.metrics is not None:
-                self.metrics.in_flight.dec()
+            if timer is not None:
+                timer.cancel()
+            self.receiving -= uploading
+            if computing:
+                self.in_flight -= 1
+                if self.metrics is not None:
+                    self.metrics.in_flight.dec()
             self._done(scope, rid, status, start)
+
+    def _take_slot(self) -> bool:
+        if self.in_flight >= self.limits.max_in_flight:
+            return False
+        self.in_flight += 1
+        if self.metrics is not None:
+            self.metrics.in_flight.inc()
+        return True
+
+    def _full(self) -> Overloaded:
+        return Overloaded(f"{self.in_flight} requests in progress; the limit is {self.limits.max_in_flight} "
+                          "(VAE_MAX_IN_FLIGHT)")
 
     def _done(self, scope: Scope, rid: str, status: int, start: float) -> None:
         if self.metrics is not None:

@@ -51,14 +51,29 @@ class Settings(BaseSettings):
                                "the compute thread so the service keeps answering (0 = always the compute thread)")
     max_in_flight: int = Field(256, ge=1, description="most model requests in progress at once; beyond it the "
                                "service answers 503 with Retry-After at once instead of queueing")
+    max_receiving: int = Field(1024, ge=1, description="most uploads still arriving at once (a request counts "
+                               "against VAE_MAX_IN_FLIGHT only once its body is in); beyond it 503 at once")
+    max_connections: int = Field(2048, ge=1, description="vae-serve: most open connections plus requests in "
+                                 "progress (uvicorn's limit_concurrency); a request beyond it is answered 503 at "
+                                 "once, so that a connection flood cannot exhaust memory or file descriptors")
+    header_timeout_s: float = Field(5.0, gt=0, description="vae-serve: a request's head (request line and "
+                                    "headers) must arrive within this long of its first byte; 408 and the "
+                                    "connection closed after")
+    max_header_bytes: int = Field(32768, ge=1024, description="vae-serve: largest request head (request line and "
+                                  "headers); 431 and the connection closed above")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request's body must arrive within this long of its "
+                                  "head (10 MB takes 30 s at 2.8 Mbit/s); 408 and the connection closed after")
     request_timeout_s: float = Field(30.0, gt=0, description="longest a request's images may take to decode, "
                                      "and longest it may wait for its forward pass (504 after either)")
     keep_alive_s: float = Field(75.0, gt=0, description="vae-serve: how long an idle keep-alive connection stays "
                                 "open; longer than clients' and proxies' own idle timeouts (httpx 5 s, nginx and "
                                 "cloud load balancers 60 s), so that they close first: a server that closes first "
                                 "races the client's next request on that connection, which then fails with a reset")
-    shutdown_grace_s: float = Field(20.0, gt=0, description="on SIGTERM: stop accepting, let in-flight requests "
-                                    "finish for at most this long, then exit 0")
+    drain_delay_s: float = Field(5.0, ge=0, description="on SIGTERM: first report not ready (/readyz 503) and "
+                                 "keep answering, with Connection: close, for this long, so that load balancers "
+                                 "and clients move off before the server stops accepting")
+    shutdown_grace_s: float = Field(20.0, gt=0, description="on SIGTERM, after the drain delay: stop accepting, let "
+                                    "in-flight requests finish for at most this long, then exit 0")
     metrics: bool = Field(True, description="serve Prometheus metrics at GET /metrics (and count them); false: "
                           "neither")
     bare_endpoint: bool = Field(False, description="serve POST /_bare, which only reads the body: the HTTP "

@@ -85,7 +85,8 @@ def vae_serve(env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen]]:
     ready, and the process; on leaving, SIGTERM, and the exit status must be 0."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "app.cli"], cwd=REPO,
-                            env={**os.environ, "VAE_LOG_LEVEL": "warning", **env, "VAE_PORT": str(port)})
+                            env={**os.environ, "VAE_LOG_LEVEL": "warning", "VAE_DRAIN_DELAY_S": "0", **env,
+                                 "VAE_PORT": str(port)})
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180  # a loaded CI machine can take a while to import torch

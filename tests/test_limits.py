@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 
 from app.main import create_app
-from app.middleware import ServiceMiddleware
+from app.middleware import HttpLimits, ServiceMiddleware
 from app.settings import Settings
 from tests.conftest import TEST_DATA, vae_serve
 
@@ -30,7 +30,7 @@ def test_requests_beyond_in_flight_limit_get_503_at_once() -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
-    app = ServiceMiddleware(slow_app, max_body_bytes=1000, max_in_flight=2)
+    app = ServiceMiddleware(slow_app, HttpLimits(max_body_bytes=1000, max_in_flight=2))
 
     async def main() -> list[httpx.Response]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
@@ -126,7 +126,9 @@ def scan(size: int = 4000) -> bytes:
 @pytest.mark.slow
 def test_probes_answer_while_the_heaviest_request_decodes(models_dir: Path) -> None:
     """64 page scans of 4000 x 4000 pixels in one multipart request, within every default limit, take
-    seconds to decode: off the event loop, so /healthz and /readyz keep answering within 50 ms."""
+    seconds to decode: off the event loop, so /healthz and /readyz keep answering meanwhile. Decoding on
+    the event loop would hold every probe for the whole decode (seconds); the bound of 0.5 s leaves
+    room for a busy CI machine (alone, the probes take a few ms)."""
     heavy = multipart([scan()] * 64)
     assert len(heavy) < Settings().max_body_bytes
     with vae_serve({"VAE_MODELS_DIR": str(models_dir)}) as (base, _):
@@ -148,7 +150,7 @@ def test_probes_answer_while_the_heaviest_request_decodes(models_dir: Path) -> N
         answer, latencies = asyncio.run(main())
     assert answer.status_code == 200 and len(answer.json()["results"]) == 64
     assert len(latencies) >= 10, "the heavy request finished too soon to measure anything"
-    assert max(latencies) < 0.05, sorted(latencies)[-5:]
+    assert max(latencies) < 0.5, sorted(latencies)[-5:]
 
 
 def test_decoding_past_the_request_timeout_is_a_504(models_dir: Path) -> None:

@@ -21,7 +21,7 @@ from PIL import Image
 
 from app.exceptions import InvalidInput
 from app.main import create_app
-from app.middleware import ServiceMiddleware
+from app.middleware import HttpLimits, ServiceMiddleware
 from app.protocol import codec
 from tests.conftest import TEST_DATA
 from tests.test_api import settings
@@ -370,7 +370,7 @@ def test_overload_gets_503_in_protocol_shape_and_protocol_probes_are_never_refus
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
-    app = ServiceMiddleware(slow_app, max_body_bytes=1000, max_in_flight=1)
+    app = ServiceMiddleware(slow_app, HttpLimits(max_body_bytes=1000, max_in_flight=1))
 
     async def main() -> list[httpx.Response]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:

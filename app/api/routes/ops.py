@@ -22,11 +22,16 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="200 once every model is loaded and warmed up, 503 before",
+@router.get("/readyz", summary="200 once every model is loaded and warmed up, 503 before and while draining after "
+            "SIGTERM",
             responses={503: ERRORS[503]})
 async def readyz(request: Request) -> JSONResponse:
-    if not request.app.state.ready:
+    state = request.app.state
+    if not state.ready:
         return service_error_response(Unavailable("models are loading"))
+    if state.drain.draining:
+        return service_error_response(Unavailable("shutting down (SIGTERM): requests on open connections are "
+                                                  "still answered for VAE_DRAIN_DELAY_S"))
     return JSONResponse({"status": "ready", "models": sorted(request.app.state.engines)})
 
 

@@ -34,10 +34,10 @@ async def server_live() -> dict[str, bool]:
     return {"live": True}
 
 
-@router.get("/v2/health/ready", summary="200 once every model is loaded and warmed up; 503 before (as KServe's "
-            "own server answers; clients read any status but 200 as not ready)")
+@router.get("/v2/health/ready", summary="200 once every model is loaded and warmed up; 503 before, and while "
+            "draining after SIGTERM (as KServe's own server answers; clients read any status but 200 as not ready)")
 async def server_ready(request: Request) -> JSONResponse:
-    ready = bool(request.app.state.ready)
+    ready = bool(request.app.state.ready) and not request.app.state.drain.draining
     return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
 
