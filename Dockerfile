@@ -33,6 +33,6 @@ EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=2).status != 200)"]
 
-# vae-serve = uvicorn with the VAE_* settings; on SIGTERM it drains in-flight requests
-# (VAE_SHUTDOWN_GRACE_S) and exits 0.
+# vae-serve = uvicorn with the VAE_* settings; on SIGTERM it reports not ready and keeps answering
+# for VAE_DRAIN_DELAY_S, then finishes in-flight requests (VAE_SHUTDOWN_GRACE_S) and exits 0.
 CMD ["python", "-m", "app.cli"]

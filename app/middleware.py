@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import error_response_for, internal_error_response, is_protocol
@@ -135,14 +136,15 @@ class ServiceMiddleware:
                                        f"{limits.max_body_bytes} (VAE_MAX_BODY_BYTES)")
                 if message.get("more_body", False):
                     return message
-            if uploading:  # the whole body is in (or the client left): from receiving to computing
+            if uploading:  # the whole body is in, or the client left
                 uploading = False
                 self.receiving -= 1
                 if timer is not None:
                     timer.cancel()
-                if not self._take_slot():
-                    raise self._full()
-                computing = True
+                if message["type"] == "http.request":  # from receiving to computing
+                    if not self._take_slot():
+                        raise self._full()
+                    computing = True
             return message
 
         try:
@@ -156,6 +158,8 @@ class ServiceMiddleware:
                 await error_response_for(path, RequestTimeout(
                     f"the body did not arrive within {limits.body_timeout_s:g} s ({received} bytes came; "
                     "VAE_BODY_TIMEOUT_S)"))(scope, receive, send_with_id)
+        except ClientDisconnect:  # the client left before sending its whole body: nobody to answer, no fault here
+            status = 499  # nginx's code for it, in the access log and metrics
         except Exception as e:
             if started:  # too late for an error answer; the server closes the connection
                 raise

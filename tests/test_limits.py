@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import resource
 import time
 from collections.abc import Iterator
@@ -160,3 +161,75 @@ def test_decoding_past_the_request_timeout_is_a_504(models_dir: Path) -> None:
                         headers={"content-type": "multipart/form-data; boundary=limitboundary"})
         assert r.status_code == 504 and r.json()["error"] == "compute timeout"
         assert client.post("/encode", content=DIGIT, headers={"content-type": "image/png"}).status_code == 200
+
+
+def asgi_call(app, method: str, body_parts: list[bytes], gate: asyncio.Event | None = None,
+              disconnect: bool = False) -> asyncio.Task:
+    """A request straight into an ASGI app; its body arrives in parts, the last after `gate` opens."""
+    sent: list[dict] = []
+    parts = list(body_parts)
+    headers = [(b"content-length", str(sum(map(len, body_parts))).encode()),
+               (b"content-type", b"image/png")] if body_parts else []
+    scope = {"type": "http", "method": method, "path": "/encode", "headers": headers, "query_string": b""}
+
+    async def receive() -> dict:
+        if len(parts) == 1 and gate is not None:
+            await gate.wait()
+            if disconnect:
+                return {"type": "http.disconnect"}
+        if parts:
+            return {"type": "http.request", "body": parts.pop(0), "more_body": bool(parts)}
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def run() -> list[dict]:
+        await app(scope, receive, send)
+        return sent
+
+    return asyncio.create_task(run())
+
+
+def test_uploads_hold_receiving_slots_and_compute_slots_only_once_their_body_is_in() -> None:
+    async def reading_app(scope, receive, send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    app = ServiceMiddleware(reading_app, HttpLimits(max_in_flight=1, max_receiving=2))
+
+    async def main() -> tuple[list, ...]:
+        gate = asyncio.Event()
+        slow = [asgi_call(app, "POST", [b"a", b"b"], gate) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        assert (app.receiving, app.in_flight) == (2, 0)  # trickling uploads hold no compute slot
+        third = await asgi_call(app, "POST", [b"a", b"b"], gate)  # a third upload: over VAE_MAX_RECEIVING
+        fast = await asgi_call(app, "GET", [])  # a request without a body computes at once
+        gate.set()
+        return [await t for t in slow], third, fast
+
+    slow, third, fast = asyncio.run(main())
+    assert [s[0]["status"] for s in slow] == [200, 200] and fast[0]["status"] == 200
+    assert third[0]["status"] == 503
+    assert json.loads(third[1]["body"])["detail"] == "2 uploads still arriving; the limit is 2 (VAE_MAX_RECEIVING)"
+    assert (app.receiving, app.in_flight) == (0, 0)
+
+
+def test_a_client_that_leaves_mid_upload_is_no_error(models_dir: Path, caplog) -> None:
+    """Starlette raises ClientDisconnect; nobody is left to answer, and it is no bug to log as one."""
+    app = create_app(Settings(models_dir=models_dir, default_model="vae"))
+
+    async def main() -> list[dict]:
+        async with app.router.lifespan_context(app):
+            gate = asyncio.Event()
+            task = asgi_call(app, "POST", [DIGIT[:50], DIGIT[50:]], gate, disconnect=True)
+            gate.set()
+            return await task
+
+    with caplog.at_level("INFO", logger="app"):
+        sent = asyncio.run(main())
+    assert sent == []  # no answer to a client that has gone
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert any('"status": 499' in r.getMessage() for r in caplog.records if r.name == "app.access")
