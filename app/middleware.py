@@ -65,6 +65,11 @@ class ServiceMiddleware:
         self.drain = drain or Drain()
         self.in_flight = 0  # requests computing: their body (if any) is in
         self.receiving = 0  # requests whose body is still arriving
+        # The uploads' deadlines, checked by one sweep (every quarter of the timeout, at most a
+        # second) rather than a timer per request, which under load costs more than the check.
+        self.deadlines: dict[asyncio.Task[Any], float] = {}
+        self.expired: set[asyncio.Task[Any]] = set()
+        self.sweeping = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -115,15 +120,11 @@ class ServiceMiddleware:
         computing = limited and not uploading
         self.receiving += uploading
         task = asyncio.current_task()
-        timed_out = False
-
-        def too_slow() -> None:
-            nonlocal timed_out
-            timed_out = True
-            if task is not None:
-                task.cancel()
-
-        timer = asyncio.get_running_loop().call_later(limits.body_timeout_s, too_slow) if uploading else None
+        if uploading and task is not None:
+            self.deadlines[task] = time.monotonic() + limits.body_timeout_s
+            if not self.sweeping:
+                self.sweeping = True
+                asyncio.get_running_loop().call_later(self._sweep_interval(), self._sweep)
         received = 0
 
         async def counting_receive() -> Message:
@@ -139,8 +140,7 @@ class ServiceMiddleware:
             if uploading:  # the whole body is in, or the client left
                 uploading = False
                 self.receiving -= 1
-                if timer is not None:
-                    timer.cancel()
+                self.deadlines.pop(task, None)  # type: ignore[arg-type]
                 if message["type"] == "http.request":  # from receiving to computing
                     if not self._take_slot():
                         raise self._full()
@@ -150,8 +150,9 @@ class ServiceMiddleware:
         try:
             await self.app(scope, counting_receive, send_with_id)
         except asyncio.CancelledError:
-            if not timed_out:
+            if task not in self.expired:
                 raise
+            self.expired.discard(task)  # type: ignore[arg-type]
             task.uncancel()  # type: ignore[union-attr]
             extra_headers.append((b"connection", b"close"))  # the rest of the body is never read
             if not started:
@@ -166,14 +167,31 @@ class ServiceMiddleware:
             response = error_response_for(path, e) if isinstance(e, ServiceError) else internal_error_response(e)
             await response(scope, receive, send_with_id)
         finally:
-            if timer is not None:
-                timer.cancel()
+            if uploading:
+                self.deadlines.pop(task, None)  # type: ignore[arg-type]
+                self.expired.discard(task)  # type: ignore[arg-type]
             self.receiving -= uploading
             if computing:
                 self.in_flight -= 1
                 if self.metrics is not None:
                     self.metrics.in_flight.dec()
             self._done(scope, rid, status, start)
+
+    def _sweep_interval(self) -> float:
+        return min(1.0, self.limits.body_timeout_s / 4)
+
+    def _sweep(self) -> None:
+        """Cancel the uploads past their deadline (each answers 408); again later while any are left."""
+        now = time.monotonic()
+        for task, deadline in list(self.deadlines.items()):
+            if now > deadline:
+                del self.deadlines[task]
+                self.expired.add(task)
+                task.cancel()
+        if self.deadlines:
+            asyncio.get_running_loop().call_later(self._sweep_interval(), self._sweep)
+        else:
+            self.sweeping = False
 
     def _take_slot(self) -> bool:
         if self.in_flight >= self.limits.max_in_flight:

@@ -31,11 +31,14 @@ class HeadRefused(Exception):
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """One sweep per connection set checks the heads' deadlines (every quarter of the timeout, at
+    most a second): no timer per request, which under load costs more than the whole check."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         settings = get_settings()
         self.header_timeout_s, self.max_header_bytes = settings.header_timeout_s, settings.max_header_bytes
-        self.head_timer: asyncio.TimerHandle | None = None
+        self.head_since: float | None = None  # loop time of the current head's first byte, while incomplete
         self.head_bytes = 0  # bytes received while the current head is incomplete
         self.chunk_bytes = 0
         self.refusal: tuple[int, str, str] | None = None
@@ -43,10 +46,23 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+        if not getattr(self.server_state, "head_sweep", False):
+            self.server_state.head_sweep = True  # type: ignore[attr-defined]
+            self.loop.call_later(self._sweep_interval(), self._sweep)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_head_timer()
-        super().connection_lost(exc)
+    def _sweep_interval(self) -> float:
+        return min(1.0, self.header_timeout_s / 4)
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        for conn in list(self.connections):
+            since = getattr(conn, "head_since", None)
+            if since is not None and now - since > conn.header_timeout_s:
+                conn._head_too_slow()
+        if self.connections:
+            self.loop.call_later(self._sweep_interval(), self._sweep)
+        else:
+            self.server_state.head_sweep = False  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         """uvicorn's, with the head's size counted and its refusals answered."""
@@ -67,7 +83,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.logger.warning("Invalid HTTP request received.")
             self.send_400_response("Invalid HTTP request received.")
             return
-        if self.head_timer is not None:  # the head is still arriving
+        if self.head_since is not None:  # the head is still arriving
             self.head_bytes += len(data)
             if self.head_bytes > self.max_header_bytes:
                 self._refuse(431, "request header fields too large", self._too_large())
@@ -75,10 +91,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.head_bytes = 0
-        self.head_timer = self.loop.call_later(self.header_timeout_s, self._head_too_slow)
+        self.head_since = self.loop.time()
 
     def on_headers_complete(self) -> None:
-        self._stop_head_timer()
+        self.head_since = None
         # Only when this chunk could hold a head over the limit is the head measured exactly.
         if self.head_bytes + self.chunk_bytes > self.max_header_bytes:
             size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers) + 16
@@ -91,18 +107,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         return f"the request head is over {self.max_header_bytes} bytes (VAE_MAX_HEADER_BYTES)"
 
     def _head_too_slow(self) -> None:
-        self.head_timer = None
         self._refuse(408, "request timeout", f"the request head did not arrive within {self.header_timeout_s:g} s "
                      "(VAE_HEADER_TIMEOUT_S)")
 
-    def _stop_head_timer(self) -> None:
-        if self.head_timer is not None:
-            self.head_timer.cancel()
-            self.head_timer = None
-
     def _refuse(self, status: int, error: str, detail: str) -> None:
         """A JSON error, as the app's, then close: what is left of this request is never read."""
-        self._stop_head_timer()
+        self.head_since = None
         if self.transport.is_closing():
             return
         body = json.dumps({"error": error, "detail": detail}).encode()
