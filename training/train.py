@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -18,11 +19,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from app.contract import DEFAULT_ANOMALY_K, INPUT_SHAPE
 from app.devices import NoGpu, resolve_device
-from training import anomaly, export, plots
+from training import anomaly, distributed, export, plots
 from training.data import DataError, binarize, load_mnist, to_float
 from training.evaluate import evaluate
 from training.model import VAEBase, build, loss_function
@@ -52,6 +54,7 @@ class TrainConfig:
     resume: bool = False
     no_progress: bool = False
     score_epochs: int = 4
+    world_size: int = 1  # processes the run was trained with (torchrun); --batch-size is their global batch
 
     def recorded(self) -> dict[str, Any]:
         """What the model depends on: the flags that only steer this process (paths, bars, resuming) left out."""
@@ -88,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
     p.add_argument("--score-epochs", type=int, default=d.score_epochs,
                    help="epochs of the anomaly score's outlier head (training/anomaly.py); 0: serve the plain bound")
-    return TrainConfig(**vars(p.parse_args(argv)))
+    return TrainConfig(**vars(p.parse_args(argv)), world_size=int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def objective(model: VAEBase, x: Tensor, iw_k: int) -> Tensor:
@@ -99,26 +102,44 @@ def objective(model: VAEBase, x: Tensor, iw_k: int) -> Tensor:
     return -model.log_likelihood(x, iw_k).sum()
 
 
-def train_epoch(model: VAEBase, opt: torch.optim.Optimizer, sched: Any, x: Tensor, cfg: TrainConfig,
-                epoch: int) -> float:
+class Objective(torch.nn.Module):
+    """The objective as a module's forward: what DistributedDataParallel wraps, since it synchronises
+    the gradients of what goes through forward() (the IWAE objective calls another method)."""
+
+    def __init__(self, model: VAEBase, iw_k: int) -> None:
+        super().__init__()
+        self.model, self.iw_k = model, iw_k
+
+    def forward(self, x: Tensor) -> Tensor:
+        return objective(self.model, x, self.iw_k)
+
+
+def train_epoch(model: VAEBase, loss_of: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, x: Tensor,
+                cfg: TrainConfig, epoch: int, world: distributed.World = distributed.World()) -> float:
+    """One pass over x in global batches of cfg.batch_size; this rank computes every world.size-th row
+    of each. The order comes from its own generator, so that every rank draws the same one."""
     model.train()
-    perm = torch.randperm(x.shape[0], device=x.device)
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+    perm = perm.to(x.device)
     total = 0.0
     batches = range(0, x.shape[0], cfg.batch_size)
-    bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=cfg.no_progress, unit="batch")
+    bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=cfg.no_progress or not world.is_main,
+               unit="batch")
     for start in bar:
-        xb = x[perm[start : start + cfg.batch_size]]
+        xb = x[world.share(perm[start : start + cfg.batch_size])]
         if cfg.binarize == "dynamic":
             xb = binarize(xb)
-        loss = objective(model, xb, cfg.iw_k)
+        loss = loss_of(xb)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # DDP averages the ranks' gradients; times world.size, that is the gradient of the loss summed
+        # over the whole global batch, as one process computes it.
+        (loss * world.size).backward()
         opt.step()
         if sched is not None:
             sched.step()
         total += loss.item()
-        bar.set_postfix(loss=f"{loss.item() / xb.shape[0]:.2f}")
-    return total / x.shape[0]
+        bar.set_postfix(loss=f"{loss.item() / max(xb.shape[0], 1):.2f}")
+    return world.sum(total, x.device) / x.shape[0]
 
 
 @torch.no_grad()
@@ -152,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     except NoGpu as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    world = distributed.start(device)
+    device = world.device(device)
     torch.manual_seed(cfg.seed)
 
     try:
@@ -164,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     test_target = binarize(test_x, torch.Generator(device).manual_seed(0)) if cfg.binarize == "dynamic" else test_x
 
     model = build(cfg.arch, cfg.latent_dim, cfg.hidden).to(device)
+    loss_of: torch.nn.Module = Objective(model, cfg.iw_k)
+    if world.size > 1:  # rank 0's initial weights go to every rank; each then draws its own noise
+        loss_of = DistributedDataParallel(loss_of, device_ids=[device.index] if device.type == "cuda" else None)
+        torch.manual_seed(cfg.seed + world.rank)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     steps = cfg.epochs * math.ceil(train_x.shape[0] / cfg.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if cfg.schedule == "cosine" else None
@@ -180,18 +207,24 @@ def main(argv: list[str] | None = None) -> int:
         if sched is not None and state["sched"] is not None:
             sched.load_state_dict(state["sched"])
         history, start_epoch = state["history"], state["epoch"] + 1
-        torch.set_rng_state(state["rng"])
-        print(f"resumed from {ckpt} after epoch {state['epoch']}")
+        if world.size == 1:
+            torch.set_rng_state(state["rng"])
+        else:  # one saved state for all ranks: each continues from its own seed instead
+            torch.manual_seed(cfg.seed + world.rank + 1_000 * start_epoch)
+        say(world, f"resumed from {ckpt} after epoch {state['epoch']}")
 
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{name}: arch={cfg.arch} latent={cfg.latent_dim} hidden={cfg.hidden} params={n_params:,} "
-          f"device={device} train={train_x.shape[0]} test={test_x.shape[0]}")
+    say(world, f"{name}: arch={cfg.arch} latent={cfg.latent_dim} hidden={cfg.hidden} params={n_params:,} "
+        f"device={device} train={train_x.shape[0]} test={test_x.shape[0]} processes={world.size} "
+        f"global batch={cfg.batch_size}")
     epoch = start_epoch - 1
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             t0 = time.perf_counter()
-            train_loss = train_epoch(model, opt, sched, train_x, cfg, epoch)
+            train_loss = train_epoch(model, loss_of, opt, sched, train_x, cfg, epoch, world)
             seconds = time.perf_counter() - t0
+            if not world.is_main:
+                continue
             test_loss = test_epoch(model, test_target, cfg)
             history.append({"epoch": epoch, "train_loss": round(train_loss, 4), "test_loss": round(test_loss, 4),
                             "seconds": round(seconds, 2)})
@@ -199,16 +232,25 @@ def main(argv: list[str] | None = None) -> int:
                   f"({seconds:.1f}s)", flush=True)
             save_checkpoint(ckpt, model, opt, sched, epoch, history, cfg)
     except KeyboardInterrupt:
-        # The interrupted epoch's partial updates are kept; --resume repeats that epoch from them.
-        save_checkpoint(ckpt, model, opt, sched, epoch - 1 if history and history[-1]["epoch"] != epoch else epoch,
-                        history, cfg)
-        print(f"\ninterrupted: checkpoint saved to {ckpt}; continue with the same command plus --resume",
-              file=sys.stderr)
+        if world.is_main:
+            # The interrupted epoch's partial updates are kept; --resume repeats that epoch from them.
+            save_checkpoint(ckpt, model, opt, sched,
+                            epoch - 1 if history and history[-1]["epoch"] != epoch else epoch, history, cfg)
+            print(f"\ninterrupted: checkpoint saved to {ckpt}; continue with the same command plus --resume",
+                  file=sys.stderr)
         return 130
+    distributed.stop(world)
+    if not world.is_main:
+        return 0
 
     train_y = data.train_labels[: cfg.train_limit]
     finish(model, cfg, name, data.sha256, (train_x, train_y), test_x, data.test_labels, history, device)
     return 0
+
+
+def say(world: distributed.World, message: str) -> None:
+    if world.is_main:
+        print(message, flush=True)
 
 
 def finish(model: VAEBase, cfg: TrainConfig, name: str, sha256: dict[str, str], train: tuple[Tensor, Tensor],
