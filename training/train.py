@@ -117,10 +117,15 @@ class Objective(torch.nn.Module):
 def train_epoch(model: VAEBase, loss_of: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, x: Tensor,
                 cfg: TrainConfig, epoch: int, world: distributed.World = distributed.World()) -> float:
     """One pass over x in global batches of cfg.batch_size; this rank computes every world.size-th row
-    of each. The order comes from its own generator, so that every rank draws the same one."""
+    of each. Several ranks take the order from a generator of their own, so that all draw the same
+    one whatever noise each drew before; one process keeps the global generator (the shipped models'
+    runs, which `make models` repeats exactly)."""
     model.train()
-    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-    perm = perm.to(x.device)
+    if world.size == 1:
+        perm = torch.randperm(x.shape[0], device=x.device)
+    else:
+        perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        perm = perm.to(x.device)
     total = 0.0
     batches = range(0, x.shape[0], cfg.batch_size)
     bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=cfg.no_progress or not world.is_main,
