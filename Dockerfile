@@ -16,8 +16,20 @@ WORKDIR /srv
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
 
+# Which torch build: empty (the default) takes PyPI's, which carries CUDA (6.1 GB image, the
+# same for CPU and GPU hosts); an index of CPU-only wheels, e.g. PyTorch's own
+# (--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu), makes a CPU-only image
+# of roughly a sixth of that size. The versions are pyproject.toml's either way.
+ARG TORCH_INDEX_URL=
+
 # Dependencies first, from pyproject.toml alone: this layer is reused until they change.
 COPY pyproject.toml ./
+RUN if [ -n "$TORCH_INDEX_URL" ]; then \
+        python -c "import tomllib; print('\n'.join(d for d in tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'] if d.startswith(('torch==', 'torchvision=='))))" \
+            > /tmp/torch.txt \
+        && pip install --index-url "$TORCH_INDEX_URL" --requirement /tmp/torch.txt \
+        && rm /tmp/torch.txt; \
+    fi
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
     && pip install --requirement /tmp/requirements.txt \
