@@ -20,13 +20,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.serve import DIGIT, REPO, free_port, lua_script, protocol_bodies, start_server, wrk
+from bench.serve import DIGIT, REPO, free_port, lua_script, protocol_bodies, start_server, wait_ready, wrk
 
 INFER = "/v2/models/vae.encode/infer"
 
@@ -35,16 +33,7 @@ def start_kserve(port: int) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "kserve_encoder.py"), "--http_port", str(port),
                              "--model_path", str(REPO / "models" / "vae.pt"), "--configure_logging", "false"],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/vae.encode/ready", timeout=1) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("the KServe server did not become ready in 120 s")
+    return wait_ready(proc, f"http://127.0.0.1:{port}/v2/models/vae.encode/ready", "the KServe server")
 
 
 def scripts(folder: Path) -> dict[str, tuple[str, Path]]:

@@ -99,16 +99,21 @@ def start_server(port: int, env_extra: dict[str, str]) -> subprocess.Popen:
     """`vae-serve` on loopback with the bundled models, once /readyz answers 200 (bench/soak.py uses it too)."""
     env = {**os.environ, "VAE_LOG_LEVEL": "warning", "VAE_HOST": "127.0.0.1", "VAE_PORT": str(port), **env_extra}
     proc = subprocess.Popen([sys.executable, "-m", "app.cli"], cwd=REPO, env=env, stdout=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    return wait_ready(proc, f"http://127.0.0.1:{port}/readyz", "server")
+
+
+def wait_ready(proc: subprocess.Popen, url: str, what: str, timeout_s: float = 120) -> subprocess.Popen:
+    """`proc` once `url` answers 200; killed, and the benchmark stopped, if it does not within `timeout_s`."""
+    deadline = time.time() + timeout_s
     while time.time() < deadline:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+            with urllib.request.urlopen(url, timeout=1) as r:
                 if r.status == 200:
                     return proc
         except OSError:
             time.sleep(0.3)
     proc.kill()
-    raise SystemExit("server did not become ready in 120 s")
+    raise SystemExit(f"{what} did not become ready in {timeout_s:g} s")
 
 
 def parse_wrk(out: str) -> dict[str, float]:
