@@ -18,10 +18,9 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any
 
 from app.middleware import Drain
 
@@ -47,11 +46,11 @@ def drain_on_sigterm(drain: Drain, delay_s: float) -> Iterator[None]:
     def on_sigterm(sig: int, frame: FrameType | None) -> None:
         nonlocal timer
         if drain.draining:  # a second SIGTERM: no more waiting
-            _call(server_handler, sig, frame)
+            server_handler(sig, frame)
             return
         drain.draining = True
         log.info("SIGTERM: draining for %g s (not ready, Connection: close), then shutting down", delay_s)
-        timer = threading.Timer(delay_s, _call, (server_handler, sig, frame))
+        timer = threading.Timer(delay_s, server_handler, (sig, frame))
         timer.daemon = True
         timer.start()
 
@@ -64,6 +63,3 @@ def drain_on_sigterm(drain: Drain, delay_s: float) -> Iterator[None]:
         if signal.getsignal(signal.SIGTERM) is on_sigterm:
             signal.signal(signal.SIGTERM, server_handler)
 
-
-def _call(handler: Callable[..., Any], sig: int, frame: FrameType | None) -> None:
-    handler(sig, frame)

@@ -23,15 +23,20 @@ from tests.conftest import TEST_DATA, vae_serve
 DIGIT = (TEST_DATA / "mnist_test_0_digit_7.png").read_bytes()
 
 
-def test_requests_beyond_in_flight_limit_get_503_at_once() -> None:
-    release = asyncio.Event()
+def held_app(release: asyncio.Event):
+    """An ASGI app that answers 200 only once `release` is set: requests held in progress."""
 
-    async def slow_app(scope, receive, send) -> None:
+    async def app(scope, receive, send) -> None:
         await release.wait()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
-    app = ServiceMiddleware(slow_app, HttpLimits(max_body_bytes=1000, max_in_flight=2))
+    return app
+
+
+def test_requests_beyond_in_flight_limit_get_503_at_once() -> None:
+    release = asyncio.Event()
+    app = ServiceMiddleware(held_app(release), HttpLimits(max_body_bytes=1000, max_in_flight=2))
 
     async def main() -> list[httpx.Response]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:

@@ -25,6 +25,7 @@ from app.middleware import HttpLimits, ServiceMiddleware
 from app.protocol import codec
 from tests.conftest import TEST_DATA
 from tests.test_api import settings
+from tests.test_limits import held_app
 
 PNGS = [p.read_bytes() for p in sorted(TEST_DATA.glob("mnist_test_*.png"))[:3]]
 PIXELS = np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in PNGS])  # uint8 [3, 28, 28]
@@ -364,13 +365,7 @@ def test_protocol_errors_keep_the_body_limit_overload_and_timeout_statuses(model
 
 def test_overload_gets_503_in_protocol_shape_and_protocol_probes_are_never_refused() -> None:
     release = asyncio.Event()
-
-    async def slow_app(scope, receive, send) -> None:
-        await release.wait()
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"{}"})
-
-    app = ServiceMiddleware(slow_app, HttpLimits(max_body_bytes=1000, max_in_flight=1))
+    app = ServiceMiddleware(held_app(release), HttpLimits(max_body_bytes=1000, max_in_flight=1))
 
     async def main() -> list[httpx.Response]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:

@@ -32,8 +32,7 @@ def server(models_dir: Path) -> Iterator[str]:
 
 def connect(base: str) -> socket.socket:
     host, port = base.removeprefix("http://").split(":")
-    s = socket.create_connection((host, int(port)), timeout=10)
-    return s
+    return socket.create_connection((host, int(port)), timeout=10)
 
 
 def answer(s: socket.socket, within: float) -> tuple[bytes, float]:

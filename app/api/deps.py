@@ -56,6 +56,17 @@ def operation_id(route: APIRoute) -> str:
     return route.name
 
 
+def not_ready(request: Request) -> Unavailable | None:
+    """Why the service should get no new traffic now (/readyz, /v2/health/ready), or None."""
+    state = request.app.state
+    if not state.ready:
+        return Unavailable("models are loading")
+    if state.drain.draining:
+        return Unavailable("shutting down (SIGTERM): requests on open connections are still answered for "
+                           "VAE_DRAIN_DELAY_S")
+    return None
+
+
 def engines_of(request: Request) -> dict[str, Engine]:
     """Every served model's engine, once they are all loaded (503 before)."""
     if not request.app.state.ready:

@@ -8,9 +8,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from app.api.deps import SettingsDep, operation_id
+from app.api.deps import SettingsDep, not_ready, operation_id
 from app.errors import service_error_response
-from app.exceptions import Unavailable
 from app.inference import Engine
 from app.schemas import ERRORS
 
@@ -26,12 +25,9 @@ async def healthz() -> dict[str, str]:
             "SIGTERM",
             responses={503: ERRORS[503]})
 async def readyz(request: Request) -> JSONResponse:
-    state = request.app.state
-    if not state.ready:
-        return service_error_response(Unavailable("models are loading"))
-    if state.drain.draining:
-        return service_error_response(Unavailable("shutting down (SIGTERM): requests on open connections are "
-                                                  "still answered for VAE_DRAIN_DELAY_S"))
+    reason = not_ready(request)
+    if reason is not None:
+        return service_error_response(reason)
     return JSONResponse({"status": "ready", "models": sorted(request.app.state.engines)})
 
 

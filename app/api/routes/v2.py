@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.api.deps import engines_of, operation_id
+from app.api.deps import engines_of, not_ready, operation_id
 from app.inference import Engine
 from app.protocol import catalog, codec
 from app.schemas import PROTOCOL_ERRORS, PROTOCOL_INFER_BODY, PROTOCOL_INFER_RESPONSE
@@ -37,7 +37,7 @@ async def server_live() -> dict[str, bool]:
 @router.get("/v2/health/ready", summary="200 once every model is loaded and warmed up; 503 before, and while "
             "draining after SIGTERM (as KServe's own server answers; clients read any status but 200 as not ready)")
 async def server_ready(request: Request) -> JSONResponse:
-    ready = bool(request.app.state.ready) and not request.app.state.drain.draining
+    ready = not_ready(request) is None
     return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
 
