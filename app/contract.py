@@ -12,6 +12,8 @@ import math
 from typing import Any
 
 META_FILE = "meta.json"  # TorchScript extra file holding the self-description
+# Optional extra file of 2-D models: the test set's posterior means, for the page's latent map (latent_map()).
+LATENT_MAP_FILE = "latent_map.json"
 INPUT_SHAPE = [1, 28, 28]  # one image, without the batch dimension
 # Methods the service calls, with the shapes it calls them with (B images, D = latent_dim, k samples).
 METHODS: dict[str, str] = {
@@ -98,3 +100,46 @@ def score_methods(meta: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], str]
     if default not in methods:
         raise ValueError(f"anomaly_scores.default {default!r} is not among {sorted(methods)}")
     return methods, default
+
+
+def latent_map_block(mu: list[list[float]], labels: list[int], data: str) -> dict[str, Any]:
+    """`latent_map.json`, written by the training program: each test image's posterior mean and digit.
+
+    The extent is where the page draws and decodes: the middle 99.8% of the means, padded by a
+    tenth, so that a few stray means do not shrink the map; coordinates keep 3 decimals (a
+    thousandth of a unit is far below a pixel of any map).
+    """
+    xs, ys = sorted(m[0] for m in mu), sorted(m[1] for m in mu)
+
+    def span(v: list[float]) -> list[float]:
+        lo, hi = v[int(0.001 * (len(v) - 1))], v[int(0.999 * (len(v) - 1))]
+        pad = 0.1 * (hi - lo) or 1.0
+        return [round(lo - pad, 3), round(hi + pad, 3)]
+
+    return {"data": data, "n": len(mu), "extent": span(xs) + span(ys),
+            "x": [round(m[0], 3) for m in mu], "y": [round(m[1], 3) for m in mu], "label": [int(y) for y in labels]}
+
+
+def latent_map(block: Any, latent_dim: int) -> dict[str, Any]:
+    """`latent_map.json` read back and checked; ValueError says what is wrong with it."""
+    if latent_dim != 2:
+        raise ValueError(f"a latent map is for 2-D latents, and this model's latent_dim is {latent_dim}")
+    if not isinstance(block, dict):
+        raise ValueError("must be a JSON object")
+    extent = block.get("extent")
+    if (not isinstance(extent, list) or len(extent) != 4 or not all(_finite(v) for v in extent)
+            or not (extent[0] < extent[1] and extent[2] < extent[3])):
+        raise ValueError("extent must be [x_min, x_max, y_min, y_max], finite, min < max")
+    x, y, label = block.get("x"), block.get("y"), block.get("label")
+    if not (isinstance(x, list) and isinstance(y, list) and isinstance(label, list)) or not len(x) == len(y) == len(
+            label):
+        raise ValueError("x, y and label must be lists of one length")
+    if not all(_finite(v) for v in itertools.chain(x, y)):
+        raise ValueError("x and y must be finite numbers")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 9 for v in label):
+        raise ValueError("labels must be digits 0-9")
+    return {"data": str(block.get("data", "")), "n": len(x), "extent": extent, "x": x, "y": y, "label": label}
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)

@@ -22,6 +22,7 @@ log = logging.getLogger("app.errors")
 STATUS: dict[type[ex.ServiceError], int] = {
     ex.MalformedRequest: 400,
     ex.UnknownModel: 404,
+    ex.NoLatentMap: 404,
     ex.FormatNotAvailable: 406,
     ex.LimitExceeded: 413,
     ex.RequestTimeout: 408,

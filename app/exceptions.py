@@ -85,6 +85,12 @@ class UnknownModel(ServiceError):
     error = "unknown model"
 
 
+class NoLatentMap(ServiceError):
+    """The model carries no latent map: its latents are not 2-D, or it was exported without one."""
+
+    error = "no latent map"
+
+
 class FormatNotAvailable(ServiceError):
     error = "format not available"
 

@@ -94,6 +94,16 @@ class EncodeOut(BaseModel):
     results: list[Latent] | None = Field(None, description="one entry per image when a batch was sent")
 
 
+class LatentMapOut(BaseModel):
+    data: str = Field(description="what was encoded", examples=["MNIST test set, posterior means"])
+    n: int = Field(description="number of points", examples=[10000])
+    extent: list[float] = Field(description="[x_min, x_max, y_min, y_max]: where the means lie (middle 99.8%, "
+                                "padded by a tenth)", examples=[[-4.6, 3.9, -4.4, 5.3]])
+    x: list[float] = Field(description="z[0] of each image's posterior mean")
+    y: list[float] = Field(description="z[1] of each image's posterior mean")
+    label: list[int] = Field(description="each image's digit")
+
+
 Z_LIMIT = 1e4  # |z| beyond this is no latent a Gaussian prior produces; it only makes the decoder overflow
 LatentValue = Annotated[float, Field(ge=-Z_LIMIT, le=Z_LIMIT, strict=True)]  # NaN and inf fail the bounds
 

@@ -68,6 +68,11 @@ EXAMPLES: list[tuple[str, str]] = [
     ("Why: input as seen, reconstruction and per-pixel -log p(x_i|z) for the question mark and a digit, as a PNG:",
      f"curl -s -F file=@{D}/printed_question_mark.png -F file=@{D}/mnist_test_0_digit_7.png "
      "'localhost:8000/anomaly-score?format=png' -o /tmp/why.png -w '%{http_code} %{content_type}\\n'"),
+    ("The 2-D model's latent map (the page at `/` draws it): where each MNIST test image's posterior mean lies, "
+     "with its digit:",
+     "curl -s --compressed localhost:8000/models/vae-2d/latent-map | python3 -c 'import json,sys; m=json.load("
+     "sys.stdin); print(m[\"data\"], m[\"n\"], m[\"extent\"]); print(list(zip(m[\"x\"], m[\"y\"], "
+     "m[\"label\"]))[:3])'"),
     ("The Open Inference Protocol (below): a protocol model's metadata, then an inference with the PNG as a BYTES "
      "tensor (base64 in JSON):", "curl -s localhost:8000/v2/models/vae-2d.encode"),
     ("", "curl -s -d \"{\\\"inputs\\\": [{\\\"name\\\": \\\"image_files\\\", \\\"datatype\\\": "

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from app.contract import META_FILE
+from app.contract import LATENT_MAP_FILE, META_FILE
 from training.model import VAEBase
 
 
@@ -21,9 +21,13 @@ def script(model: nn.Module) -> torch.jit.ScriptModule:
     return torch.jit.script(model.cpu().eval())
 
 
-def save(scripted: torch.jit.ScriptModule, path: Path, meta: dict[str, Any]) -> None:
+def save(scripted: torch.jit.ScriptModule, path: Path, meta: dict[str, Any],
+         latent_map: dict[str, Any] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.jit.save(scripted, str(path), _extra_files={META_FILE: json.dumps(meta, indent=2)})
+    extra = {META_FILE: json.dumps(meta, indent=2)}
+    if latent_map is not None:
+        extra[LATENT_MAP_FILE] = json.dumps(latent_map, separators=(",", ":"))
+    torch.jit.save(scripted, str(path), _extra_files=extra)
 
 
 def load(path: Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from app.contract import DEFAULT_ANOMALY_K
-from training import export
+from training import export, latent_map
 from training.anomaly import attach
 from training.data import DataError, load_mnist, to_float
 from training.model import VAEBase, build
@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     model, meta = attach(vae, meta, to_float(data.train_images[:n]), data.train_labels[:n], to_float(data.test_images),
                          args.k, args.epochs, args.seed, progress=not args.no_progress)
     out = args.out or args.model
-    export.save(export.script(model), out, meta)
+    lmap = latent_map.build(vae.encode, to_float(data.test_images), data.test_labels) if vae.latent_dim == 2 else None
+    export.save(export.script(model), out, meta, lmap)
     reloaded, _ = export.load(out)
     diff = export.parity(model, reloaded, to_float(data.test_images[:256]))
     print(f"wrote {out} (parity {diff:.1e}); calibration p50/p99: "

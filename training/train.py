@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from app.contract import DEFAULT_ANOMALY_K, INPUT_SHAPE
 from app.devices import NoGpu, resolve_device
-from training import anomaly, distributed, export, plots
+from training import anomaly, distributed, export, latent_map, plots
 from training.data import DataError, binarize, load_mnist, to_float
 from training.evaluate import evaluate
 from training.model import VAEBase, build, loss_function
@@ -287,7 +287,9 @@ def finish(model: VAEBase, cfg: TrainConfig, name: str, sha256: dict[str, str], 
         calib_x = test_x[: cfg.eval_limit] if cfg.eval_limit else test_x
         served, meta = anomaly.attach(model, meta, train_x, train_y, calib_x, DEFAULT_ANOMALY_K, cfg.score_epochs,
                                       cfg.seed, progress=not cfg.no_progress)
-    export.save(export.script(served), cfg.out, meta)
+    # The page's latent map (2-D models): test-set means from the weights being exported, on the CPU.
+    lmap = latent_map.build(model.cpu().encode, test_x.cpu(), test_labels.cpu()) if cfg.latent_dim == 2 else None
+    export.save(export.script(served), cfg.out, meta, lmap)
     reloaded, _ = export.load(cfg.out)
     diff = export.parity(served, reloaded, test_x[:256].cpu())
     if diff > 1e-5:

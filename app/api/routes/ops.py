@@ -8,10 +8,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from app.api.deps import SettingsDep, not_ready, operation_id
+from app.api.deps import SettingsDep, engine_for, not_ready, operation_id
 from app.errors import service_error_response
+from app.exceptions import NoLatentMap
 from app.inference import Engine
-from app.schemas import ERRORS
+from app.schemas import ERRORS, LatentMapOut
 
 router = APIRouter(tags=["ops"], generate_unique_id_function=operation_id)
 
@@ -37,6 +38,21 @@ async def models(request: Request, settings: SettingsDep) -> dict[str, Any]:
     engines: dict[str, Engine] = request.app.state.engines
     return {"default": settings.default_model, "worker_pid": os.getpid(),
             "models": [{**e.model.describe(), "batching": e.stats()} for e in engines.values()]}
+
+
+@router.get("/models/{name}/latent-map", summary="A 2-D model's map of the MNIST test set: each image's posterior "
+            "mean (x, y) and digit (label), and the extent to draw and decode over; read from the artifact, drawn "
+            "by the page at /", response_model=LatentMapOut, responses={404: ERRORS[404], 503: ERRORS[503]})
+async def latent_map(request: Request, name: str) -> Response:
+    lmap = engine_for(request, name).model.latent_map
+    if lmap is None:
+        raise NoLatentMap(f"model {name!r} has none: only 2-D models carry one (vae-latent-map adds it)")
+    headers = {"ETag": lmap.etag, "Cache-Control": "no-cache", "Vary": "Accept-Encoding"}
+    if lmap.etag in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers=headers)
+    if "gzip" in request.headers.get("accept-encoding", ""):
+        return Response(lmap.gzipped, media_type="application/json", headers={**headers, "Content-Encoding": "gzip"})
+    return Response(lmap.body, media_type="application/json", headers=headers)
 
 
 metrics_router = APIRouter(tags=["ops"], generate_unique_id_function=operation_id)
