@@ -1,11 +1,13 @@
 """Builds the app: settings, lifespan, middleware, error mapping, routers. Nothing else lives here.
 
 Where a request goes: middleware.py (request id, limits, access log, metrics.py), then a
-router in api/routes/ (model.py, ops.py, docs.py); a model route opens with api/deps.py (queries.py
-validates its query, formats.py picks PNG or JSON, the model is looked up), reads images
-with inputs.py (imaging.py preprocesses them), asks the model's Engine in inference.py
-(batching.py gathers concurrent calls), and answers with responses.py. Failures are
-domain errors (exceptions.py) that errors.py maps to statuses.
+router in api/routes/: model.py (the REST model endpoints), v2.py (the Open Inference
+Protocol), ops.py (health, models, latent maps, metrics), docs.py, page.py (the page at /,
+its files in static/). A model route opens with api/deps.py (queries.py validates its
+query, formats.py picks PNG or JSON, the model is looked up), reads images with inputs.py
+(imaging.py preprocesses them), asks the model's Engine in inference.py (batching.py
+gathers concurrent calls), and answers with responses.py. Failures are domain errors
+(exceptions.py) that errors.py maps to statuses.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 
 from app import draining, errors, tuning
-from app.api.routes import docs, model, ops, v2
+from app.api.routes import docs, model, ops, page, v2
 from app.artifacts import ModelLoadError, load_models, warm_up
 from app.batching import ComputeThread
 from app.devices import resolve_device
@@ -103,9 +105,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                                         settings.max_receiving, settings.body_timeout_s),
                        metrics=app.state.metrics, drain=app.state.drain)
     routers = [model.router, v2.router, ops.router, *([ops.metrics_router] if settings.metrics else []), docs.router,
-               *([ops.bare_router] if settings.bare_endpoint else [])]
+               page.router if settings.page else page.docs_only, *([ops.bare_router] if settings.bare_endpoint else [])]
     add_routes(app, *routers)
     docs.mount_assets(app)
+    if settings.page:
+        page.mount(app)
     add_body_schemas(app)
     return app
 

@@ -74,6 +74,8 @@ class Settings(BaseSettings):
                                  "and clients move off before the server stops accepting")
     shutdown_grace_s: float = Field(20.0, gt=0, description="on SIGTERM, after the drain delay: stop accepting, let "
                                     "in-flight requests finish for at most this long, then exit 0")
+    page: bool = Field(True, description="serve the interactive page at GET / (its files under /static); false: "
+                       "/ redirects to /docs, for API-only deployments")
     metrics: bool = Field(True, description="serve Prometheus metrics at GET /metrics (and count them); false: "
                           "neither")
     bare_endpoint: bool = Field(False, description="serve POST /_bare, which only reads the body: the HTTP "

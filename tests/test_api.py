@@ -465,9 +465,28 @@ def test_docs_pages_load_every_asset_from_the_service(client: TestClient, page: 
         assert client.get("/docs/oauth2-redirect").status_code == 200
 
 
-def test_home_redirects_to_the_docs(client: TestClient) -> None:
-    r = client.get("/", follow_redirects=False)
-    assert r.status_code == 307 and r.headers["location"] == "/docs"
+def test_home_is_the_page_and_all_it_loads_is_local(client: TestClient) -> None:
+    r = client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert r.headers["cache-control"] == "no-cache"
+    refs = re.findall(r"""(?:src|href)=["']([^"']+)["']""", r.text)
+    assert {"static/page.js", "static/page.css", "docs"} <= set(refs)
+    for ref in refs:
+        assert not re.match(r"[a-z]+:|//", ref), f"the page loads {ref} from outside the service"
+        asset = client.get("/" + ref)
+        assert asset.status_code == 200 and len(asset.content) > 100, ref
+    script = client.get("/static/page.js")
+    assert script.headers["content-type"].startswith("text/javascript") and script.headers["cache-control"] == "no-cache"
+    assert "http://" not in script.text and "https://" not in script.text  # no CDN, no external fonts
+    assert client.get("/static/nope.js").status_code == 404
+
+
+def test_without_the_page_home_redirects_to_the_docs(models_dir: Path) -> None:
+    with TestClient(create_app(settings(models_dir, page=False))) as c:
+        r = c.get("/", follow_redirects=False)
+        assert r.status_code == 307 and r.headers["location"] == "/docs"
+        assert c.get("/static/page.js").status_code == 404
+        assert c.get("/models/vae/latent-map").status_code == 200  # the API keeps the map
 
 
 def test_openapi_documents_bodies_and_png(client: TestClient) -> None:

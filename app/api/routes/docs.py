@@ -8,16 +8,11 @@ from importlib.resources import files
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 ASSETS = "/docs-assets"
 router = APIRouter(include_in_schema=False)
-
-
-@router.get("/")
-async def home() -> RedirectResponse:
-    return RedirectResponse("/docs")
 
 
 @router.get("/docs")

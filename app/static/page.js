@@ -1,0 +1,512 @@
+// The page at /: draw a digit and watch the model. Plain JavaScript, no build step, no dependencies.
+// Every number on the page comes from the service's public API, called with relative URLs so that
+// the page also works behind a path prefix.
+
+const $ = (id) => document.getElementById(id);
+const DIGIT_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+                       "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]; // matplotlib's tab10, as latent.png
+const STROKE = 18;          // pen width on the 280 px pad: about 2 px once the digit is scaled to MNIST's 20 px box
+const DEBOUNCE_MS = 100;    // while drawing, at most one analysis per this long
+
+const state = {
+  models: [],
+  model: null,              // the picked entry of GET /models
+  maps: new Map(),          // model name -> {extent, base: canvas}
+  ops: [],                  // what is on the pad: {kind: "stroke", points} or {kind: "image", file, bitmap}
+  posterior: null,          // {mu, sigma} of the drawn image (2-D models)
+  cursor: null,             // [z0, z1] being decoded on the map
+  strokeEndAt: null,        // performance.now() when the last stroke ended, until its result is on screen
+};
+// Read by the end-to-end tests and bench/page.py: milliseconds from the end of a stroke to its result on screen.
+window.vaePage = { timings: [], analyses: 0 };
+
+// ---------- the API ----------
+
+function modelQuery(extra = {}) {
+  return new URLSearchParams({ model: state.model.name, ...extra }).toString();
+}
+
+async function call(path, init) {
+  const response = await fetch(path, init);
+  if (!response.ok) {
+    let message = `${response.status} ${response.statusText}`;
+    try {
+      const body = await response.json();
+      const detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail ?? "");
+      message = detail ? `${body.error}: ${detail}` : body.error;
+    } catch { /* not JSON: keep the status line */ }
+    throw new Error(`${path.split("?")[0]}: ${message}`);
+  }
+  return response;
+}
+
+function report(error) {
+  $("status").textContent = error ? String(error.message || error) : "";
+}
+
+// One call in flight at a time; calls made meanwhile collapse into one, run with the newest argument.
+function latestOnly(task) {
+  let running = false;
+  let queued = null;
+  const run = async (arg) => {
+    if (running) { queued = { arg }; return; }
+    running = true;
+    try { await task(arg); } catch (error) { report(error); } finally {
+      running = false;
+      if (queued) { const next = queued; queued = null; run(next.arg); }
+    }
+  };
+  return run;
+}
+
+// ---------- the drawing pad ----------
+
+const pad = $("pad");
+const padCtx = pad.getContext("2d");
+let stroke = null;
+
+function padPoint(event) {
+  const r = pad.getBoundingClientRect();
+  return [(event.clientX - r.left) * pad.width / r.width, (event.clientY - r.top) * pad.height / r.height];
+}
+
+function drawStroke(points) {
+  padCtx.strokeStyle = padCtx.fillStyle = "#fff";
+  padCtx.lineWidth = STROKE;
+  padCtx.lineCap = padCtx.lineJoin = "round";
+  if (points.length === 1) {
+    padCtx.beginPath();
+    padCtx.arc(points[0][0], points[0][1], STROKE / 2, 0, 2 * Math.PI);
+    padCtx.fill();
+    return;
+  }
+  padCtx.beginPath();
+  padCtx.moveTo(...points[0]);
+  for (const p of points.slice(1)) padCtx.lineTo(...p);
+  padCtx.stroke();
+}
+
+function drawImageOp(op) {
+  if (!op.bitmap) {
+    padCtx.fillStyle = "#aaa";
+    padCtx.font = "14px system-ui, sans-serif";
+    padCtx.fillText(`${op.file.name}: no preview here`, 12, 24);
+    return;
+  }
+  const scale = Math.min(pad.width / op.bitmap.width, pad.height / op.bitmap.height);
+  const w = op.bitmap.width * scale;
+  const h = op.bitmap.height * scale;
+  padCtx.drawImage(op.bitmap, (pad.width - w) / 2, (pad.height - h) / 2, w, h);
+}
+
+function redrawPad() {
+  padCtx.fillStyle = "#000";
+  padCtx.fillRect(0, 0, pad.width, pad.height);
+  for (const op of state.ops) {
+    if (op.kind === "stroke") drawStroke(op.points);
+    else drawImageOp(op);
+  }
+  $("undo").disabled = $("clear").disabled = state.ops.length === 0;
+}
+
+pad.addEventListener("pointerdown", (event) => {
+  if (event.pointerType === "mouse" && event.button !== 0) return;
+  event.preventDefault();
+  pad.setPointerCapture(event.pointerId);
+  state.strokeEndAt = null; // timed from this stroke's end, not from an earlier change
+  stroke = { kind: "stroke", points: [padPoint(event)] };
+  state.ops.push(stroke);
+  redrawPad();
+  scheduleAnalysis();
+});
+
+pad.addEventListener("pointermove", (event) => {
+  if (!stroke) return;
+  const events = event.getCoalescedEvents ? event.getCoalescedEvents() : [];
+  const from = stroke.points.length - 1;
+  for (const e of events.length ? events : [event]) stroke.points.push(padPoint(e));
+  drawStroke(stroke.points.slice(from)); // only the new piece: redrawing everything on each move lags on a phone
+  scheduleAnalysis();
+});
+
+function endStroke() {
+  if (!stroke) return;
+  stroke = null;
+  state.strokeEndAt = performance.now();
+  redrawPad(); // the stroke as one path, exactly as Undo will redraw it
+  analyseNow();
+}
+pad.addEventListener("pointerup", endStroke);
+pad.addEventListener("pointercancel", endStroke);
+
+$("undo").addEventListener("click", () => { state.ops.pop(); changed(); });
+$("clear").addEventListener("click", () => { state.ops = []; changed(); });
+
+async function openImage(file) {
+  if (!file) return;
+  let bitmap = null;
+  try { bitmap = await createImageBitmap(file); } catch { /* e.g. TIFF: the service still reads it */ }
+  state.ops = [{ kind: "image", file, bitmap }];
+  changed();
+}
+$("file").addEventListener("change", (event) => { openImage(event.target.files[0]); event.target.value = ""; });
+pad.addEventListener("dragover", (event) => { event.preventDefault(); pad.classList.add("dropping"); });
+pad.addEventListener("dragleave", () => pad.classList.remove("dropping"));
+pad.addEventListener("drop", (event) => {
+  event.preventDefault();
+  pad.classList.remove("dropping");
+  openImage(event.dataTransfer.files[0]);
+});
+
+function changed() {
+  redrawPad();
+  state.strokeEndAt = performance.now();
+  analyseNow();
+}
+
+// What goes to the service: an opened file as it is (the service's preprocessing is made for photos
+// and scans), anything drawn as a PNG of the pad.
+function padBody() {
+  if (state.ops.length === 0) return Promise.resolve(null);
+  const only = state.ops.length === 1 ? state.ops[0] : null;
+  if (only && only.kind === "image") return Promise.resolve(only.file);
+  return new Promise((resolve) => pad.toBlob(resolve, "image/png"));
+}
+
+// ---------- analysis: input as seen, reconstruction, anomaly score, posterior ----------
+
+let analysisTimer = null;
+let issued = 0;   // analyses started
+let rendered = 0; // the newest analysis on screen: an older one that answers later is dropped
+
+// While drawing: at most one analysis per DEBOUNCE_MS, and one in flight.
+function scheduleAnalysis() {
+  if (analysisTimer === null) analysisTimer = setTimeout(() => { analysisTimer = null; analyseWhileDrawing(); }, DEBOUNCE_MS);
+}
+
+// When a stroke ends (or the image changes otherwise): at once, without waiting for one in flight.
+function analyseNow() {
+  clearTimeout(analysisTimer);
+  analysisTimer = null;
+  analyse().catch(report);
+}
+
+const analyseWhileDrawing = latestOnly(() => analyse());
+
+async function analyse() {
+  const seq = ++issued;
+  const started = performance.now();
+  const model = state.model;
+  const body = await padBody();
+  if (!model || seq < rendered) return;
+  if (!body) { rendered = seq; state.strokeEndAt = null; showNothing(); return; }
+  const init = { method: "POST", body, headers: { "Content-Type": body.type || "application/octet-stream" } };
+  const [recon, scored, encoded] = await Promise.all([
+    call(`reconstruct?${modelQuery({ format: "json" })}`, init).then((r) => r.json()),
+    call(`anomaly-score?${modelQuery()}`, init).then((r) => r.json()),
+    model.latent_dim === 2 ? call(`encode?${modelQuery()}`, init).then((r) => r.json()) : null,
+  ]);
+  if (model !== state.model || seq < rendered) return; // outrun by a newer analysis, or another model picked
+  rendered = seq;
+  showPixels($("input28"), recon.originals[0]);
+  showPixels($("recon28"), recon.images[0]);
+  showScore(scored);
+  state.posterior = encoded && {
+    mu: encoded.mu, sigma: encoded.logvar.map((v) => Math.exp(0.5 * v)),
+  };
+  showPosterior();
+  report(null);
+  window.vaePage.analyses += 1;
+  if (state.strokeEndAt !== null && started >= state.strokeEndAt) {
+    window.vaePage.timings.push(performance.now() - state.strokeEndAt);
+    state.strokeEndAt = null;
+  }
+}
+
+function showPixels(canvas, rows) {
+  const ctx = canvas.getContext("2d");
+  const img = ctx.createImageData(28, 28);
+  rows.flat().forEach((v, i) => {
+    const g = Math.round(Math.min(1, Math.max(0, v)) * 255);
+    img.data.set([g, g, g, 255], i * 4);
+  });
+  ctx.putImageData(img, 0, 0);
+}
+
+function clearPixels(canvas) {
+  const ctx = canvas.getContext("2d");
+  ctx.fillStyle = "#000";
+  ctx.fillRect(0, 0, canvas.width, canvas.height);
+}
+
+function showNothing() {
+  clearPixels($("input28"));
+  clearPixels($("recon28"));
+  $("score").dataset.state = "empty";
+  $("verdict").textContent = "Draw something";
+  $("percentile").value = 0;
+  $("score-text").textContent = "The anomaly score says how unlike the held-out MNIST digits your image is.";
+  state.posterior = null;
+  showPosterior();
+}
+
+function ordinal(p) {
+  return `${p.toFixed(1)}th`;
+}
+
+function showScore(s) {
+  const score = $("score");
+  if (s.percentile === null || s.percentile === undefined) {
+    score.dataset.state = "uncalibrated";
+    $("verdict").textContent = "Scored (this model has no calibration)";
+    $("percentile").value = 0;
+    $("score-text").textContent = `Anomaly score ${s.score.toFixed(2)} (${s.method}, k=${s.k}).`;
+    return;
+  }
+  score.dataset.state = s.is_anomaly ? "anomaly" : "digit";
+  $("verdict").textContent = s.is_anomaly ? "Not like an MNIST digit" : "Looks like an MNIST digit";
+  $("percentile").value = s.percentile;
+  $("score-text").textContent = `Anomaly score ${s.score.toFixed(2)} (${s.method}, k=${s.k}): ` +
+    `${ordinal(s.percentile)} percentile of held-out MNIST digits. Above the ` +
+    `${ordinal(s.threshold_percentile)} (${s.threshold.toFixed(2)}) counts as an anomaly.`;
+}
+
+// ---------- the latent map (2-D models) ----------
+
+const mapCanvas = $("map");
+const mapCtx = mapCanvas.getContext("2d");
+
+function toCanvas(extent, z) {
+  const [x0, x1, y0, y1] = extent;
+  return [(z[0] - x0) / (x1 - x0) * mapCanvas.width, (y1 - z[1]) / (y1 - y0) * mapCanvas.height];
+}
+
+function toLatent(extent, event) {
+  const [x0, x1, y0, y1] = extent;
+  const r = mapCanvas.getBoundingClientRect();
+  const u = Math.min(1, Math.max(0, (event.clientX - r.left) / r.width));
+  const v = Math.min(1, Math.max(0, (event.clientY - r.top) / r.height));
+  return [x0 + u * (x1 - x0), y1 - v * (y1 - y0)];
+}
+
+// The test set, drawn once per model into an offscreen canvas: the overlay redraws on every move.
+function renderBase(data) {
+  const base = document.createElement("canvas");
+  base.width = mapCanvas.width;
+  base.height = mapCanvas.height;
+  const ctx = base.getContext("2d");
+  ctx.fillStyle = "#fff";
+  ctx.fillRect(0, 0, base.width, base.height);
+  const [x0, x1, y0, y1] = data.extent;
+  ctx.strokeStyle = "#e6e8ec";
+  ctx.fillStyle = "#8a909c";
+  ctx.font = "11px system-ui, sans-serif";
+  for (let x = Math.ceil(x0); x <= x1; x += 1) {
+    const [cx] = toCanvas(data.extent, [x, 0]);
+    ctx.beginPath(); ctx.moveTo(cx, 0); ctx.lineTo(cx, base.height); ctx.stroke();
+    ctx.fillText(String(x), cx + 2, base.height - 4);
+  }
+  for (let y = Math.ceil(y0); y <= y1; y += 1) {
+    const [, cy] = toCanvas(data.extent, [0, y]);
+    ctx.beginPath(); ctx.moveTo(0, cy); ctx.lineTo(base.width, cy); ctx.stroke();
+    ctx.fillText(String(y), 3, cy - 2);
+  }
+  ctx.globalAlpha = 0.55;
+  for (let i = 0; i < data.n; i += 1) {
+    const [cx, cy] = toCanvas(data.extent, [data.x[i], data.y[i]]);
+    ctx.fillStyle = DIGIT_COLOURS[data.label[i]];
+    ctx.fillRect(cx - 1.25, cy - 1.25, 2.5, 2.5);
+  }
+  ctx.globalAlpha = 1;
+  return { extent: data.extent, base };
+}
+
+async function loadMap(model) {
+  if (!model.latent_map) return null;
+  if (!state.maps.has(model.name)) {
+    const data = await (await call(model.latent_map.replace(/^\//, ""))).json();
+    state.maps.set(model.name, renderBase(data));
+  }
+  return state.maps.get(model.name);
+}
+
+function currentMap() {
+  return state.model ? state.maps.get(state.model.name) : undefined;
+}
+
+function drawMap() {
+  const map = currentMap();
+  if (!map) return;
+  mapCtx.drawImage(map.base, 0, 0);
+  if (state.cursor) {
+    const [cx, cy] = toCanvas(map.extent, state.cursor);
+    mapCtx.strokeStyle = "#1b1d21";
+    mapCtx.lineWidth = 1.5;
+    mapCtx.beginPath(); mapCtx.arc(cx, cy, 7, 0, 2 * Math.PI); mapCtx.stroke();
+    mapCtx.beginPath();
+    mapCtx.moveTo(cx - 12, cy); mapCtx.lineTo(cx - 4, cy); mapCtx.moveTo(cx + 4, cy); mapCtx.lineTo(cx + 12, cy);
+    mapCtx.moveTo(cx, cy - 12); mapCtx.lineTo(cx, cy - 4); mapCtx.moveTo(cx, cy + 4); mapCtx.lineTo(cx, cy + 12);
+    mapCtx.stroke();
+  }
+  const p = state.posterior;
+  if (p) {
+    const [x0, x1, y0, y1] = map.extent;
+    const [cx, cy] = toCanvas(map.extent, p.mu);
+    const sx = mapCanvas.width / (x1 - x0);
+    const sy = mapCanvas.height / (y1 - y0);
+    for (const [k, alpha] of [[2, 0.12], [1, 0.22]]) { // the diagonal Gaussian's 2σ and 1σ ellipses
+      mapCtx.beginPath();
+      mapCtx.ellipse(cx, cy, Math.max(1, k * p.sigma[0] * sx), Math.max(1, k * p.sigma[1] * sy), 0, 0, 2 * Math.PI);
+      mapCtx.fillStyle = `rgba(20, 20, 20, ${alpha})`;
+      mapCtx.fill();
+      mapCtx.strokeStyle = "#1b1d21";
+      mapCtx.lineWidth = 1.5;
+      mapCtx.stroke();
+    }
+    mapCtx.beginPath();
+    mapCtx.arc(cx, cy, 6, 0, 2 * Math.PI);
+    mapCtx.fillStyle = "#fff";
+    mapCtx.fill();
+    mapCtx.lineWidth = 3;
+    mapCtx.stroke();
+  }
+}
+
+function showPosterior() {
+  const p = state.posterior;
+  $("posterior").textContent = p
+    ? `Your image: μ = (${p.mu[0].toFixed(2)}, ${p.mu[1].toFixed(2)}), σ = (${p.sigma[0].toFixed(2)}, ` +
+      `${p.sigma[1].toFixed(2)}); drawn as a point with its 1σ and 2σ ellipses.`
+    : "Your digit lands here as a point, with its 1σ and 2σ ellipses.";
+  drawMap();
+}
+
+let decodedUrl = null;
+const decode = latestOnly(async (z) => {
+  const model = state.model;
+  const response = await call(`decode?${modelQuery({ format: "png" })}`, {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ z: [z] }),
+  });
+  const blob = await response.blob();
+  if (model !== state.model) return;
+  if (decodedUrl) URL.revokeObjectURL(decodedUrl);
+  decodedUrl = URL.createObjectURL(blob);
+  $("decoded").src = decodedUrl;
+  $("decoded-z").textContent = `decoded at z = (${z[0].toFixed(2)}, ${z[1].toFixed(2)})`;
+});
+
+function pointAt(z) {
+  state.cursor = z;
+  drawMap();
+  decode(z);
+}
+
+let dragging = false;
+mapCanvas.addEventListener("pointerdown", (event) => {
+  const map = currentMap();
+  if (!map) return;
+  dragging = true;
+  mapCanvas.setPointerCapture(event.pointerId);
+  pointAt(toLatent(map.extent, event));
+});
+mapCanvas.addEventListener("pointermove", (event) => {
+  const map = currentMap();
+  // a mouse or pen decodes as it hovers; a finger only while it drags
+  if (map && (dragging || event.pointerType !== "touch")) pointAt(toLatent(map.extent, event));
+});
+mapCanvas.addEventListener("pointerup", () => { dragging = false; });
+mapCanvas.addEventListener("pointercancel", () => { dragging = false; });
+mapCanvas.addEventListener("keydown", (event) => {
+  const map = currentMap();
+  const moves = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, 1], ArrowDown: [0, -1] };
+  if (!map || !(event.key in moves || event.key === "Home")) return;
+  event.preventDefault();
+  const [x0, x1, y0, y1] = map.extent;
+  const step = event.shiftKey ? 0.1 : 0.025;
+  const [dx, dy] = moves[event.key] || [0, 0];
+  const z = event.key === "Home" || !state.cursor ? [(x0 + x1) / 2, (y0 + y1) / 2] : state.cursor;
+  pointAt([Math.min(x1, Math.max(x0, z[0] + dx * step * (x1 - x0))),
+           Math.min(y1, Math.max(y0, z[1] + dy * step * (y1 - y0)))]);
+});
+
+$("legend").replaceChildren(...DIGIT_COLOURS.map((colour, digit) => {
+  const item = document.createElement("li");
+  const dot = document.createElement("span");
+  dot.style.background = colour;
+  item.append(dot, String(digit));
+  return item;
+}));
+
+// ---------- samples ----------
+
+let gridUrl = null;
+async function sample() {
+  const extra = { n: $("count").value, temperature: $("temperature").value, format: "png" };
+  if ($("seed").value !== "") extra.seed = $("seed").value;
+  const response = await call(`sample?${modelQuery(extra)}`);
+  const blob = await response.blob();
+  if (gridUrl) URL.revokeObjectURL(gridUrl);
+  gridUrl = URL.createObjectURL(blob);
+  $("grid").src = gridUrl;
+  $("grid").hidden = false;
+  const seed = response.headers.get("X-Seed");
+  $("sample-note").textContent = `${extra.n} samples from ${state.model.name} at temperature ${extra.temperature}, ` +
+    `seed ${seed}: the same seed draws the same grid.`;
+  report(null);
+}
+$("sample-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  sample().catch(report);
+});
+$("temperature").addEventListener("input", (event) => {
+  $("temperature-value").textContent = Number(event.target.value).toFixed(1);
+});
+
+// ---------- models ----------
+
+async function pick(name) {
+  state.model = state.models.find((m) => m.name === name);
+  const url = new URL(window.location.href);
+  url.searchParams.set("model", name);
+  window.history.replaceState(null, "", url);
+  state.cursor = null;
+  state.posterior = null;
+  $("decoded").removeAttribute("src");
+  $("decoded-z").textContent = "Point at the map to decode";
+  const model = state.model;
+  const map = await loadMap(model);
+  if (model !== state.model) return;
+  $("map-area").hidden = $("posterior").hidden = !map;
+  $("no-map").hidden = Boolean(map);
+  $("no-map").textContent = map ? "" : `${model.name} has a ${model.latent_dim}-D latent space: the map is drawn ` +
+    `for models with a 2-D one${state.models.some((m) => m.latent_map) ? " (pick " +
+      state.models.filter((m) => m.latent_map).map((m) => m.name).join(" or ") + ")" : ""}.`;
+  showPosterior();
+  analyseNow();
+  if (!$("grid").hidden) await sample();
+}
+
+async function start() {
+  let listing = await (await call("models")).json();
+  while (listing.models.length === 0) { // the service is still loading its models
+    report(new Error("The models are still loading…"));
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    listing = await (await call("models")).json();
+  }
+  report(null);
+  state.models = listing.models;
+  const select = $("model");
+  select.replaceChildren(...state.models.map((m) => new Option(`${m.name} (${m.latent_dim}-D latent)`, m.name)));
+  // ?model= wins; else a model with a map, the most telling first view; else the service's default
+  const asked = new URL(window.location.href).searchParams.get("model");
+  const names = state.models.map((m) => m.name);
+  const first = names.includes(asked) ? asked
+    : (state.models.find((m) => m.latent_map) || state.models.find((m) => m.name === listing.default)).name;
+  select.value = first;
+  select.disabled = false;
+  select.addEventListener("change", () => pick(select.value).catch(report));
+  redrawPad();
+  await pick(first);
+}
+
+start().catch(report);
