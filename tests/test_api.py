@@ -476,7 +476,8 @@ def test_home_is_the_page_and_all_it_loads_is_local(client: TestClient) -> None:
         asset = client.get("/" + ref)
         assert asset.status_code == 200 and len(asset.content) > 100, ref
     script = client.get("/static/page.js")
-    assert script.headers["content-type"].startswith("text/javascript") and script.headers["cache-control"] == "no-cache"
+    assert script.headers["content-type"].startswith("text/javascript")
+    assert script.headers["cache-control"] == "no-cache"
     assert "http://" not in script.text and "https://" not in script.text  # no CDN, no external fonts
     assert client.get("/static/nope.js").status_code == 404
 
