@@ -94,7 +94,9 @@ def _to_gray(im: Image.Image) -> Image.Image:
         arr = np.asarray(im, dtype=np.float64)
         top = 1.0 if arr.max() <= 1.0 else 255.0
         return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+    # An alpha channel, or a transparent colour (PNG's tRNS chunk: palette, grey or RGB images): the
+    # transparent parts are paper, so they go onto white
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("L")

@@ -238,3 +238,42 @@ def test_a_client_that_leaves_mid_upload_is_no_error(models_dir: Path, caplog) -
     assert sent == []  # no answer to a client that has gone
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
     assert any('"status": 499' in r.getMessage() for r in caplog.records if r.name == "app.access")
+
+
+def test_stalled_uploads_get_408_each_including_those_that_start_later() -> None:
+    """The body deadline's one sweep: an upload that stalls is answered 408 with Connection: close once its
+    deadline passes; the sweep re-arms while uploads remain, and starts again for an upload after it stopped."""
+
+    async def reading_app(scope, receive, send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    timeout = 0.2
+    app = ServiceMiddleware(reading_app, HttpLimits(body_timeout_s=timeout))
+
+    async def main() -> tuple[list, ...]:
+        never = asyncio.Event()  # the rest of these bodies never comes
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        first = asgi_call(app, "POST", [b"12345", b"6"], never)
+        await asyncio.sleep(0.6 * timeout)
+        second = asgi_call(app, "POST", [b"123", b"4"], never)  # its deadline is after the first one's
+        quick = asgi_call(app, "POST", [b"a", b"b"], gate := asyncio.Event())
+        gate.set()
+        ends = []
+        for task in (first, second):
+            ends.append(await asyncio.wait_for(task, 5) and loop.time() - t0)
+        later = await asyncio.wait_for(asgi_call(app, "POST", [b"12", b"3"], never), 5)  # after the sweep stopped
+        return first.result(), second.result(), await quick, later, ends
+
+    first, second, quick, later, ends = asyncio.run(main())
+    assert quick[0]["status"] == 200
+    for sent, came in [(first, 5), (second, 3), (later, 2)]:
+        assert sent[0]["status"] == 408 and (b"connection", b"close") in sent[0]["headers"]
+        assert json.loads(sent[1]["body"]) == {
+            "error": "request timeout",
+            "detail": f"the body did not arrive within {timeout:g} s ({came} bytes came; VAE_BODY_TIMEOUT_S)"}
+    assert timeout <= ends[0] < ends[1] and ends[1] >= 1.6 * timeout  # each at its own deadline, not before
+    assert (app.receiving, app.in_flight, app.deadlines, app.expired, app.sweeping) == (0, 0, {}, set(), False)

@@ -71,6 +71,19 @@ def test_palette_transparency_is_flattened_onto_white(mode: str) -> None:
     assert np.asarray(_to_gray(im)).tolist() == np.where(index == 1, 0, 255).tolist()
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_a_transparent_colour_in_a_grey_or_colour_png_is_paper(mode: str) -> None:
+    """PNG's tRNS chunk marks one grey level or colour transparent: a black page drawn with ink one level
+    above it reads as a dark digit on white paper once composited, not as an all-black image."""
+    from app.imaging import _decode_pillow
+
+    index = (INK > 127).astype(np.uint8)  # 0: transparent paper, 1: ink
+    im = Image.fromarray(index, "L") if mode == "L" else Image.fromarray(np.dstack([index] * 3), "RGB")
+    keyed = encoded(im, transparency=0 if mode == "L" else (0, 0, 0))
+    assert np.asarray(_decode_pillow(keyed, 10**6)).tolist() == np.where(index == 1, 1, 255).tolist()
+    assert np.asarray(_decode_pillow(encoded(im), 10**6)).max() == 1  # without the chunk: as they are
+
+
 def test_undecodable_bytes_say_why() -> None:
     truncated = DIGIT[: len(DIGIT) // 2]
     with pytest.raises(ServiceError) as e:
