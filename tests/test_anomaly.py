@@ -106,6 +106,16 @@ def test_anomaly_seeds_same_gives_same_different_gives_different(calibrated: tup
     assert len({next(iter(v)) for v in scores.values()}) == 3  # each seed its own (the noise is drawn per seed)
 
 
+def test_a_drawn_seed_is_one_the_api_accepts_back() -> None:
+    """X-Seed must be a valid ?seed=: below MAX_SEED (2**63, torch's and JSON clients' signed 64-bit range),
+    and drawn from all of it (64 draws each below 2**62 would happen once in 2**64)."""
+    from app.inference import new_seed
+    from app.queries import MAX_SEED
+
+    seeds = [new_seed() for _ in range(64)]
+    assert all(0 <= s < MAX_SEED == 2**63 for s in seeds) and max(seeds) >= 2**62 and len(set(seeds)) == 64
+
+
 def test_sample_seeds_and_seedless_calls(calibrated: tuple[TestClient, float]) -> None:
     client, _ = calibrated
     a, b = (client.get("/sample?n=4&seed=9") for _ in range(2))

@@ -331,3 +331,40 @@ def test_without_an_inline_budget_every_pass_runs_on_the_compute_thread() -> Non
     finally:
         compute.shutdown()
     assert len(threads) == 3 and all(name.startswith("compute") for name in threads)
+
+
+class BrokenCompute:
+    """A compute thread whose pass never runs: its future fails or is cancelled (an executor shut down
+    under the batcher, a worker killed)."""
+
+    inline_scale = 1.0
+
+    def __init__(self, outcome: str) -> None:
+        self.outcome = outcome
+
+    def submit(self, fn, *args) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        if self.outcome == "cancel":
+            future.cancel()
+        else:
+            future.set_exception(RuntimeError("the executor is gone"))
+        return future
+
+
+@pytest.mark.parametrize("outcome", ["fail", "cancel"])
+def test_a_pass_that_never_ran_answers_every_caller_and_the_next_pass_still_runs(outcome: str) -> None:
+    compute = BrokenCompute(outcome)
+
+    async def main() -> tuple[list, Batcher]:
+        b = Batcher(lambda x: x + 1, (0,), max_size=64, max_wait_s=0.0, compute=compute)
+        got = await asyncio.gather(*(b(torch.zeros(n)) for n in (1, 2)), return_exceptions=True)
+        compute.outcome = "cancel" if outcome == "fail" else "fail"
+        got.append(*(await asyncio.gather(b(torch.zeros(1)), return_exceptions=True)))  # not stuck "busy"
+        return got, b
+
+    got, b = run(main())
+    expected = RuntimeError if outcome == "fail" else asyncio.CancelledError
+    assert [type(g) for g in got[:2]] == [expected, expected]
+    assert isinstance(got[2], asyncio.CancelledError if outcome == "fail" else RuntimeError)
+    assert str(got[0 if outcome == "fail" else 2]) == "the executor is gone"
+    assert (b.busy, b.batches, len(b.queue)) == (False, 0, 0)  # nothing ran, so nothing is counted

@@ -365,6 +365,19 @@ def test_strokes_faded_below_half_ink_by_the_resize_are_restored() -> None:
     assert out.max() >= 240
 
 
+@pytest.mark.parametrize(("pen", "faded_to"), [(4, 87), (5, 124)])
+def test_strokes_faded_to_between_a_third_and_a_half_are_restored(pen: int, faded_to: int) -> None:
+    """Two straight pen strokes (no crossings to add up) on a 200 px page: the plain resize leaves them
+    at `faded_to` of 255, under half the ink, so they take the pooled path and come back at full ink."""
+    im = Image.new("L", (200, 200), 255)
+    for x in (40, 150):
+        ImageDraw.Draw(im).rectangle((x, 0, x + pen - 1, 199), fill=0)
+    ink = 255 - np.asarray(im)[:, 40:150 + pen]
+    size = (round(ink.shape[1] * 20 / 200), 20)
+    assert np.asarray(Image.fromarray(ink, "L").resize(size, Image.Resampling.LANCZOS)).max() == faded_to
+    assert file_to_gray28(encoded(im), 10**6, Preprocess()).max() == 255
+
+
 def test_ink_exactly_as_far_from_the_paper_as_the_paper_from_black_is_not_inverted() -> None:
     from app.imaging import _should_invert
 
