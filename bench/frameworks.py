@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.serve import DIGIT, REPO, free_port, lua_script, protocol_bodies, start_server, wait_ready, wrk
+from bench.serve import DIGIT, REPO, free_port, lua_script, protocol_bodies, start_server, stopping, wait_ready, wrk
 
 INFER = "/v2/models/vae.encode/infer"
 
@@ -71,8 +70,7 @@ def main() -> int:
         for _ in range(args.alternations):
             for server in ("vae-serve", "kserve"):
                 port = free_port()
-                proc = start_server(port, {}) if server == "vae-serve" else start_kserve(port)
-                try:
+                with stopping(start_server(port, {}) if server == "vae-serve" else start_kserve(port)):
                     for label, (path, script) in targets.items():
                         if server == "kserve" and not path.startswith("/v2"):
                             continue
@@ -86,9 +84,6 @@ def main() -> int:
                             failed = f"  non-2xx {r['non2xx']}" if r["non2xx"] else ""
                             print(f"{server:<9} c={c:<3} {label:<22} {r['rps']:>7.0f} req/s  p50 {r['p50_ms']:6.2f} ms"
                                   f"  p99 {r['p99_ms']:6.2f} ms{failed}", flush=True)
-                finally:
-                    proc.send_signal(signal.SIGTERM)
-                    proc.wait(30)
     print("\n| server | payload | c | req/s | p50 ms | p99 ms |\n| --- | --- | --- | --- | --- | --- |")
     for (server, label, c), r in sorted(best.items(), key=lambda kv: (kv[0][2], kv[0][1], kv[0][0])):
         print(f"| {server} | {label} | {c} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.1f} |")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
-import signal
 import statistics
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from playwright.sync_api import Page, sync_playwright
 
-from bench.serve import free_port, start_server
+from bench.serve import free_port, start_server, stopping
 
 ONE = [(0.52, 0.12), (0.5, 0.5), (0.48, 0.88)]
 ZERO = [(0.5 + 0.22 * math.sin(t / 12 * math.pi), 0.5 - 0.36 * math.cos(t / 12 * math.pi)) for t in range(26)]
@@ -60,34 +59,29 @@ def main() -> int:
     if not args.chromium:
         raise SystemExit("chromium not found: apt-get install chromium, or pass --chromium PATH")
     port = free_port()
-    server = start_server(port, {})
     base = f"http://127.0.0.1:{port}"
-    try:
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=args.chromium)
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            ready = "document.getElementById('model').disabled === false"
-            for label, path in [("vae-2d, with its map", "/"), ("vae, no map", "/?model=vae")]:
-                entries = first_view(browser.new_page(), base + path, ready)
-                print(f"first view ({label}): {sum(e[1] for e in entries) / 1024:.1f} KiB transferred in "
-                      f"{len(entries)} responses")
-                for name, transferred, body in entries:
-                    print(f"  {transferred / 1024:7.1f} KiB  (body {body / 1024:6.1f} KiB)  {name}")
-            page.goto(base + "/")
-            page.wait_for_function(ready)
-            page.wait_for_load_state("networkidle")
-            stroke(page, ONE)  # warm-up
-            times = []
-            for i in range(args.strokes):
-                page.get_by_role("button", name="Clear").click()
-                times.append(stroke(page, ONE if i % 2 == 0 else ZERO))
-            q = statistics.quantiles(times, n=10)
-            print(f"stroke end -> reconstruction, score and latent point on screen, {len(times)} strokes: "
-                  f"median {statistics.median(times):.1f} ms, p90 {q[8]:.1f} ms, max {max(times):.1f} ms")
-            browser.close()
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(30)
+    with stopping(start_server(port, {})), sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=args.chromium)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        ready = "document.getElementById('model').disabled === false"
+        for label, path in [("vae-2d, with its map", "/"), ("vae, no map", "/?model=vae")]:
+            entries = first_view(browser.new_page(), base + path, ready)
+            print(f"first view ({label}): {sum(e[1] for e in entries) / 1024:.1f} KiB transferred in "
+                  f"{len(entries)} responses")
+            for name, transferred, body in entries:
+                print(f"  {transferred / 1024:7.1f} KiB  (body {body / 1024:6.1f} KiB)  {name}")
+        page.goto(base + "/")
+        page.wait_for_function(ready)
+        page.wait_for_load_state("networkidle")
+        stroke(page, ONE)  # warm-up
+        times = []
+        for i in range(args.strokes):
+            page.get_by_role("button", name="Clear").click()
+            times.append(stroke(page, ONE if i % 2 == 0 else ZERO))
+        q = statistics.quantiles(times, n=10)
+        print(f"stroke end -> reconstruction, score and latent point on screen, {len(times)} strokes: "
+              f"median {statistics.median(times):.1f} ms, p90 {q[8]:.1f} ms, max {max(times):.1f} ms")
+        browser.close()
     return 0
 
 

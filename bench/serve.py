@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +104,16 @@ def start_server(port: int, env_extra: dict[str, str]) -> subprocess.Popen:
     return wait_ready(proc, f"http://127.0.0.1:{port}/readyz", "server")
 
 
+@contextmanager
+def stopping(proc: subprocess.Popen, timeout_s: float = 60) -> Iterator[subprocess.Popen]:
+    """`proc` (a server), sent SIGTERM on leaving however the benchmark ended, and waited for."""
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout_s)
+
+
 def wait_ready(proc: subprocess.Popen, url: str, what: str, timeout_s: float = 120) -> subprocess.Popen:
     """`proc` once `url` answers 200; killed, and the benchmark stopped, if it does not within `timeout_s`."""
     deadline = time.time() + timeout_s
@@ -160,7 +172,7 @@ def run(batching: str, duration: int, concurrency: list[int], only: list[str] | 
         }
         if only:  # the ceiling always runs: every figure is a ratio to it
             targets = {n: t for i, (n, t) in enumerate(targets.items()) if i == 0 or any(o in n for o in only)}
-        try:
+        with stopping(server):
             for c in concurrency:
                 ceiling = None
                 for name, (url, script) in targets.items():
@@ -174,9 +186,6 @@ def run(batching: str, duration: int, concurrency: list[int], only: list[str] | 
                           f"({row['rps_ratio']:.2f} of ceiling)  p50 {r['p50_ms']:7.2f} ms "
                           f"({row['p50_ratio']:.2f}x)  p99 {r['p99_ms']:7.2f} ms"
                           f"{'  non-2xx ' + str(r['non2xx']) if r['non2xx'] else ''}", flush=True)
-        finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(30)
     return rows
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import signal
 import socket
 import sys
 import tempfile
@@ -20,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from serve import DIGIT, free_port, lua_script, start_server, wrk  # bench/serve.py: runs as a script
+from serve import DIGIT, free_port, lua_script, start_server, stopping, wrk  # bench/serve.py: runs as a script
 from soak import rss_mb
 
 
@@ -53,9 +52,8 @@ def main() -> int:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
     port = free_port()
-    proc = start_server(port, {})
     url = f"http://127.0.0.1:{port}/encode"
-    try:
+    with stopping(start_server(port, {})) as proc:
         with tempfile.TemporaryDirectory() as tmp:
             script = lua_script(Path(tmp), "POST", DIGIT, "image/png")
             wrk(url, script, 32, 2)  # warm-up
@@ -79,9 +77,6 @@ def main() -> int:
             s.close()
         print(f"RSS {before:.1f} MB with no connections, {during:.1f} MB with {args.idle} idle ones "
               f"({(during - before) * 1024 / args.idle:.1f} KB each)")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
     return 0
 
 

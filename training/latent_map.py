@@ -24,12 +24,20 @@ from training.data import DataError, load_mnist, to_float
 DATA = "MNIST test set, posterior means"
 
 
-@torch.no_grad()
-def build(encode: Callable[[Tensor], tuple[Tensor, Tensor]], images: Tensor, labels: Tensor,
-          batch: int = 1000) -> dict[str, Any]:
-    """The map of float images [N,1,28,28] with their digits, encoded in batches on the CPU."""
-    mu = torch.cat([encode(images[i:i + batch])[0] for i in range(0, len(images), batch)])
+def block(mu: Tensor, labels: Tensor) -> dict[str, Any]:
+    """The map of the test set's posterior means [N,2] with their digits."""
     return latent_map_block(mu.tolist(), labels.tolist(), DATA)
+
+
+@torch.no_grad()
+def means(encode: Callable[[Tensor], tuple[Tensor, Tensor]], images: Tensor, batch: int = 1000) -> Tensor:
+    """Posterior means of float images [N,1,28,28], encoded in batches (the same batches wherever a map is
+    made, so that the training program and vae-latent-map write the same numbers)."""
+    return torch.cat([encode(images[i:i + batch])[0] for i in range(0, len(images), batch)])
+
+
+def build(encode: Callable[[Tensor], tuple[Tensor, Tensor]], images: Tensor, labels: Tensor) -> dict[str, Any]:
+    return block(means(encode, images), labels)
 
 
 def main(argv: list[str] | None = None) -> int:

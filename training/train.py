@@ -287,8 +287,10 @@ def finish(model: VAEBase, cfg: TrainConfig, name: str, sha256: dict[str, str], 
         calib_x = test_x[: cfg.eval_limit] if cfg.eval_limit else test_x
         served, meta = anomaly.attach(model, meta, train_x, train_y, calib_x, DEFAULT_ANOMALY_K, cfg.score_epochs,
                                       cfg.seed, progress=not cfg.no_progress)
-    # The page's latent map (2-D models): test-set means from the weights being exported, on the CPU.
-    lmap = latent_map.build(model.cpu().encode, test_x.cpu(), test_labels.cpu()) if cfg.latent_dim == 2 else None
+    # The test set's means, once: for the latent picture, and (2-D models) the page's latent map.
+    model = model.cpu()
+    mu = latent_map.means(model.encode, test_x.cpu())
+    lmap = latent_map.block(mu, test_labels.cpu()) if cfg.latent_dim == 2 else None
     export.save(export.script(served), cfg.out, meta, lmap)
     reloaded, _ = export.load(cfg.out)
     diff = export.parity(served, reloaded, test_x[:256].cpu())
@@ -297,9 +299,7 @@ def finish(model: VAEBase, cfg: TrainConfig, name: str, sha256: dict[str, str], 
 
     pictures = cfg.out.with_suffix("")  # models/vae.pt -> models/vae/
     pictures.mkdir(parents=True, exist_ok=True)
-    model = model.cpu()
-    mu, _ = model.encode(test_x.cpu())
-    plots.latent_scatter(mu.detach(), test_labels, pictures / "latent.png", name)
+    plots.latent_scatter(mu, test_labels, pictures / "latent.png", name)
     if cfg.latent_dim == 2:
         plots.manifold(model, pictures / "manifold.png")
     plots.samples(model, cfg.latent_dim, pictures / "samples.png")

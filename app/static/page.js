@@ -478,9 +478,10 @@ async function pick(name) {
   if (model !== state.model) return;
   $("map-area").hidden = $("posterior").hidden = !map;
   $("no-map").hidden = Boolean(map);
+  const mapped = state.models.filter((m) => m.latent_map).map((m) => m.name);
+  const suggestion = mapped.length ? ` (pick ${mapped.join(" or ")})` : "";
   $("no-map").textContent = map ? "" : `${model.name} has a ${model.latent_dim}-D latent space: the map is drawn ` +
-    `for models with a 2-D one${state.models.some((m) => m.latent_map) ? " (pick " +
-      state.models.filter((m) => m.latent_map).map((m) => m.name).join(" or ") + ")" : ""}.`;
+    `for models with a 2-D one${suggestion}.`;
   showPosterior();
   analyseNow();
   if (!$("grid").hidden) await sample();
