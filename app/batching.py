@@ -206,7 +206,7 @@ class Batcher:
                 outcomes = [_alone(self.fn, it) for it in items]  # isolate the failure: each request alone
         return outcomes, self.clock() - start, isolated
 
-    def _record(self, items: list[_Item], seconds: float, isolated: bool = False) -> None:
+    def _record(self, items: list[_Item], seconds: float, isolated: bool) -> None:
         """On the event loop: count the pass and update the estimate for its size."""
         self.batches += 1
         self.isolated_batches += isolated

@@ -82,7 +82,6 @@ class ServiceMiddleware:
         limits = self.limits
         headers = dict(scope["headers"])
         rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
         status = 500
         started = False
         extra_headers = [(b"x-request-id", rid.encode("latin-1"))]

@@ -1,8 +1,10 @@
 """Per-module mutation scores from the last `make mutation` run (mutmut's mutants/**/*.py.meta).
 
 Killed = the fast tests went red (a failing test, or a timeout: the mutant hung them);
-survived = every test still passed. Prints a Markdown table and the surviving mutants'
-names (`mutmut show NAME` prints the change), for docs/testing.md.
+survived = every test still passed. A survivor that scripts/mutation_recheck.py has since seen
+killed by today's tests (mutants/recheck.json) counts as killed, in its own column. Prints a
+Markdown table and the surviving mutants' names (`mutmut show NAME` prints the change), for
+docs/testing.md.
 """
 
 from __future__ import annotations
@@ -22,25 +24,32 @@ def main() -> int:
     if not metas:
         print("no mutation results: run `make mutation` first", file=sys.stderr)
         return 1
+    recheck_file = REPO / "mutants" / "recheck.json"
+    recheck = json.loads(recheck_file.read_text()) if recheck_file.is_file() else {}
     rows, survivors, total = [], [], Counter()
     for meta in metas:
         module = str(meta.relative_to(REPO / "mutants")).removesuffix(".meta")
         statuses = {k: status_by_exit_code[v] for k, v in json.loads(meta.read_text())["exit_code_by_key"].items()}
+        statuses = {k: "killed since" if s == "survived" and recheck.get(k) == "killed" else s
+                    for k, s in statuses.items()}
         count = Counter("killed" if s in ("killed", "timeout") else s for s in statuses.values())
         if not statuses:
             continue
         total.update(count)
-        tested = count["killed"] + count["survived"]
-        score = 100 * count["killed"] / tested if tested else 0.0
-        rows.append(f"| `{module}` | {len(statuses)} | {count['killed']} | {count['survived']} | "
-                    f"{count['no tests'] + count['not checked'] + count['skipped']} | {score:.1f}% |")
+        killed = count["killed"] + count["killed since"]
+        tested = killed + count["survived"]
+        score = 100 * killed / tested if tested else 0.0
+        rows.append(f"| `{module}` | {len(statuses)} | {count['killed']} | {count['killed since']} | "
+                    f"{count['survived']} | {count['no tests'] + count['not checked'] + count['skipped']} | "
+                    f"{score:.1f}% |")
         survivors += [k for k, s in statuses.items() if s == "survived"]
-    tested = total["killed"] + total["survived"]
-    print("| module | mutants | killed | survived | not run | score |\n| --- | --- | --- | --- | --- | --- |")
+    killed = total["killed"] + total["killed since"]
+    tested = killed + total["survived"]
+    print("| module | mutants | killed in the run | killed since | survived | not run | score |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
-    print(f"| all | {sum(total.values())} | {total['killed']} | {total['survived']} | "
-          f"{total['no tests'] + total['not checked'] + total['skipped']} | "
-          f"{100 * total['killed'] / max(tested, 1):.1f}% |")
+    print(f"| all | {sum(total.values())} | {total['killed']} | {total['killed since']} | {total['survived']} | "
+          f"{total['no tests'] + total['not checked'] + total['skipped']} | {100 * killed / max(tested, 1):.1f}% |")
     print("\nsurvivors:" if survivors else "\nno survivors")
     for name in survivors:
         print(f"  {name}")

@@ -60,6 +60,57 @@ def test_calibration_block_is_the_documented_format() -> None:
                                                                            (99.5, 20.1235)], 64)
 
 
+@pytest.mark.parametrize(("quantiles", "message"), [
+    ({"p0": 1.0}, "calibration quantile p0=1.0 is out of range"),
+    ({"p100": 1.0}, "calibration quantile p100=1.0 is out of range"),
+    ({"p50": float("inf")}, "calibration quantile p50=inf is out of range"),
+    ({"q50": 1.0}, "calibration quantile 'q50' is not named like 'p99'"),
+    ({"p50": 2.0, "p90": 1.0}, "calibration scores must not decrease with the percentile"),
+])
+def test_a_bad_calibration_table_is_refused_with_the_reason(quantiles: dict, message: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        contract.calibration_points({"anomaly_calibration": {"k": 8, "quantiles": quantiles}})
+    assert str(refused.value) == message
+
+
+def test_a_flat_stretch_of_the_calibration_table_is_allowed() -> None:
+    flat = {"anomaly_calibration": {"quantiles": {"p10": 5.0, "p50": 5.0, "p90": 7.0}}}
+    assert contract.calibration_points(flat) == ([(10.0, 5.0), (50.0, 5.0), (90.0, 7.0)], None)
+
+
+def test_score_methods_reads_each_methods_column_calibration_and_description() -> None:
+    bound_cal = {"k": 64, "quantiles": {"p50": 100.0, "p99": 150.0}}
+    meta = {"anomaly_calibration": bound_cal,
+            "anomaly_scores": {"default": "fisher", "methods": {
+                "fisher": {"column": 1, "about": "three tails", "calibration": {"k": 32, "quantiles": {"p99": 9.0}}},
+                "plain": {"column": 2}}}}
+    methods, default = contract.score_methods(meta)
+    assert default == "fisher"
+    assert methods == {
+        "bound": {"column": None, "points": [(50.0, 100.0), (99.0, 150.0)], "k": 64,
+                  "about": "-log p(x), IWAE bound, nats"},
+        "fisher": {"column": 1, "points": [(99.0, 9.0)], "k": 32, "about": "three tails"},
+        "plain": {"column": 2, "points": [], "k": None, "about": ""}}
+    no_default = {"anomaly_scores": {"methods": meta["anomaly_scores"]["methods"]}}
+    assert contract.score_methods(no_default)[1] == "bound"
+    assert contract.score_methods({}) == ({"bound": {"column": None, "points": [], "k": None,
+                                                     "about": "-log p(x), IWAE bound, nats"}}, "bound")
+
+
+@pytest.mark.parametrize(("block", "message"), [
+    ([], "anomaly_scores must be {'default': NAME, 'methods': {NAME: {...}}}"),
+    ({"default": "x"}, "anomaly_scores must be {'default': NAME, 'methods': {NAME: {...}}}"),
+    ({"methods": {"x": 5}}, "anomaly_scores.methods.x needs an integer column >= 1"),
+    ({"methods": {"x": {"column": "1"}}}, "anomaly_scores.methods.x needs an integer column >= 1"),
+    ({"methods": {"x": {"column": 0}}}, "anomaly_scores.methods.x needs an integer column >= 1"),
+    ({"default": "y", "methods": {"x": {"column": 1}}}, "anomaly_scores.default 'y' is not among ['bound', 'x']"),
+])
+def test_a_bad_score_block_is_refused_with_the_reason(block: object, message: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        contract.score_methods({"anomaly_scores": block})
+    assert str(refused.value) == message
+
+
 @pytest.fixture(scope="module")
 def calibrated(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, float]]:
     """The tiny model with a calibration table laid around DIGIT's own score s: p10 = s-100,

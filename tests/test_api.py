@@ -90,6 +90,26 @@ def test_models_counts_requests_and_passes(client: TestClient) -> None:
     assert 1 <= after["passes"] <= after["requests"] and after["inline_passes"] <= after["passes"]
 
 
+def test_models_names_each_methods_counts(client: TestClient) -> None:
+    def counts() -> dict:
+        return {m["name"]: m["batching"] for m in client.get("/models").json()["models"]}["deep-tiny"]
+
+    before = counts()
+    client.post("/decode?model=deep-tiny", json={"z": [[0.0] * 8]})
+    client.post("/reconstruct?model=deep-tiny&format=json", content=DIGIT, headers={"content-type": "image/png"})
+    client.post("/anomaly-score?model=deep-tiny&method=bound&k=8", content=DIGIT,
+                headers={"content-type": "image/png"})
+    after = counts()
+    for method in ("decode", "forward", "log_likelihood_k8"):
+        assert after[method]["requests"] - before.get(method, {"requests": 0})["requests"] == 1, (method, after)
+
+
+def test_the_inline_budget_setting_reaches_every_batcher(models_dir: Path) -> None:
+    with TestClient(create_app(settings(models_dir, inline_max_us=1234))) as c:
+        batchers = c.app.state.engines["vae"].batchers()
+    assert {b.inline_max_s for b in batchers.values()} == {0.001234}
+
+
 # --- encode ----------------------------------------------------------------------------
 
 def test_encode_raw_png_matches_artifact(client: TestClient, artifact) -> None:
@@ -615,3 +635,20 @@ def test_json_pixels_reconstruct_with_their_originals(client: TestClient) -> Non
     body = client.post("/reconstruct?format=json", json={"pixels": pixels}).json()
     assert body["originals"] == pixels and len(body["images"]) == 2
     assert all(len(img) == 28 and len(img[0]) == 28 for img in body["images"])
+
+
+def test_access_log_latency_is_milliseconds_to_two_places(caplog: pytest.LogCaptureFixture, monkeypatch) -> None:
+    import app.middleware as middleware
+
+    class Frozen:
+        @staticmethod
+        def perf_counter() -> float:
+            return 100.0123456
+
+    monkeypatch.setattr(middleware, "time", Frozen)
+    caplog.set_level("INFO", logger="app.access")
+    mw = middleware.ServiceMiddleware(None, middleware.HttpLimits())  # type: ignore[arg-type]
+    mw._done({"method": "GET", "path": "/healthz", "query_string": b"a=1"}, "r1", 200, start=100.0)
+    (line,) = [json.loads(r.getMessage()) for r in caplog.records if r.name == "app.access"]
+    assert line == {"request_id": "r1", "method": "GET", "path": "/healthz", "query": "a=1", "status": 200,
+                    "latency_ms": 12.35}

@@ -136,8 +136,13 @@ def test_bad_files_and_folders_are_refused_by_name(tmp_path: Path, trained: Path
     with pytest.raises(ModelLoadError, match=r": no \*\.pt model files in the models folder$"):
         load_models(tmp_path, cpu, "vae")
     (tmp_path / "junk.pt").write_bytes(b"not a zip")
-    with pytest.raises(ModelLoadError, match=r"junk\.pt: not a loadable TorchScript archive \(.+\)$"):
+    with pytest.raises(ModelLoadError) as junk:
         load_models(tmp_path, cpu, "vae")
+    assert str(junk.value) == (f"{tmp_path / 'junk.pt'}: not a loadable TorchScript archive (PytorchStreamReader "
+                               "failed reading zip archive: not a ZIP archive. This is an internal miniz error. If "
+                               "you are seeing this error, there is a high likelihood that your checkpoint file is "
+                               "corrupted. This can happen if the checkpoint was not saved properly, was transferred "
+                               "incorrectly, or the file was modified after saving.)")
     (tmp_path / "junk.pt").unlink()
     module, meta = export.load(trained / "deep-tiny.pt")
     torch.jit.save(module, str(tmp_path / "nometa.pt"))
@@ -155,3 +160,26 @@ def test_bad_files_and_folders_are_refused_by_name(tmp_path: Path, trained: Path
     assert 0 < loaded.load_seconds < 60
     assert not any(p.requires_grad for p in loaded.module.parameters())
     assert loaded.scores["bound"].about == "-log p(x), IWAE bound, nats"
+    assert [(name, m.name) for name, m in loaded.scores.items()] == [("bound", "bound")]
+
+
+class EncoderOnly(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @torch.jit.export
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, x
+
+
+def test_an_artifact_missing_methods_is_refused_with_their_names(tmp_path: Path) -> None:
+    path = _save(tmp_path, "half", torch.jit.script(EncoderOnly()), {"name": "half", "latent_dim": 2})
+    with pytest.raises(ModelLoadError) as refused:
+        load_model(path, torch.device("cpu"))
+    assert str(refused.value) == f"{path}: artifact lacks method(s) decode, log_likelihood, log_likelihood_with_noise"
+
+
+def test_an_artifact_from_before_input_shape_was_recorded_is_served(tmp_path: Path, trained: Path) -> None:
+    module, meta = export.load(trained / "deep-tiny.pt")
+    path = _save(tmp_path, "deep-tiny", module, {k: v for k, v in meta.items() if k != "input_shape"})
+    assert load_model(path, torch.device("cpu")).latent_dim == 8

@@ -257,9 +257,11 @@ def test_close_answers_every_queued_request_and_lets_the_running_pass_finish() -
         await asyncio.sleep(0.01)
         assert b.queued_rows == 3 and not any(t.done() for t in queued)
         b.close()
+        assert (len(b.queue), b.queued_rows) == (0, 0)
         done, pending = await asyncio.wait(queued, timeout=1)
         assert not pending
         assert all(isinstance(t.exception(), Unavailable) for t in done)
+        assert {t.exception().detail for t in done} == {"the service is shutting down"}
         with pytest.raises(Unavailable) as closed:
             await b(torch.ones(1))  # after close: answered at once, never queued
         assert closed.value.detail == "the service is shutting down"
@@ -368,3 +370,219 @@ def test_a_pass_that_never_ran_answers_every_caller_and_the_next_pass_still_runs
     assert isinstance(got[2], asyncio.CancelledError if outcome == "fail" else RuntimeError)
     assert str(got[0 if outcome == "fail" else 2]) == "the executor is gone"
     assert (b.busy, b.batches, len(b.queue)) == (False, 0, 0)  # nothing ran, so nothing is counted
+
+
+# --- the compute thread ---------------------------------------------------------------------
+
+def on_thread(compute: ComputeThread, fn):
+    async def main():
+        return await compute.submit(fn)
+    return run(main())
+
+
+def test_the_compute_thread_leaves_torchs_thread_count_alone_unless_told() -> None:
+    plain: list[int] = []
+    t = threading.Thread(target=lambda: plain.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    default, three = ComputeThread(), ComputeThread(inline_threads=4, compute_threads=3)
+    try:
+        assert on_thread(default, torch.get_num_threads) == plain[0]  # a new thread's own default
+        assert on_thread(three, torch.get_num_threads) == 3
+    finally:
+        default.shutdown()
+        three.shutdown()
+
+
+@pytest.mark.parametrize(("inline", "compute", "scale"), [(0, 0, 1.0), (2, 1, 0.5), (4, 2, 0.5), (0, 2, 1.0),
+                                                          (2, 0, 1.0)])
+def test_a_compute_thread_pass_is_scaled_only_when_both_thread_counts_are_set(inline: int, compute: int,
+                                                                               scale: float) -> None:
+    thread = ComputeThread(inline_threads=inline, compute_threads=compute)
+    thread.shutdown()
+    assert thread.inline_scale == scale
+
+
+def test_the_compute_thread_runs_one_pass_at_a_time_and_shutdown_waits_for_it() -> None:
+    compute = ComputeThread()
+    first_in, release, second_in, first_out = (threading.Event() for _ in range(4))
+
+    def first() -> None:
+        first_in.set()
+        release.wait(5)
+        first_out.set()
+
+    async def main() -> None:
+        a = compute.submit(first)
+        b = compute.submit(second_in.set)
+        await asyncio.to_thread(first_in.wait, 5)
+        await asyncio.sleep(0.05)
+        assert not second_in.is_set()  # one worker: the second pass waits for the first
+        release.set()
+        await asyncio.gather(a, b)
+
+    run(main())
+    assert second_in.is_set()
+    first_in.clear()
+    first_out.clear()
+    release.clear()
+    compute.executor.submit(first)
+    first_in.wait(5)
+    threading.Timer(0.05, release.set).start()
+    compute.shutdown()
+    assert first_out.is_set()  # shutdown returned only after the running pass did
+
+
+# --- when a pass starts -------------------------------------------------------------------
+
+def recording_timers(loop: asyncio.AbstractEventLoop) -> list[float]:
+    """Every delay the batcher asks the loop for (call_later), in order."""
+    delays: list[float] = []
+    call_later = loop.call_later
+
+    def recorded(delay, callback, *args, **kwargs):
+        delays.append(delay)
+        return call_later(delay, callback, *args, **kwargs)
+
+    loop.call_later = recorded  # type: ignore[method-assign]
+    return delays
+
+
+def test_without_max_wait_no_pass_ever_waits_on_a_timer() -> None:
+    async def main() -> tuple[list, list[float], Batcher]:
+        delays = recording_timers(asyncio.get_running_loop())
+        b = Batcher(lambda x: x + 1, (0,), max_size=1, max_wait_s=0.0, compute=None)
+        out = await asyncio.gather(*(b(torch.full((1,), float(i))) for i in range(3)))
+        return [float(o[0]) for o in out], delays, b
+
+    out, delays, b = run(main())
+    assert out == [1.0, 2.0, 3.0] and b.batches == 3
+    assert delays == []  # max_size=1 leaves two queued after each inline pass: they go on at once
+
+
+def test_a_lone_call_waits_max_wait_and_a_full_batch_starts_at_once() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        delays = recording_timers(loop)
+        b = Batcher(lambda x: x + 1, (0,), max_size=2, max_wait_s=30.0, compute=None)
+        first = asyncio.create_task(b(torch.zeros(1)))
+        await asyncio.sleep(0)
+        assert delays == [30.0] and isinstance(b.drain_handle, asyncio.TimerHandle)
+        second = asyncio.create_task(b(torch.ones(1)))
+        await asyncio.sleep(0)
+        # max_size rows are queued: the timer is dropped and the pass starts on the next turn
+        assert delays == [30.0] and type(b.drain_handle) is asyncio.Handle
+        out = await asyncio.wait_for(asyncio.gather(first, second), 5)
+        assert [float(o[0]) for o in out] == [1.0, 2.0] and b.batches == 1
+
+    run(main())
+
+
+def test_a_pass_measured_at_exactly_the_inline_budget_runs_inline() -> None:
+    compute = ComputeThread()
+    clock = Clock()
+
+    def quarter(x: torch.Tensor) -> torch.Tensor:
+        clock.now += 0.25
+        return x
+
+    async def main() -> Batcher:
+        b = Batcher(quarter, (0,), max_size=8, max_wait_s=0.0, compute=compute, inline_max_s=0.0, clock=clock)
+        await b(torch.zeros(1))
+        b.inline_max_s = b.expected_seconds(1)
+        await b(torch.zeros(1))
+        return b
+
+    try:
+        b = run(main())
+    finally:
+        compute.shutdown()
+    assert b.inline_max_s == 0.25 and b.inline_batches == 1
+
+
+def test_the_pass_time_estimate_is_a_moving_average_per_size() -> None:
+    clock = Clock()
+    times = iter([1.0, 2.0, 4.0])
+
+    def timed(x: torch.Tensor) -> torch.Tensor:
+        clock.now += next(times)
+        return x
+
+    async def main() -> Batcher:
+        b = Batcher(timed, (0,), max_size=8, max_wait_s=0.0, compute=None, clock=clock)
+        for n in (1, 1, 4):
+            await b(torch.zeros(n))
+        return b
+
+    b = run(main())
+    assert b.pass_seconds == {1: 0.8 * 1.0 + 0.2 * 2.0, 3: 4.0}  # 1 row twice; 4 rows (bucket 3) once
+
+
+def test_an_unmeasured_size_takes_the_smallest_larger_measurement() -> None:
+    b = Batcher(lambda x: x, (0,), max_size=64, max_wait_s=0.0, compute=None)
+    b.pass_seconds = {3: 0.5, 5: 0.7}  # 4-7 rows and 16-31 rows
+    assert b.expected_seconds(1) == 0.5
+    assert b.expected_seconds(8) == 0.7
+    assert b.expected_seconds(64) == pytest.approx(0.7 * 64 / 16)
+
+
+# --- requests that are gone ----------------------------------------------------------------
+
+def test_passes_of_only_cancelled_callers_are_skipped_and_the_batcher_goes_on() -> None:
+    async def main() -> float:
+        b = Batcher(lambda x: x + 1, (0,), max_size=1, max_wait_s=0.01, compute=None)
+        lone = asyncio.create_task(b(torch.zeros(1)))
+        await asyncio.sleep(0)
+        lone.cancel()
+        await asyncio.sleep(0.05)  # the drain finds only a cancelled call: nothing to run, and it returns
+        assert b.batches == 0 and not b.queue
+        tasks = [asyncio.create_task(b(torch.full((1,), float(i)))) for i in range(3)]
+        await asyncio.sleep(0)
+        tasks[0].cancel()
+        tasks[1].cancel()  # max_size=1: two passes in a row with nobody to answer, then the third
+        return float((await asyncio.wait_for(tasks[2], 5))[0])
+
+    assert run(main()) == 3.0
+
+
+def test_a_caller_that_leaves_during_its_pass_does_not_keep_the_others_waiting() -> None:
+    compute = ComputeThread()
+    started, release = threading.Event(), threading.Event()
+
+    def blocking(x: torch.Tensor) -> torch.Tensor:
+        started.set()
+        release.wait(5)
+        return x * 10
+
+    async def main() -> list[float]:
+        b = Batcher(blocking, (0,), max_size=8, max_wait_s=0.01, compute=compute)
+        tasks = [asyncio.create_task(b(torch.full((1,), float(i)))) for i in range(3)]
+        await asyncio.to_thread(started.wait, 5)
+        tasks[0].cancel()  # its row is in the running pass
+        release.set()
+        _, pending = await asyncio.wait(tasks[1:], timeout=5)
+        assert not pending and b.batches == 1
+        return [float(t.result()[0]) for t in tasks[1:]]
+
+    try:
+        assert run(main()) == [10.0, 20.0]
+    finally:
+        compute.shutdown()
+
+
+@pytest.mark.parametrize("on_thread", [False, True])
+def test_a_lone_failing_request_gets_its_own_error(on_thread: bool) -> None:
+    compute = ComputeThread() if on_thread else None
+
+    async def main() -> BaseException | None:
+        b = Batcher(fragile, (0, 1), max_size=8, max_wait_s=0.0, compute=compute)
+        (got,) = await asyncio.wait_for(
+            asyncio.gather(b(torch.full((1, 3), float("nan")), torch.zeros(1, 1, 2)), return_exceptions=True), 5)
+        return got
+
+    try:
+        got = run(main())
+    finally:
+        if compute:
+            compute.shutdown()
+    assert isinstance(got, ValueError) and str(got) == "NaN input"

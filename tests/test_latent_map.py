@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import math
 import shutil
@@ -14,7 +15,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from app import contract
-from app.artifacts import ModelLoadError, load_model
+from app.artifacts import LatentMap, ModelLoadError, load_model
 from app.main import create_app
 from app.settings import Settings
 from training import export, latent_map
@@ -56,24 +57,44 @@ def test_block_rounds_to_three_decimals_and_pads_a_single_point() -> None:
 GOOD = {"data": "d", "n": 2, "extent": [-1, 1, -2, 2], "x": [0.5, -0.5], "y": [1.0, 0.0], "label": [0, 9]}
 
 
+EXTENT = "extent must be [x_min, x_max, y_min, y_max], finite, min < max"
+LISTS = "x, y and label must be lists of one length"
+
+
 @pytest.mark.parametrize(("block", "dim", "message"), [
-    (GOOD, 8, "latent map is for 2-D latents, and this model's latent_dim is 8"),
+    (GOOD, 8, "a latent map is for 2-D latents, and this model's latent_dim is 8"),
     ([1, 2], 2, "must be a JSON object"),
-    ({**GOOD, "extent": [1, -1, -2, 2]}, 2, "extent must be"),
-    ({**GOOD, "extent": [-1, 1, -2]}, 2, "extent must be"),
-    ({**GOOD, "extent": [-1, 1, -2, float("inf")]}, 2, "extent must be"),
-    ({**GOOD, "x": [0.5]}, 2, "one length"),
-    ({**GOOD, "label": "09"}, 2, "one length"),
-    ({**GOOD, "y": [1.0, float("nan")]}, 2, "finite numbers"),
-    ({**GOOD, "x": [0.5, True]}, 2, "finite numbers"),
-    ({**GOOD, "label": [0, 10]}, 2, "digits 0-9"),
-    ({**GOOD, "label": [0, 1.0]}, 2, "digits 0-9"),
-    ({**GOOD, "label": [0, False]}, 2, "digits 0-9"),
+    ({**GOOD, "extent": [1, -1, -2, 2]}, 2, EXTENT),
+    ({**GOOD, "extent": [1, 1, -2, 2]}, 2, EXTENT),
+    ({**GOOD, "extent": [-1, 1, 2, 2]}, 2, EXTENT),
+    ({**GOOD, "extent": [-1, 1, -2]}, 2, EXTENT),
+    ({**GOOD, "extent": [-1, 1, -2, float("inf")]}, 2, EXTENT),
+    ({**GOOD, "x": [0.5]}, 2, LISTS),
+    ({**GOOD, "label": "09"}, 2, LISTS),
+    ({**GOOD, "y": [1.0, float("nan")]}, 2, "x and y must be finite numbers"),
+    ({**GOOD, "x": [0.5, True]}, 2, "x and y must be finite numbers"),
+    ({**GOOD, "label": [0, 10]}, 2, "labels must be digits 0-9"),
+    ({**GOOD, "label": [0, 1.0]}, 2, "labels must be digits 0-9"),
+    ({**GOOD, "label": [0, False]}, 2, "labels must be digits 0-9"),
 ])
 def test_a_bad_map_is_refused_with_the_reason(block: object, dim: int, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError) as refused:
         contract.latent_map(block, dim)
+    assert str(refused.value) == message
     assert contract.latent_map(GOOD, 2)["label"] == [0, 9]
+
+
+def test_a_map_reads_back_as_written_and_its_source_may_be_left_out() -> None:
+    assert contract.latent_map(GOOD, 2) == {**GOOD, "extent": [-1, 1, -2, 2]}
+    assert contract.latent_map({k: v for k, v in GOOD.items() if k != "data"}, 2)["data"] == ""
+
+
+def test_the_served_map_is_compact_json_gzipped_reproducibly_with_a_content_etag() -> None:
+    lmap = LatentMap.of(GOOD)
+    assert lmap.body == json.dumps(GOOD, separators=(",", ":")).encode()
+    assert gzip.decompress(lmap.gzipped) == lmap.body
+    assert lmap.gzipped[4:8] == bytes(4)  # no timestamp: every replica serves the same bytes
+    assert lmap.etag == '"' + hashlib.sha256(lmap.body).hexdigest()[:32] + '"'
 
 
 def test_training_writes_the_test_sets_means_into_2d_artifacts(trained: Path, mnist: MNIST) -> None:

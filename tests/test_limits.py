@@ -277,3 +277,66 @@ def test_stalled_uploads_get_408_each_including_those_that_start_later() -> None
             "detail": f"the body did not arrive within {timeout:g} s ({came} bytes came; VAE_BODY_TIMEOUT_S)"}
     assert timeout <= ends[0] < ends[1] and ends[1] >= 1.6 * timeout  # each at its own deadline, not before
     assert (app.receiving, app.in_flight, app.deadlines, app.expired, app.sweeping) == (0, 0, {}, set(), False)
+
+
+@pytest.mark.parametrize(("timeout", "interval"), [(0.2, 0.05), (2.0, 0.5), (4.0, 1.0), (30.0, 1.0)])
+def test_a_stalled_upload_is_cut_off_within_a_quarter_of_its_timeout_and_at_most_a_second(timeout: float,
+                                                                                          interval: float) -> None:
+    assert ServiceMiddleware(None, HttpLimits(body_timeout_s=timeout))._sweep_interval() == interval  # type: ignore[arg-type]
+
+
+def run_middleware(app, drain: bool = False, headers: list | None = None) -> tuple[list[dict], BaseException | None]:
+    """One GET through ServiceMiddleware around `app`: the messages sent, and what it raised."""
+    from app.middleware import Drain
+
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/healthz", "headers": headers or [], "query_string": b""}
+    mw = ServiceMiddleware(app, HttpLimits(), drain=Drain(draining=drain))
+    try:
+        asyncio.run(mw(scope, receive, send))
+    except BaseException as e:  # the test looks at what came out
+        return sent, e
+    return sent, None
+
+
+@pytest.mark.parametrize("draining", [False, True])
+def test_every_answer_carries_the_request_id_and_connection_close_while_draining(draining: bool) -> None:
+    sent, raised = run_middleware(held_app(_set_event()), drain=draining,
+                                  headers=[(b"x-request-id", b"abc")])
+    assert raised is None
+    extra = [(b"x-request-id", b"abc")] + ([(b"connection", b"close")] if draining else [])
+    assert sent[0]["headers"] == extra  # lower-case names, as ASGI requires
+
+
+def _set_event() -> asyncio.Event:
+    event = asyncio.Event()
+    event.set()
+    return event
+
+
+def test_an_error_after_the_answer_started_is_raised_to_the_server_not_answered_twice(caplog) -> None:
+    async def half_then_fail(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise ValueError("broke mid-answer")
+
+    caplog.set_level("INFO", logger="app.access")
+    sent, raised = run_middleware(half_then_fail)
+    assert isinstance(raised, ValueError) and [m["type"] for m in sent] == ["http.response.start"]
+    assert [json.loads(r.getMessage())["status"] for r in caplog.records if r.name == "app.access"] == [200]
+
+
+def test_a_request_cancelled_before_its_answer_is_logged_as_500(caplog) -> None:
+    async def cancelled(scope, receive, send) -> None:
+        raise asyncio.CancelledError  # the server gave up on it (shutdown past its grace period)
+
+    caplog.set_level("INFO", logger="app.access")
+    sent, raised = run_middleware(cancelled)
+    assert isinstance(raised, asyncio.CancelledError) and sent == []
+    assert [json.loads(r.getMessage())["status"] for r in caplog.records if r.name == "app.access"] == [500]

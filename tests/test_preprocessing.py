@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
 from app.exceptions import ServiceError
-from app.imaging import Preprocess, file_to_gray28, file_to_tensor
+from app.imaging import Preprocess, file_to_gray28, file_to_tensor, is_small_gray, png_header
 from tests.conftest import TEST_DATA
 from training import export
 
@@ -160,6 +162,18 @@ def test_exif_orientation_is_applied(fmt: str) -> None:
     rows, cols = np.nonzero(got > 100)
     assert np.ptp(rows) > 3 * np.ptp(cols)  # standing up, not lying down
     assert np.abs(got.astype(int) - expected).max() <= (0 if fmt == "PNG" else 40)
+
+
+def test_exif_orientation_is_applied_to_a_28x28_grey_png_too() -> None:
+    """The fast libpng path for MNIST-sized PNGs turns them as the Pillow path turns everything else."""
+    upright = np.zeros((28, 28), np.uint8)
+    upright[4:24, 12:15] = 255  # a "1"
+    upright[4:7, 9:12] = 200
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    sideways = encoded(Image.fromarray(upright, "L").transpose(Image.Transpose.ROTATE_90), exif=exif.tobytes())
+    assert is_small_gray(png_header(sideways))
+    assert np.array_equal(prep(sideways, fit=False), upright)
 
 
 def test_a_grey_underexposed_scan_of_a_dark_digit_is_inverted() -> None:
@@ -394,3 +408,44 @@ def test_fit_false_says_the_size_it_got() -> None:
     with pytest.raises(WrongImageSize) as e:
         file_to_gray28(wide, 10**6, Preprocess(fit=False))
     assert e.value.detail == "image is 40x30; with fit=false it must be 28x28"
+
+
+# --- the PNG header, read before any decoding ---------------------------------------------------
+
+def png_head(width: int, height: int, depth: int = 8, colour: int = 0) -> bytes:
+    """Signature and IHDR chunk: the 33 bytes png_header reads."""
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+
+
+def test_the_png_header_is_read_from_exactly_its_33_bytes() -> None:
+    head = png_head(28, 28)
+    assert len(head) == 33 and png_header(head) == (28, 28, 8, 0)
+    assert png_header(head[:32]) is None
+    assert png_header(png_head(3_000_000_000, 2, 16, 6)) == (3_000_000_000, 2, 16, 6)  # unsigned, past 2^31
+    assert png_header(b"GIF89a\0\0" + head[8:]) is None  # an IHDR where a PNG has one is not enough
+    assert png_header(head[:12] + b"IDAT" + head[16:]) is None
+
+
+def test_the_pixel_limit_counts_width_times_height_before_decoding() -> None:
+    wide = png_head(300, 100) + b"no image data follows"
+    with pytest.raises(ServiceError) as refused:
+        file_to_gray28(wide, 20_000, Preprocess())
+    assert (refused.value.error, refused.value.detail) == (
+        "image too large", "300x100 pixels; the limit is 20000 pixels (VAE_MAX_IMAGE_PIXELS)")
+
+
+def test_an_empty_upload_is_told_so() -> None:
+    with pytest.raises(ServiceError) as refused:
+        file_to_gray28(b"", 10**6, Preprocess())
+    assert (refused.value.error, refused.value.detail) == ("empty image", "the request carried no image bytes")
+
+
+def test_faint_specks_at_a_fifth_of_the_ink_do_not_widen_the_box() -> None:
+    page = np.zeros((100, 100), np.uint8)
+    page[30:70, 45:55] = 255
+    alone = file_to_gray28(encoded(Image.fromarray(page)), 10**6, Preprocess(invert="false"))
+    page[5, 5] = 51  # exactly 0.2 of the ink: not part of the digit
+    assert np.array_equal(file_to_gray28(encoded(Image.fromarray(page)), 10**6, Preprocess(invert="false")), alone)
+    page[5, 5] = 52
+    assert not np.array_equal(file_to_gray28(encoded(Image.fromarray(page)), 10**6, Preprocess(invert="false")), alone)
