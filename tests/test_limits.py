@@ -340,3 +340,86 @@ def test_a_request_cancelled_before_its_answer_is_logged_as_500(caplog) -> None:
     sent, raised = run_middleware(cancelled)
     assert isinstance(raised, asyncio.CancelledError) and sent == []
     assert [json.loads(r.getMessage())["status"] for r in caplog.records if r.name == "app.access"] == [500]
+
+
+def test_a_response_start_without_headers_still_gets_the_request_id() -> None:
+    async def bare(scope, receive, send) -> None:  # ASGI allows leaving "headers" out
+        await send({"type": "http.response.start", "status": 204})
+        await send({"type": "http.response.body", "body": b""})
+
+    sent, raised = run_middleware(bare, headers=[(b"x-request-id", b"r9")])
+    assert raised is None and sent[0]["headers"] == [(b"x-request-id", b"r9")]
+
+
+def test_a_body_of_exactly_the_limit_is_served_and_one_byte_more_is_not(models_dir: Path) -> None:
+    settings = Settings(models_dir=models_dir, default_model="vae", max_body_bytes=100_000)
+    exact = DIGIT + b"\0" * (100_000 - len(DIGIT))  # trailing bytes after IEND: the PNG still decodes
+    png = {"content-type": "image/png"}
+    with TestClient(create_app(settings)) as client:
+        for content in (exact, chunked(exact, 1000)):  # counted by Content-Length, and chunk by chunk
+            assert client.post("/encode", content=content, headers=png).status_code == 200
+        r = client.post("/encode", content=chunked(exact + b"\0", 1000), headers=png)
+        assert r.status_code == 413 and r.json()["detail"] == ("more than 100000 bytes; the limit is 100000 "
+                                                               "(VAE_MAX_BODY_BYTES)")
+
+
+def test_the_body_deadline_holds_for_chunked_uploads_and_never_for_a_slow_answer() -> None:
+    async def reading_app(scope, receive, send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await asyncio.sleep(0.3)  # computing: longer than the body timeout, which no longer applies
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    app = ServiceMiddleware(reading_app, HttpLimits(body_timeout_s=0.1))
+
+    def call(headers: list, parts: list[dict]) -> tuple[asyncio.Future, list[dict]]:
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            if parts:
+                return parts.pop(0)
+            await asyncio.Event().wait()  # the rest never comes
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/encode", "headers": headers, "query_string": b""}
+        return asyncio.ensure_future(app(scope, receive, send)), sent
+
+    async def main() -> tuple[list, list]:
+        stalled, stalled_sent = call([(b"transfer-encoding", b"chunked")],
+                                     [{"type": "http.request", "body": b"12", "more_body": True}])
+        slow, slow_sent = call([(b"content-length", b"2")], [{"type": "http.request", "body": b"ab"}])
+        await asyncio.wait_for(asyncio.gather(stalled, slow), 5)
+        return stalled_sent, slow_sent
+
+    stalled_sent, slow_sent = asyncio.run(main())
+    assert stalled_sent[0]["status"] == 408
+    assert slow_sent[0]["status"] == 200
+
+
+def test_a_limit_error_that_escapes_the_app_is_answered_by_the_middleware() -> None:
+    """An ASGI app that does not catch the body limit's error (no FastAPI handler around it) still gets a 413."""
+
+    async def reading_app(scope, receive, send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+
+    app = ServiceMiddleware(reading_app, HttpLimits(max_body_bytes=5))
+    parts = [{"type": "http.request", "body": b"abc", "more_body": True},
+             {"type": "http.request", "body": b"def", "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return parts.pop(0)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/encode", "query_string": b"",
+             "headers": [(b"transfer-encoding", b"chunked")]}
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 413
+    assert json.loads(sent[1]["body"]) == {"error": "request body too large",
+                                           "detail": "more than 5 bytes; the limit is 5 (VAE_MAX_BODY_BYTES)"}
