@@ -391,12 +391,62 @@ def test_the_body_deadline_holds_for_chunked_uploads_and_never_for_a_slow_answer
         stalled, stalled_sent = call([(b"transfer-encoding", b"chunked")],
                                      [{"type": "http.request", "body": b"12", "more_body": True}])
         slow, slow_sent = call([(b"content-length", b"2")], [{"type": "http.request", "body": b"ab"}])
-        await asyncio.wait_for(asyncio.gather(stalled, slow), 5)
-        return stalled_sent, slow_sent
+        bodiless, bodiless_sent = call([], [{"type": "http.request", "body": b""}])  # never an upload
+        await asyncio.wait_for(asyncio.gather(stalled, slow, bodiless), 5)
+        return stalled_sent, slow_sent, bodiless_sent
 
-    stalled_sent, slow_sent = asyncio.run(main())
+    stalled_sent, slow_sent, bodiless_sent = asyncio.run(main())
     assert stalled_sent[0]["status"] == 408
-    assert slow_sent[0]["status"] == 200
+    assert slow_sent[0]["status"] == bodiless_sent[0]["status"] == 200
+    assert (app.deadlines, app.expired, app.receiving, app.in_flight) == ({}, set(), 0, 0)
+
+
+def test_an_upload_computes_in_an_in_flight_slot_and_leaves_nothing_behind_when_the_app_fails() -> None:
+    release = asyncio.Event()
+
+    async def app(scope, receive, send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        if scope["path"] == "/broken":
+            raise RuntimeError("fails after reading nothing more")
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def early_failure(scope, receive, send) -> None:
+        raise RuntimeError("fails before reading its body")
+
+    mw = ServiceMiddleware(app, HttpLimits(max_in_flight=1))
+    failing = ServiceMiddleware(early_failure, HttpLimits())
+
+    def call(target: ServiceMiddleware, path: str, body: bytes) -> tuple[asyncio.Future, list[dict]]:
+        sent: list[dict] = []
+        headers = [(b"content-length", str(len(body)).encode())] if body else []
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": body}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": path, "headers": headers, "query_string": b""}
+        return asyncio.ensure_future(target(scope, receive, send)), sent
+
+    async def main() -> tuple[list, list, list]:
+        upload, upload_sent = call(mw, "/encode", b"png")
+        await asyncio.sleep(0.05)  # its body is in: it now computes, in the one slot
+        _, second_sent = call(mw, "/sample", b"")
+        await asyncio.sleep(0.05)
+        release.set()
+        await asyncio.wait_for(upload, 5)
+        task, failed_sent = call(failing, "/encode", b"png")
+        await asyncio.wait_for(task, 5)
+        return upload_sent, second_sent, failed_sent
+
+    upload_sent, second_sent, failed_sent = asyncio.run(main())
+    assert (upload_sent[0]["status"], second_sent[0]["status"], failed_sent[0]["status"]) == (200, 503, 500)
+    assert (mw.in_flight, mw.receiving) == (0, 0)
+    assert (failing.deadlines, failing.receiving) == ({}, 0)  # the upload's deadline went with it
 
 
 def test_a_limit_error_that_escapes_the_app_is_answered_by_the_middleware() -> None:
