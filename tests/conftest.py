@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -106,3 +108,15 @@ def vae_serve(env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen]]:
         proc.terminate()
         proc.wait(30)
     assert proc.returncode == 0
+
+
+def bomb_png(width: int, height: int, depth: int = 8, colour: int = 0) -> bytes:
+    """A PNG whose header claims width x height pixels over 1,000 bytes of image data: what the pixel limit
+    must refuse before decoding (the first 33 bytes are the signature and IHDR that png_header reads)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 1000)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")

@@ -8,8 +8,6 @@ import io
 import json
 import math
 import re
-import struct
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from app.artifacts import ModelLoadError
 from app.imaging import Preprocess, file_to_tensor, files_to_tensor, grid, to_png
 from app.main import create_app
 from app.settings import Settings
-from tests.conftest import TEST_DATA
+from tests.conftest import TEST_DATA, bomb_png
 from training import export
 from training.data import to_float
 
@@ -293,15 +291,6 @@ def test_other_formats_are_accepted(client: TestClient, fmt: str) -> None:
 
 
 # --- errors ----------------------------------------------------------------------------
-
-def bomb_png(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 1000)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
 
 @pytest.mark.parametrize(("kwargs", "status", "error"), [
     ({"content": b"", "headers": {"content-type": "image/png"}}, 422, "empty image"),

@@ -141,6 +141,16 @@ class Clock:
         return self.now
 
 
+def clocked(clock: Clock, seconds: float):
+    """A model function whose every pass takes `seconds` on the fake clock."""
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        clock.now += seconds
+        return x
+
+    return fn
+
+
 def test_short_passes_move_inline_once_measured_and_long_ones_stay_on_the_thread() -> None:
     compute = ComputeThread()
     threads: list[str] = []
@@ -222,12 +232,9 @@ def test_a_pass_timed_on_the_compute_thread_counts_for_its_fewer_cores() -> None
     compute = ComputeThread(inline_threads=2, compute_threads=1)
     clock = Clock()
 
-    def slow(x: torch.Tensor) -> torch.Tensor:
-        clock.now += 0.03
-        return x
-
     async def main() -> Batcher:
-        b = Batcher(slow, (0,), max_size=64, max_wait_s=0.0, compute=compute, inline_max_s=0.02, clock=clock)
+        b = Batcher(clocked(clock, 0.03), (0,), max_size=64, max_wait_s=0.0, compute=compute, inline_max_s=0.02,
+                    clock=clock)
         await b(torch.zeros(1))  # unknown: the compute thread; 30 ms there = 15 ms on two cores
         assert b.inline_batches == 0 and b.expected_seconds(1) == 0.015
         await b(torch.zeros(1))
@@ -481,12 +488,9 @@ def test_a_pass_measured_at_exactly_the_inline_budget_runs_inline() -> None:
     compute = ComputeThread()
     clock = Clock()
 
-    def quarter(x: torch.Tensor) -> torch.Tensor:
-        clock.now += 0.25
-        return x
-
     async def main() -> Batcher:
-        b = Batcher(quarter, (0,), max_size=8, max_wait_s=0.0, compute=compute, inline_max_s=0.0, clock=clock)
+        b = Batcher(clocked(clock, 0.25), (0,), max_size=8, max_wait_s=0.0, compute=compute, inline_max_s=0.0,
+                    clock=clock)
         await b(torch.zeros(1))
         b.inline_max_s = b.expected_seconds(1)
         await b(torch.zeros(1))

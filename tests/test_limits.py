@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from app.main import create_app
 from app.middleware import HttpLimits, ServiceMiddleware
 from app.settings import Settings
-from tests.conftest import TEST_DATA, vae_serve
+from tests.conftest import TEST_DATA, bomb_png, vae_serve
 
 DIGIT = (TEST_DATA / "mnist_test_0_digit_7.png").read_bytes()
 
@@ -76,7 +76,6 @@ def test_cuda_without_gpu_falls_back_to_cpu(models_dir: Path, caplog) -> None:
 
 def test_hostile_bodies_are_refused_without_reading_or_decoding_them(models_dir: Path) -> None:
     """A 50 MB body and a PNG declaring 100,000 x 100,000 pixels: refused before any allocation of that size."""
-    from tests.test_api import bomb_png
 
     with TestClient(create_app(Settings(models_dir=models_dir, default_model="vae"))) as client:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -196,14 +195,45 @@ def asgi_call(app, method: str, body_parts: list[bytes], gate: asyncio.Event | N
     return asyncio.create_task(run())
 
 
-def test_uploads_hold_receiving_slots_and_compute_slots_only_once_their_body_is_in() -> None:
-    async def reading_app(scope, receive, send) -> None:
+def reading_app(compute_s: float = 0.0):
+    """An ASGI app that reads its whole body, computes for `compute_s`, and answers 200."""
+
+    async def app(scope, receive, send) -> None:
         while (await receive()).get("more_body"):
             pass
+        if compute_s:
+            await asyncio.sleep(compute_s)
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
-    app = ServiceMiddleware(reading_app, HttpLimits(max_in_flight=1, max_receiving=2))
+    return app
+
+
+def request(app, parts: list[dict], headers: list | None = None, path: str = "/encode",
+            method: str = "POST") -> tuple[asyncio.Future, list[dict]]:
+    """One request into an ASGI app, from inside a running loop: `parts` are its receive messages, after
+    which nothing more comes (a stalled upload). The running request, and the messages it sends."""
+    sent: list[dict] = []
+    parts = list(parts)
+
+    async def receive() -> dict:
+        if parts:
+            return parts.pop(0)
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "headers": headers or [], "query_string": b""}
+    return asyncio.ensure_future(app(scope, receive, send)), sent
+
+
+BODILESS = [{"type": "http.request", "body": b""}]
+
+
+def test_uploads_hold_receiving_slots_and_compute_slots_only_once_their_body_is_in() -> None:
+    app = ServiceMiddleware(reading_app(), HttpLimits(max_in_flight=1, max_receiving=2))
 
     async def main() -> tuple[list, ...]:
         gate = asyncio.Event()
@@ -244,14 +274,8 @@ def test_stalled_uploads_get_408_each_including_those_that_start_later() -> None
     """The body deadline's one sweep: an upload that stalls is answered 408 with Connection: close once its
     deadline passes; the sweep re-arms while uploads remain, and starts again for an upload after it stopped."""
 
-    async def reading_app(scope, receive, send) -> None:
-        while (await receive()).get("more_body"):
-            pass
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"{}"})
-
     timeout = 0.2
-    app = ServiceMiddleware(reading_app, HttpLimits(body_timeout_s=timeout))
+    app = ServiceMiddleware(reading_app(), HttpLimits(body_timeout_s=timeout))
 
     async def main() -> tuple[list, ...]:
         never = asyncio.Event()  # the rest of these bodies never comes
@@ -285,40 +309,32 @@ def test_a_stalled_upload_is_cut_off_within_a_quarter_of_its_timeout_and_at_most
     assert ServiceMiddleware(None, HttpLimits(body_timeout_s=timeout))._sweep_interval() == interval  # type: ignore[arg-type]
 
 
-def run_middleware(app, drain: bool = False, headers: list | None = None) -> tuple[list[dict], BaseException | None]:
-    """One GET through ServiceMiddleware around `app`: the messages sent, and what it raised."""
+def run_middleware(app, limits: HttpLimits | None = None, drain: bool = False, headers: list | None = None,
+                   parts: list[dict] = BODILESS) -> tuple[list[dict], BaseException | None]:
+    """One request through ServiceMiddleware around `app`: the messages sent, and what it raised."""
     from app.middleware import Drain
 
-    sent: list[dict] = []
+    mw = ServiceMiddleware(app, limits or HttpLimits(), drain=Drain(draining=drain))
+    sent: list[list[dict]] = []
 
-    async def receive() -> dict:
-        return {"type": "http.request", "body": b"", "more_body": False}
+    async def main() -> None:
+        task, messages = request(mw, parts, headers)
+        sent.append(messages)
+        await task
 
-    async def send(message: dict) -> None:
-        sent.append(message)
-
-    scope = {"type": "http", "method": "GET", "path": "/healthz", "headers": headers or [], "query_string": b""}
-    mw = ServiceMiddleware(app, HttpLimits(), drain=Drain(draining=drain))
     try:
-        asyncio.run(mw(scope, receive, send))
+        asyncio.run(main())
     except BaseException as e:  # the test looks at what came out
-        return sent, e
-    return sent, None
+        return sent[0], e
+    return sent[0], None
 
 
 @pytest.mark.parametrize("draining", [False, True])
 def test_every_answer_carries_the_request_id_and_connection_close_while_draining(draining: bool) -> None:
-    sent, raised = run_middleware(held_app(_set_event()), drain=draining,
-                                  headers=[(b"x-request-id", b"abc")])
+    sent, raised = run_middleware(reading_app(), drain=draining, headers=[(b"x-request-id", b"abc")])
     assert raised is None
     extra = [(b"x-request-id", b"abc")] + ([(b"connection", b"close")] if draining else [])
     assert sent[0]["headers"] == extra  # lower-case names, as ASGI requires
-
-
-def _set_event() -> asyncio.Event:
-    event = asyncio.Event()
-    event.set()
-    return event
 
 
 def test_an_error_after_the_answer_started_is_raised_to_the_server_not_answered_twice(caplog) -> None:
@@ -364,34 +380,13 @@ def test_a_body_of_exactly_the_limit_is_served_and_one_byte_more_is_not(models_d
 
 
 def test_the_body_deadline_holds_for_chunked_uploads_and_never_for_a_slow_answer() -> None:
-    async def reading_app(scope, receive, send) -> None:
-        while (await receive()).get("more_body"):
-            pass
-        await asyncio.sleep(0.3)  # computing: longer than the body timeout, which no longer applies
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"{}"})
+    app = ServiceMiddleware(reading_app(compute_s=0.3), HttpLimits(body_timeout_s=0.1))  # computes past it
 
-    app = ServiceMiddleware(reading_app, HttpLimits(body_timeout_s=0.1))
-
-    def call(headers: list, parts: list[dict]) -> tuple[asyncio.Future, list[dict]]:
-        sent: list[dict] = []
-
-        async def receive() -> dict:
-            if parts:
-                return parts.pop(0)
-            await asyncio.Event().wait()  # the rest never comes
-
-        async def send(message: dict) -> None:
-            sent.append(message)
-
-        scope = {"type": "http", "method": "POST", "path": "/encode", "headers": headers, "query_string": b""}
-        return asyncio.ensure_future(app(scope, receive, send)), sent
-
-    async def main() -> tuple[list, list]:
-        stalled, stalled_sent = call([(b"transfer-encoding", b"chunked")],
-                                     [{"type": "http.request", "body": b"12", "more_body": True}])
-        slow, slow_sent = call([(b"content-length", b"2")], [{"type": "http.request", "body": b"ab"}])
-        bodiless, bodiless_sent = call([], [{"type": "http.request", "body": b""}])  # never an upload
+    async def main() -> tuple[list, list, list]:
+        stalled, stalled_sent = request(app, [{"type": "http.request", "body": b"12", "more_body": True}],
+                                        [(b"transfer-encoding", b"chunked")])
+        slow, slow_sent = request(app, [{"type": "http.request", "body": b"ab"}], [(b"content-length", b"2")])
+        bodiless, bodiless_sent = request(app, BODILESS)  # never an upload
         await asyncio.wait_for(asyncio.gather(stalled, slow, bodiless), 5)
         return stalled_sent, slow_sent, bodiless_sent
 
@@ -420,17 +415,8 @@ def test_an_upload_computes_in_an_in_flight_slot_and_leaves_nothing_behind_when_
     failing = ServiceMiddleware(early_failure, HttpLimits())
 
     def call(target: ServiceMiddleware, path: str, body: bytes) -> tuple[asyncio.Future, list[dict]]:
-        sent: list[dict] = []
         headers = [(b"content-length", str(len(body)).encode())] if body else []
-
-        async def receive() -> dict:
-            return {"type": "http.request", "body": body}
-
-        async def send(message: dict) -> None:
-            sent.append(message)
-
-        scope = {"type": "http", "method": "POST", "path": path, "headers": headers, "query_string": b""}
-        return asyncio.ensure_future(target(scope, receive, send)), sent
+        return request(target, [{"type": "http.request", "body": body}], headers, path)
 
     async def main() -> tuple[list, list, list]:
         upload, upload_sent = call(mw, "/encode", b"png")
@@ -451,25 +437,10 @@ def test_an_upload_computes_in_an_in_flight_slot_and_leaves_nothing_behind_when_
 
 def test_a_limit_error_that_escapes_the_app_is_answered_by_the_middleware() -> None:
     """An ASGI app that does not catch the body limit's error (no FastAPI handler around it) still gets a 413."""
-
-    async def reading_app(scope, receive, send) -> None:
-        while (await receive()).get("more_body"):
-            pass
-
-    app = ServiceMiddleware(reading_app, HttpLimits(max_body_bytes=5))
     parts = [{"type": "http.request", "body": b"abc", "more_body": True},
              {"type": "http.request", "body": b"def", "more_body": False}]
-    sent: list[dict] = []
-
-    async def receive() -> dict:
-        return parts.pop(0)
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
-    scope = {"type": "http", "method": "POST", "path": "/encode", "query_string": b"",
-             "headers": [(b"transfer-encoding", b"chunked")]}
-    asyncio.run(app(scope, receive, send))
-    assert sent[0]["status"] == 413
+    sent, raised = run_middleware(reading_app(), HttpLimits(max_body_bytes=5),
+                                  headers=[(b"transfer-encoding", b"chunked")], parts=parts)
+    assert raised is None and sent[0]["status"] == 413
     assert json.loads(sent[1]["body"]) == {"error": "request body too large",
                                            "detail": "more than 5 bytes; the limit is 5 (VAE_MAX_BODY_BYTES)"}

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from app.exceptions import ServiceError
 from app.imaging import Preprocess, file_to_gray28, file_to_tensor, is_small_gray, png_header
-from tests.conftest import TEST_DATA
+from tests.conftest import TEST_DATA, bomb_png
 from training import export
 
 DIGIT = (TEST_DATA / "mnist_test_0_digit_7.png").read_bytes()
@@ -414,8 +412,7 @@ def test_fit_false_says_the_size_it_got() -> None:
 
 def png_head(width: int, height: int, depth: int = 8, colour: int = 0) -> bytes:
     """Signature and IHDR chunk: the 33 bytes png_header reads."""
-    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bomb_png(width, height, depth, colour)[:33]
 
 
 def test_the_png_header_is_read_from_exactly_its_33_bytes() -> None:
@@ -428,7 +425,7 @@ def test_the_png_header_is_read_from_exactly_its_33_bytes() -> None:
 
 
 def test_the_pixel_limit_counts_width_times_height_before_decoding() -> None:
-    wide = png_head(300, 100) + b"no image data follows"
+    wide = bomb_png(300, 100)  # its IDAT holds 1000 zero bytes, far from the 30,000 pixels it claims
     with pytest.raises(ServiceError) as refused:
         file_to_gray28(wide, 20_000, Preprocess())
     assert (refused.value.error, refused.value.detail) == (
