@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mutmut.stats import status_by_exit_code
+from mutation_report import run_statuses  # scripts/ is on the path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 MUTANTS = REPO / "mutants"
@@ -38,14 +38,6 @@ TESTS_FOR = {
     "app.contract": ["tests/test_artifact.py", "tests/test_latent_map.py", "tests/test_anomaly.py"],
     "app.middleware": ["tests/test_limits.py", "tests/test_api.py"],
 }
-
-
-def survivors() -> list[str]:
-    names = []
-    for meta in sorted(MUTANTS.glob("app/**/*.py.meta")):
-        codes = json.loads(meta.read_text())["exit_code_by_key"]
-        names += [k for k, v in codes.items() if status_by_exit_code[v] == "survived"]
-    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     out = MUTANTS / "recheck.json"
     verdicts: dict[str, str] = json.loads(out.read_text()) if out.is_file() else {}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VAE_THREADS": "1", "PYTEST_TIMEOUT": "20"}
-    for name in survivors():
+    for name in [k for statuses in run_statuses().values() for k, s in statuses.items() if s == "survived"]:
         module = name.rsplit(".", 1)[0]
         if args.only and not any(name == p or name.startswith(p + ".") for p in args.only):
             continue

@@ -19,17 +19,22 @@ from mutmut.stats import status_by_exit_code
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run_statuses() -> dict[str, dict[str, str]]:
+    """mutmut's verdict on each mutant, by module file (app/batching.py: {name: status})."""
+    return {str(meta.relative_to(REPO / "mutants")).removesuffix(".meta"):
+            {k: status_by_exit_code[v] for k, v in json.loads(meta.read_text())["exit_code_by_key"].items()}
+            for meta in sorted((REPO / "mutants").glob("app/**/*.py.meta"))}
+
+
 def main() -> int:
-    metas = sorted((REPO / "mutants").glob("app/**/*.py.meta"))
-    if not metas:
+    runs = run_statuses()
+    if not runs:
         print("no mutation results: run `make mutation` first", file=sys.stderr)
         return 1
     recheck_file = REPO / "mutants" / "recheck.json"
     recheck = json.loads(recheck_file.read_text()) if recheck_file.is_file() else {}
     rows, survivors, total = [], [], Counter()
-    for meta in metas:
-        module = str(meta.relative_to(REPO / "mutants")).removesuffix(".meta")
-        statuses = {k: status_by_exit_code[v] for k, v in json.loads(meta.read_text())["exit_code_by_key"].items()}
+    for module, statuses in runs.items():
         statuses = {k: "killed since" if s == "survived" and recheck.get(k) == "killed" else s
                     for k, s in statuses.items()}
         count = Counter("killed" if s in ("killed", "timeout") else s for s in statuses.values())

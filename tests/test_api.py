@@ -79,25 +79,27 @@ def test_models_lists_meta_and_device(client: TestClient) -> None:
     assert by_name["vae"]["device"] == "cpu" and "anomaly_calibration" in by_name["vae"]
 
 
+def batching_counts(client: TestClient, model: str) -> dict:
+    """/models' batching counts of one model, by method."""
+    return {m["name"]: m["batching"] for m in client.get("/models").json()["models"]}[model]
+
+
 def test_models_counts_requests_and_passes(client: TestClient) -> None:
-    before = {m["name"]: m["batching"] for m in client.get("/models").json()["models"]}["deep-tiny"]
+    before = batching_counts(client, "deep-tiny")
     for _ in range(3):
         client.post("/encode?model=deep-tiny", content=DIGIT, headers={"content-type": "image/png"})
-    after = {m["name"]: m["batching"] for m in client.get("/models").json()["models"]}["deep-tiny"]["encode"]
+    after = batching_counts(client, "deep-tiny")["encode"]
     assert after["requests"] - before.get("encode", {"requests": 0})["requests"] == 3
     assert 1 <= after["passes"] <= after["requests"] and after["inline_passes"] <= after["passes"]
 
 
 def test_models_names_each_methods_counts(client: TestClient) -> None:
-    def counts() -> dict:
-        return {m["name"]: m["batching"] for m in client.get("/models").json()["models"]}["deep-tiny"]
-
-    before = counts()
+    before = batching_counts(client, "deep-tiny")
     client.post("/decode?model=deep-tiny", json={"z": [[0.0] * 8]})
     client.post("/reconstruct?model=deep-tiny&format=json", content=DIGIT, headers={"content-type": "image/png"})
     client.post("/anomaly-score?model=deep-tiny&method=bound&k=8", content=DIGIT,
                 headers={"content-type": "image/png"})
-    after = counts()
+    after = batching_counts(client, "deep-tiny")
     for method in ("decode", "forward", "log_likelihood_k8"):
         assert after[method]["requests"] - before.get(method, {"requests": 0})["requests"] == 1, (method, after)
 
