@@ -63,7 +63,11 @@ EXAMPLES: list[tuple[str, str]] = [
      "bound finds it ordinary):",
      f"curl -s -X POST -H 'Content-Type: image/png' --data-binary @{D}/printed_question_mark.png "
      "'localhost:8000/anomaly-score?method=bound'"),
-    ("", f"curl -s -X POST -H 'Content-Type: image/png' --data-binary @{D}/printed_question_mark.png "
+    ("The default score puts it at the 97th percentile of MNIST digits: unusual, but under the default p99 "
+     "threshold (printed, a \"?\" is most of a 2; `threshold_percentile=95` flags it). A printed \"+\", \"x\", "
+     "\"A\" or \"T\" scores at or above the 99.8th; how the score does on whole sets of such shapes: "
+     "[docs/benchmarks.md](docs/benchmarks.md#anomaly-detection).",
+     f"curl -s -X POST -H 'Content-Type: image/png' --data-binary @{D}/printed_question_mark.png "
      "localhost:8000/anomaly-score"),
     ("Why: input as seen, reconstruction and per-pixel -log p(x_i|z) for the question mark and a digit, as a PNG:",
      f"curl -s -F file=@{D}/printed_question_mark.png -F file=@{D}/mnist_test_0_digit_7.png "

@@ -20,7 +20,7 @@ from app.main import create_app
 from app.settings import Settings
 from tests.conftest import TEST_DATA
 from training import export
-from training.anomaly import LatentMixture, Tails, broken_digits
+from training.anomaly import STATISTICS, DigitHead, LatentMixture, Tails, broken_digits, jitter
 
 DIGITS = sorted(TEST_DATA.glob("mnist_test_*_digit_*.png"))
 DIGIT = DIGITS[0].read_bytes()
@@ -78,6 +78,60 @@ def test_broken_digits_break_each_digit_and_never_mirror_a_symmetric_one() -> No
     assert torch.equal(out, again)  # deterministic for a generator
 
 
+class Fixed(torch.nn.Module):
+    """Features that do not depend on the image: the head's arithmetic alone under test."""
+
+    def __init__(self, f: torch.Tensor) -> None:
+        super().__init__()
+        self.f = f
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.f
+
+
+def test_head_statistics_are_broken_log_odds_digit_energy_and_nearest_mahalanobis() -> None:
+    head = DigitHead(features=2)
+    head.features = Fixed(torch.tensor([[0.0, 0.0], [2.0, 1.0]]))
+    with torch.no_grad():
+        head.classes.weight.zero_()
+        head.classes.weight[10, 0] = 1.0  # the broken logit is 3 + the first feature
+        head.classes.bias.copy_(torch.tensor([0.0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 3]))
+        head.means.copy_(torch.stack([torch.arange(10.0), torch.zeros(10)], 1))  # digit c at (c, 0)
+        head.precision.copy_(torch.diag(torch.tensor([1.0, 4.0])))
+    broken, energy, maha = head.statistics(torch.zeros(2, 1, 28, 28))
+    lse = math.log(sum(math.exp(i) for i in range(10)))  # logsumexp of the ten digit logits
+    assert broken.tolist() == pytest.approx([3 - lse, 5 - lse], rel=1e-6)
+    assert energy.tolist() == pytest.approx([-lse, -lse], rel=1e-6)
+    assert maha.tolist() == pytest.approx([0.0, 4.0], abs=1e-6)  # (2, 1) is nearest digit 2's (2, 0)
+    assert DigitHead()(torch.zeros(3, 784)).shape == (3, 11)
+
+
+def test_head_feature_statistics_are_the_class_means_and_their_shared_covariance() -> None:
+    g = torch.Generator().manual_seed(3)
+    y = torch.arange(10).repeat(30)
+    f = torch.randn(300, 2, generator=g) * torch.tensor([1.0, 3.0]) + y[:, None].float()
+    head = DigitHead(features=2)
+    head.features = torch.nn.Identity()
+    head.fit_features(f, y, ridge=0.0)
+    means = torch.stack([f[y == c].double().mean(0) for c in range(10)])
+    centred = f.double() - means[y]
+    assert head.means.flatten().tolist() == pytest.approx(means.flatten().tolist(), rel=1e-5)
+    expected = torch.linalg.inv(centred.T @ centred / 300)  # pooled over classes, divided by N
+    assert head.precision.flatten().tolist() == pytest.approx(expected.flatten().tolist(), rel=1e-4)
+
+
+def test_jitter_keeps_ink_in_the_box_and_is_deterministic() -> None:
+    x = torch.zeros(50, 1, 28, 28)
+    x[:, :, 10:18, 12:16] = 1.0
+    out = jitter(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and not torch.equal(out, x)
+    assert torch.equal(out, jitter(x, torch.Generator().manual_seed(0)))
+    ink = out.flatten(1).sum(1)  # zoom within +-10%: ink scales by its square at most
+    assert float(ink.min()) > 32 * 0.75 and float(ink.max()) < 32 * 1.3
+    still = jitter(x, torch.Generator().manual_seed(0), turn=0.0, zoom=0.0, shift=0.0)
+    assert torch.allclose(still, x, atol=1e-5)
+
+
 # --- served -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -101,6 +155,17 @@ def test_default_method_is_the_fitted_one_and_equals_the_artifact(client: TestCl
     bound = client.post("/anomaly-score?seed=4&method=bound", content=DIGIT, headers=PNG).json()
     assert bound["method"] == "bound" and bound["score"] == pytest.approx(float(both[0]), rel=1e-5)
     assert bound["threshold"] != body["threshold"]  # each method has its own calibration
+
+
+def test_statistics_are_the_named_ones_and_the_first_is_the_bound(scored: torch.jit.ScriptModule,
+                                                                  models_dir: Path) -> None:
+    meta = export.load(models_dir / "vae.pt")[1]
+    assert meta["anomaly_scores"]["methods"]["fisher"]["statistics"] == list(STATISTICS)
+    x = torch.stack([prep(p.read_bytes()) for p in DIGITS[:3]])
+    eps = torch.randn(8, 3, 2, generator=torch.Generator().manual_seed(0))
+    stats = scored.anomaly_statistics(x, eps)
+    assert stats.shape == (3, len(STATISTICS))
+    assert stats[:, 0].tolist() == pytest.approx((-scored.log_likelihood_with_noise(x, eps)).tolist(), rel=1e-6)
 
 
 def test_fitted_score_threshold_is_its_own_calibration(client: TestClient) -> None:

@@ -80,7 +80,8 @@ def test_vae_eval_ood_reports_every_method_and_draws_failures(trained: Path, tmp
     assert evaluate.main([str(trained / "vae.pt"), *args]) == 0
     rows = json.loads(capsys.readouterr().out)
     methods = {r["method"] for r in rows}
-    assert methods == {"bound", "fisher", "latent (alone)", "head (alone)", "bound - complexity (Serra)"}
+    assert methods == {"bound", "fisher", "latent (alone)", "broken (alone)", "energy (alone)",
+                       "mahalanobis (alone)", "bound - complexity (Serra)"}
     held = [r for r in rows if r["set"] == "MNIST held-out"]
     assert {r["n"] for r in held} == {5000}
     for r in rows:
@@ -89,7 +90,8 @@ def test_vae_eval_ood_reports_every_method_and_draws_failures(trained: Path, tmp
     noise = next(r for r in rows if (r["method"], r["set"]) == ("bound", "noise"))
     assert noise["auroc"] > 0.99 and noise["flagged_at_p99"] == 1.0
     assert {p.name for p in (tmp_path / "pics").glob("*.png")} == {
-        "vae-bound.png", "vae-fisher.png", "vae-latent.png", "vae-head.png", "vae-bound---complexity.png"}
+        "vae-bound.png", "vae-fisher.png", "vae-latent.png", "vae-broken.png", "vae-energy.png",
+        "vae-mahalanobis.png", "vae-bound---complexity.png"}
     assert evaluate.main([str(trained / "vae.pt"), *args, "--markdown"]) == 0
     table = capsys.readouterr().out
     assert "| vae | fisher |" in table and "mnist-rot90 (seen)" in table

@@ -2,16 +2,21 @@
 
 Why not the likelihood alone: a VAE gives simple, few-stroke shapes (a "+", an "x", a letter)
 as much likelihood as digits (Nalisnick et al. 2019), so -log p(x) separates Fashion-MNIST
-and noise but not things drawn with a pen. Three statistics each see a different failure:
+and noise but not things drawn with a pen. Five statistics each see a different failure:
 
 - `bound`: -log p(x), the IWAE bound (too little likelihood: clothes, noise, smudges);
 - `latent`: -log of a class-conditional Gaussian mixture over the posterior mean, fitted on
   the training digits and their labels (Lee et al. 2018 in a VAE's latent space): the image
   encodes to a place between the ten digit clusters;
-- `head`: a small CNN trained, as in outlier exposure (Hendrycks et al. 2019), to tell
-  training digits from digits *we* break (`broken_digits`): rotated 90 degrees, mirrored (not
-  the symmetric 0, 1, 8), halves of two different digits joined, two digits overlaid, a
-  zoomed-in fragment. No letter, symbol, scribble or doodle is ever shown to it.
+- `broken`, `energy` and `mahalanobis`, from one small CNN (`DigitHead`) trained to name the
+  digit, with an eleventh class for digits *we* break (`broken_digits`, outlier exposure as in
+  Hendrycks et al. 2019): rotated 90 degrees, mirrored (not the symmetric 0, 1, 8), halves of
+  two different digits joined, two digits overlaid, a zoomed-in fragment. `broken` is the
+  log-odds of that eleventh class against the ten digits; `energy` is -logsumexp of the ten
+  digit logits (Liu et al. 2020), how weakly the input looks like *any* digit, which a simple
+  shape shows whatever its likelihood; `mahalanobis` is the distance of its features to the
+  nearest digit's (Lee et al. 2018), the one of the three that printed digits pass. No letter,
+  symbol, scribble or doodle is ever shown to it.
 
 Each statistic becomes a one-sided tail probability against its values on training images
 the head did not train on (empirical below the 99th percentile, an exponential tail above),
@@ -37,26 +42,70 @@ from training.model import VAEBase
 METHOD = "fisher"
 ABOUT = {
     "bound": "-log p(x): the IWAE bound on the likelihood, nats (Kingma & Welling; Burda et al.)",
-    METHOD: "Fisher's combination of three tail probabilities: the likelihood bound, the posterior mean "
-            "under a per-digit Gaussian mixture, and an outlier-exposure CNN trained against broken "
-            "digits; -sum(log p)",
+    METHOD: "Fisher's combination of five tail probabilities: the likelihood bound, the posterior mean "
+            "under a per-digit Gaussian mixture, and a digit classifier's broken-digit log-odds, energy and "
+            "feature Mahalanobis distance (a CNN trained with an extra class of broken digits); -sum(log p)",
 }
+STATISTICS = ("bound", "latent", "broken", "energy", "mahalanobis")  # the columns of ScoredVAE.anomaly_statistics
+BROKEN = 10  # the digit head's class for broken digits
 TAIL_QUANTILE = 0.99  # above it the reference values are too few: an exponential tail takes over
 
 
-class OutlierHead(nn.Module):
-    """Digit or broken digit: a two-layer CNN, ~0.4M parameters, ~0.1 ms per image on one core."""
+class DigitHead(nn.Module):
+    """Which digit, or a broken one (class 10): a two-layer CNN, ~0.4M parameters, ~0.1 ms per image
+    on one core. After training, `fit_features` stores the ten digits' feature means and their shared
+    covariance, for the Mahalanobis statistic."""
 
-    def __init__(self) -> None:
+    broken: torch.jit.Final[int]
+
+    def __init__(self, features: int = 128) -> None:
         super().__init__()
-        self.net = nn.Sequential(
+        self.broken = BROKEN
+        self.features = nn.Sequential(
             nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 1),
+            nn.Flatten(), nn.Linear(64 * 7 * 7, features), nn.ReLU(),
         )
+        self.classes = nn.Linear(features, BROKEN + 1)
+        self.register_buffer("means", torch.zeros(BROKEN, features))
+        self.register_buffer("precision", torch.eye(features))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x.reshape(-1, 1, 28, 28)).squeeze(1)
+        return self.classes(self.features(x.reshape(-1, 1, 28, 28)))
+
+    @torch.no_grad()
+    def fit_features(self, x: Tensor, y: Tensor, ridge: float = 1e-6) -> None:
+        """Class means and the tied covariance of the digits' features (Lee et al. 2018)."""
+        f = torch.cat([self.features(xb) for xb in x.split(1000)]).double()
+        means = torch.stack([f[y == c].mean(0) for c in range(BROKEN)])
+        centred = f - means[y]
+        cov = centred.T @ centred / f.shape[0] + ridge * torch.eye(f.shape[1], dtype=torch.float64)
+        self.means.copy_(means.float())
+        self.precision.copy_(torch.linalg.inv(cov).float())
+
+    def statistics(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(broken, energy, mahalanobis): the log-odds of class 10 against the digits, -logsumexp of the
+        digit logits, and the squared Mahalanobis distance of the features to the nearest digit's mean."""
+        f = self.features(x.reshape(-1, 1, 28, 28))
+        logits = self.classes(f)
+        digits = torch.logsumexp(logits[:, : self.broken], dim=1)
+        diff = f[:, None, :] - self.means[None]  # [B, 10, F]
+        maha = torch.einsum("bcf,fg,bcg->bc", diff, self.precision, diff).amin(dim=1)
+        return logits[:, self.broken] - digits, -digits, maha
+
+
+def jitter(x: Tensor, g: torch.Generator, turn: float = 0.175, zoom: float = 0.1, shift: float = 0.15) -> Tensor:
+    """Each digit turned (up to +-10 degrees), zoomed (+-10%) and shifted (+-2 px) at random: the head
+    learns digits as people draw them, not only MNIST's exact framing, so printed and photographed
+    digits stay digits to it."""
+    n = x.shape[0]
+    theta = (torch.rand(n, generator=g) * 2 - 1) * turn
+    scale = 1 + (torch.rand(n, generator=g) * 2 - 1) * zoom
+    t = (torch.rand(n, 2, generator=g) * 2 - 1) * shift
+    cos, sin = scale * torch.cos(theta), scale * torch.sin(theta)
+    affine = torch.stack([torch.stack([cos, -sin, t[:, 0]], 1), torch.stack([sin, cos, t[:, 1]], 1)], 1)
+    grid = F.affine_grid(affine, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False)
 
 
 SYMMETRIC_UNDER_MIRROR = (0, 1, 8)
@@ -97,26 +146,30 @@ def broken_digits(x: Tensor, y: Tensor, g: torch.Generator) -> Tensor:
 
 
 def train_head(x: Tensor, y: Tensor, epochs: int, seed: int = 0, batch_size: int = 128,
-               progress: bool = True) -> OutlierHead:
+               progress: bool = True) -> DigitHead:
+    """Each batch: the digits (jittered) with their labels, and one broken copy of each labelled BROKEN;
+    then the feature statistics of the un-jittered digits."""
     torch.manual_seed(seed)
-    head, g = OutlierHead(), torch.Generator().manual_seed(seed)
+    head, g = DigitHead(), torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(head.parameters(), lr=1e-3)
     for epoch in range(1, epochs + 1):
         perm, total, t0 = torch.randperm(x.shape[0], generator=g), 0.0, time.perf_counter()
         steps = range(0, x.shape[0], batch_size)
-        for i in tqdm(steps, desc=f"outlier head, epoch {epoch}/{epochs}", disable=not progress, leave=False):
+        for i in tqdm(steps, desc=f"digit head, epoch {epoch}/{epochs}", disable=not progress, leave=False):
             idx = perm[i : i + batch_size]
-            pos = x[idx]
+            pos = jitter(x[idx], g)
             inputs = torch.cat([pos, broken_digits(pos, y[idx], g)])
-            labels = torch.cat([torch.zeros(len(idx)), torch.ones(len(idx))])
-            loss = F.binary_cross_entropy_with_logits(head(inputs), labels)
+            labels = torch.cat([y[idx], torch.full_like(y[idx], BROKEN)])
+            loss = F.cross_entropy(head(inputs), labels)
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
-        print(f"outlier head epoch {epoch}: loss {total / x.shape[0]:.4f} ({time.perf_counter() - t0:.0f}s)",
+        print(f"digit head epoch {epoch}: loss {total / x.shape[0]:.4f} ({time.perf_counter() - t0:.0f}s)",
               flush=True)
-    return head.eval()
+    head.eval()
+    head.fit_features(x, y)
+    return head
 
 
 class LatentMixture(nn.Module):
@@ -177,11 +230,11 @@ class ScoredVAE(nn.Module):
 
     latent_dim: torch.jit.Final[int]
 
-    def __init__(self, vae: VAEBase, head: OutlierHead, mixture: LatentMixture, tails: Tails | None = None) -> None:
+    def __init__(self, vae: VAEBase, head: DigitHead, mixture: LatentMixture, tails: Tails | None = None) -> None:
         super().__init__()
         self.vae, self.head, self.mixture = vae, head, mixture
         self.latent_dim = vae.latent_dim
-        self.tails = tails if tails is not None else Tails(torch.zeros(2, 3))
+        self.tails = tails if tails is not None else Tails(torch.zeros(2, len(STATISTICS)))
 
     @torch.jit.export
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -204,10 +257,13 @@ class ScoredVAE(nn.Module):
 
     @torch.jit.export
     def anomaly_statistics(self, x: Tensor, eps: Tensor) -> Tensor:
-        """[B, 3]: -log p(x) bound, latent mixture -log density, head logit; larger = less like a digit."""
-        mu, _ = self.vae.encode(x)
-        bound = -self.vae.log_likelihood_with_noise(x, eps)
-        return torch.stack([bound, self.mixture(mu), self.head(x)], dim=1)
+        """[B, 5], the STATISTICS: -log p(x) bound, latent mixture -log density, the head's broken-digit
+        log-odds, energy and feature distance; larger = less like a digit. One encoder pass serves the
+        bound and the mixture."""
+        mu, logvar = self.vae.encode(x)
+        bound = -self.vae.importance_weighted(x, mu, logvar, eps)
+        broken, energy, maha = self.head.statistics(x)
+        return torch.stack([bound, self.mixture(mu), broken, energy, maha], dim=1)
 
     @torch.jit.export
     def anomaly_scores_with_noise(self, x: Tensor, eps: Tensor) -> Tensor:
@@ -245,7 +301,7 @@ def fit(vae: VAEBase, train_x: Tensor, train_y: Tensor, calib_x: Tensor, k: int,
            for col in with_shared_noise(model.anomaly_scores_with_noise, calib_x, noise).double().T]
     block = {"default": METHOD, "methods": {
         "bound": {"column": 0, "about": ABOUT["bound"], "calibration": cal[0]},
-        METHOD: {"column": 1, "about": ABOUT[METHOD], "calibration": cal[1],
+        METHOD: {"column": 1, "about": ABOUT[METHOD], "calibration": cal[1], "statistics": list(STATISTICS),
                  "fitted_on": {"head_images": int(head_idx.numel()), "head_epochs": epochs,
                                "reference_images": int(n_ref), "seed": seed}},
     }}

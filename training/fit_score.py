@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="vae-fit-score", description=__doc__.splitlines()[0])
     p.add_argument("model", type=Path)
     p.add_argument("--data-dir", type=Path, default=Path("data/mnist"))
-    p.add_argument("--epochs", type=int, default=4, help="outlier-head training epochs")
+    p.add_argument("--epochs", type=int, default=4, help="digit-head training epochs")
     p.add_argument("--k", type=int, default=DEFAULT_ANOMALY_K, help="importance samples of the bound")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-limit", type=int, default=None, help="fit on the first N training images only (smoke runs)")

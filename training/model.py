@@ -70,6 +70,11 @@ class VAEBase(nn.Module):
         are decoded in chunks so memory stays bounded for k=1000.
         """
         mu, logvar = self.encode(x)
+        return self.importance_weighted(x, mu, logvar, eps)
+
+    def importance_weighted(self, x: Tensor, mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
+        """The bound from a posterior already computed: a caller that also needs the posterior mean
+        (the fitted anomaly score) encodes once."""
         target = x.reshape(-1, 784)
         k, batch = eps.shape[0], eps.shape[1]
         std = torch.exp(0.5 * logvar)

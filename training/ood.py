@@ -9,7 +9,7 @@ own p99 threshold: of the unseen MNIST half (should be ~1%), of each OOD set, an
 printed in fonts (not anomalies: should stay low).
 
 Besides the served methods, candidates are measured from the same artifact: each statistic of
-the fitted score alone (`latent`, `head`), and the bound corrected by input complexity (Serrà
+the fitted score alone (`latent`, `broken`, `energy`), and the bound corrected by input complexity (Serrà
 et al. 2020, PNG bits).
 """
 
@@ -33,7 +33,7 @@ from training.data import DataError, parse_idx, read_bytes, to_float
 from training.ood_sets import OodSet, build_sets, cached_sets, sheet
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-SEEN = {"mnist-rot90", "mnist-mirror"}  # broken the way the outlier head's negatives are: not unseen
+SEEN = {"mnist-rot90", "mnist-mirror"}  # broken the way the digit head's negatives are: not unseen
 SYMMETRIC = {"mnist-rot90": "none (a 90-degree turn maps no digit onto a digit; a 1 becomes a dash)",
              "mnist-mirror": "0, 1 and 8 (mirror-symmetric: indistinguishable from the originals)"}
 
@@ -79,7 +79,7 @@ def all_scores(model: Any, meta: dict[str, Any], x: Tensor, k: int, seed: int = 
             cols = {BOUND: table[:, 0]}
             cols.update({n: table[:, m["column"]] for n, m in methods.items() if m["column"] is not None})
             stats = model.anomaly_statistics(xb, eps)
-            cols["latent (alone)"], cols["head (alone)"] = stats[:, 1], stats[:, 2]
+            cols.update({f"{name} (alone)": stats[:, j] for j, name in enumerate(statistics(meta)) if j > 0})
         else:
             cols = {BOUND: -model.log_likelihood_with_noise(xb, eps)}
         for name, v in cols.items():
@@ -87,6 +87,13 @@ def all_scores(model: Any, meta: dict[str, Any], x: Tensor, k: int, seed: int = 
     scores = {n: torch.cat(v) for n, v in out.items()}
     scores["bound - complexity (Serra)"] = scores[BOUND] - png_bits(x) * math.log(2)
     return scores
+
+
+def statistics(meta: dict[str, Any]) -> list[str]:
+    """The names of the artifact's `anomaly_statistics` columns (the three of the first fitted artifacts
+    when meta.json does not list them)."""
+    fitted = meta.get("anomaly_scores", {}).get("methods", {})
+    return next((m["statistics"] for m in fitted.values() if "statistics" in m), ["bound", "latent", "head"])
 
 
 def thresholds(meta: dict[str, Any], percentile: float = 99.0) -> dict[str, float]:

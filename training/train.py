@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--resume", action="store_true", help="continue from <out>.ckpt (written every epoch and on Ctrl-C)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
     p.add_argument("--score-epochs", type=int, default=d.score_epochs,
-                   help="epochs of the anomaly score's outlier head (training/anomaly.py); 0: serve the plain bound")
+                   help="epochs of the anomaly score's digit head (training/anomaly.py); 0: serve the plain bound")
     return TrainConfig(**vars(p.parse_args(argv)), world_size=int(os.environ.get("WORLD_SIZE", "1")))
 
 
