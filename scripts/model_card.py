@@ -95,7 +95,7 @@ def main() -> None:
         "",
         "The anomaly scores (`fisher`, the default, and `bound`) were fitted into the two artifacts after",
         "training, without changing the VAE's weights: `vae-fit-score models/NAME.pt --data-dir",
-        "../shared/data/mnist --epochs 4` (about 8 minutes each here). `vae-train` now does the same at the end of",
+        "../shared/data/mnist --epochs 4` (about 5 minutes each here). `vae-train` now does the same at the end of",
         "a run (`--score-epochs`, default 4).",
         "",
         "Data (SHA-256 of the uncompressed IDX files, recorded in every artifact):",
