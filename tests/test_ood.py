@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
 from tests.conftest import DATA_DIR, TEST_DATA
-from training import evaluate, fit_score, ood_sets
+from training import evaluate, fit_score, ood, ood_sets
 from training.ood_sets import build_sets, cached_sets, mnist_style
 
 DIGIT = (TEST_DATA / "mnist_test_0_digit_7.png").read_bytes()
@@ -95,6 +95,14 @@ def test_vae_eval_ood_reports_every_method_and_draws_failures(trained: Path, tmp
     assert evaluate.main([str(trained / "vae.pt"), *args, "--markdown"]) == 0
     table = capsys.readouterr().out
     assert "| vae | fisher |" in table and "mnist-rot90 (seen)" in table
+
+
+def test_statistic_names_come_from_meta_and_default_to_the_first_fitted_artifacts() -> None:
+    named = {"anomaly_scores": {"methods": {"bound": {"column": 0},
+                                            "fisher": {"column": 1, "statistics": ["bound", "a", "b"]}}}}
+    assert ood.statistics(named) == ["bound", "a", "b"]
+    first = {"anomaly_scores": {"methods": {"bound": {"column": 0}, "fisher": {"column": 1}}}}
+    assert ood.statistics(first) == ["bound", "latent", "head"]  # artifacts fitted before meta listed them
 
 
 @pytest.mark.slow

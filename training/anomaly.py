@@ -52,7 +52,7 @@ TAIL_QUANTILE = 0.99  # above it the reference values are too few: an exponentia
 
 
 class DigitHead(nn.Module):
-    """Which digit, or a broken one (class 10): a two-layer CNN, ~0.4M parameters, ~0.1 ms per image
+    """Which digit, or a broken one (class 10): a two-layer CNN, ~0.4M parameters, ~0.4 ms per image
     on one core. After training, `fit_features` stores the ten digits' feature means and their shared
     covariance, for the Mahalanobis statistic."""
 

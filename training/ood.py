@@ -9,8 +9,8 @@ own p99 threshold: of the unseen MNIST half (should be ~1%), of each OOD set, an
 printed in fonts (not anomalies: should stay low).
 
 Besides the served methods, candidates are measured from the same artifact: each statistic of
-the fitted score alone (`latent`, `broken`, `energy`), and the bound corrected by input complexity (Serrà
-et al. 2020, PNG bits).
+the fitted score alone (those meta.json names: `latent`, `broken`, `energy`, `mahalanobis`), and
+the bound corrected by input complexity (Serrà et al. 2020, PNG bits).
 """
 
 from __future__ import annotations
