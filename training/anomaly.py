@@ -97,7 +97,8 @@ class DigitHead(nn.Module):
 def jitter(x: Tensor, g: torch.Generator, turn: float = 0.175, zoom: float = 0.1, shift: float = 0.15) -> Tensor:
     """Each digit turned (up to +-10 degrees), zoomed (+-10%) and shifted (+-2 px) at random: the head
     learns digits as people draw them, not only MNIST's exact framing, so printed and photographed
-    digits stay digits to it."""
+    digits stay digits to it. One transform per image, drawn from `g` (torchvision's RandomAffine
+    draws one per call, from the global generator)."""
     n = x.shape[0]
     theta = (torch.rand(n, generator=g) * 2 - 1) * turn
     scale = 1 + (torch.rand(n, generator=g) * 2 - 1) * zoom
