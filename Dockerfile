@@ -19,7 +19,7 @@ ARG PIP_EXTRA_INDEX_URL
 # Which torch build: empty (the default) takes PyPI's, which carries CUDA (6.1 GB image, the
 # same for CPU and GPU hosts); an index of CPU-only wheels, e.g. PyTorch's own
 # (--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu), makes a CPU-only image
-# of roughly a sixth of that size. The versions are pyproject.toml's either way.
+# of 1.3 GB (README, Docker). The versions are pyproject.toml's either way.
 ARG TORCH_INDEX_URL=
 
 # Dependencies first, from pyproject.toml alone: this layer is reused until they change.

