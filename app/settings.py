@@ -46,9 +46,10 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(64, ge=1, description="dynamic batching: most images in one forward pass")
     batch_max_wait_us: int = Field(0, ge=0, description="dynamic batching: how long a forward pass waits for "
                                    "more requests once one is queued (0 = only what is already queued)")
-    inline_max_us: int = Field(2000, ge=0, description="a forward pass expected (from measured passes) to take "
+    inline_max_us: int = Field(5000, ge=0, description="a forward pass expected (from measured passes) to take "
                                "less runs on the event loop thread, saving a thread hand-off; longer ones run on "
-                               "the compute thread so the service keeps answering (0 = always the compute thread)")
+                               "the compute thread so the service keeps answering (0 = always the compute thread); "
+                               "above a one-image anomaly score under load, which otherwise alternates between the two")
     max_in_flight: int = Field(256, ge=1, description="most model requests in progress at once; beyond it the "
                                "service answers 503 with Retry-After at once instead of queueing")
     max_receiving: int = Field(1024, ge=1, description="most uploads still arriving at once (a request counts "
