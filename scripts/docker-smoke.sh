@@ -101,10 +101,11 @@ if [ -n "${CPU_WHEELS:-}" ]; then
   cp "$wheel" "$WORK/cpu-index/"
   printf '<a href="../../%s">%s</a>\n' "$(basename "$wheel")" "$(basename "$wheel")" >"$WORK/cpu-index/simple/torch/index.html"
   if [ "$have" != "$pinned" ]; then
-    # The torchvision release made for that torch: the one whose metadata requires it exactly.
-    vision=$(python3 - "$have" /opt/pypi*/files/torchvision-*.whl <<'PY'
-import re, sys, zipfile
-for wheel in sys.argv[2:]:
+    # The torchvision release made for that torch (the one whose metadata requires it exactly),
+    # from that folder or this machine's PyPI mirror.
+    vision=$(python3 - "$have" "$CPU_WHEELS"/torchvision-*.whl /opt/pypi*/files/torchvision-*.whl <<'PY'
+import os, re, sys, zipfile
+for wheel in filter(os.path.exists, sys.argv[2:]):
     with zipfile.ZipFile(wheel) as z:
         meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
     if re.search(rf"^Requires-Dist: torch ?\(?=={re.escape(sys.argv[1])}\)?$", meta, re.M):
@@ -112,7 +113,7 @@ for wheel in sys.argv[2:]:
 PY
 )
     vision=$(tail -1 <<<"$vision")
-    [ -n "$vision" ] || { echo "no torchvision wheel here requires torch==$have" >&2; exit 1; }
+    [ -n "$vision" ] || { echo "no torchvision wheel requires torch==$have: put one in $CPU_WHEELS" >&2; exit 1; }
     vversion=$(basename "$vision" | cut -d- -f2)
     CONTEXT="$WORK/context" && rm -rf "$CONTEXT" && mkdir -p "$CONTEXT/scripts"
     cp -r Dockerfile .dockerignore pyproject.toml app models docker-compose.yml "$CONTEXT/"
