@@ -8,13 +8,12 @@ per pixel, matplotlib's "hot" ramp) so that pictures compare across images and r
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from app.imaging import pil_to_png
 from app.inference import Scores
 
 SCALE = 4  # 28 px -> 112 px, nearest neighbour: pixels stay pixels
@@ -69,7 +68,5 @@ def anomaly_picture(x: Tensor, recon: Tensor, scores: Scores) -> bytes:
         draw.text((tx, top + 4), verdict, fill=colour, font=font)
         for j, line in enumerate(lines):
             draw.text((tx, top + 24 + 16 * j), line, fill=(220, 220, 220), font=font)
-    buf = io.BytesIO()
-    sheet.save(buf, "PNG", compress_level=1)
-    return buf.getvalue()
+    return pil_to_png(sheet)
 

@@ -41,14 +41,13 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit from the header, before decoding
 
 try:
-    from torchvision.io import encode_png
+    from torchvision.io import ImageReadMode, encode_png
 
     _decode_png = torch.ops.image.decode_png  # registered by importing torchvision.io
 except (ImportError, AttributeError, RuntimeError):
     # torchvision built without its image library, or for another torch (a CUDA build under a
     # CPU-only torch fails on import): Pillow does it all, slower but the same pixels.
     encode_png, _decode_png = None, None
-GRAY = 1  # torchvision.io.ImageReadMode.GRAY
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -85,7 +84,7 @@ def _fast_png(data: bytes, header: PngHeader | None) -> np.ndarray | None:
         return None
     try:
         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return _decode_png(encoded, GRAY, True).numpy()[0]
+        return _decode_png(encoded, ImageReadMode.GRAY.value, True).numpy()[0]
     except RuntimeError:
         return None  # let Pillow produce the user-facing error
 
@@ -252,10 +251,15 @@ def to_png(images: torch.Tensor, nrow: int | None = None) -> bytes:
     picture = images[0] if images.shape[0] == 1 else grid(images, nrow or math.ceil(math.sqrt(images.shape[0])))
     pixels = picture.mul(255).round().to(torch.uint8)
     if encode_png is None:
-        buf = io.BytesIO()
-        Image.fromarray(pixels[0].numpy(), "L").save(buf, "PNG", compress_level=1)
-        return buf.getvalue()
+        return pil_to_png(Image.fromarray(pixels[0].numpy(), "L"))
     return encode_png(pixels, compression_level=1).numpy().tobytes()
+
+
+def pil_to_png(image: Image.Image) -> bytes:
+    """zlib level 1, as `to_png`: pictures made with Pillow, and `to_png` without torchvision."""
+    buf = io.BytesIO()
+    image.save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
 
 
 def grid(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: float = 0.5) -> torch.Tensor:
