@@ -35,6 +35,10 @@ class World:
         """This rank's device: on CUDA, the GPU of its local rank."""
         if device.type != "cuda" or self.size == 1:
             return device
+        if self.local_rank >= torch.cuda.device_count():
+            raise SystemExit(f"rank {self.rank}: local rank {self.local_rank} has no GPU of its own (this machine has "
+                             f"{torch.cuda.device_count()}); start at most that many processes per node "
+                             f"(torchrun --nproc_per_node), or train on the CPU with --device cpu")
         torch.cuda.set_device(self.local_rank)
         return torch.device("cuda", self.local_rank)
 

@@ -46,8 +46,8 @@ def test_nll(model: Any, x: Tensor, k: int, device: torch.device, binarized: boo
              progress: bool = False) -> float:
     """IWAE estimate of the test NLL; binarised test data uses one fixed draw so numbers are comparable."""
     torch.manual_seed(seed)
-    if binarized:
-        x = binarize(x, torch.Generator().manual_seed(seed))
+    if binarized:  # drawn on the CPU: the same fixed draw, so the same figure, on every device
+        x = binarize(x.cpu(), torch.Generator().manual_seed(seed))
     return -log_likelihoods(model, x, k, device, progress=progress).mean().item()
 
 
