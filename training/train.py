@@ -166,7 +166,9 @@ def save_checkpoint(path: Path, model: VAEBase, opt: torch.optim.Optimizer, sche
     tmp = path.with_suffix(".ckpt.tmp")
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
                 "sched": sched.state_dict() if sched is not None else None, "epoch": epoch,
-                "history": history, "config": cfg.recorded(), "rng": torch.get_rng_state()}, tmp)
+                "history": history, "config": cfg.recorded(), "rng": torch.get_rng_state(),
+                # on a GPU the batches' order, z and the binarisation are drawn from the CUDA generator
+                "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}, tmp)
     tmp.replace(path)  # atomic: a Ctrl-C during the save never leaves half a checkpoint
 
 
@@ -212,8 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         if sched is not None and state["sched"] is not None:
             sched.load_state_dict(state["sched"])
         history, start_epoch = state["history"], state["epoch"] + 1
-        if world.size == 1:
-            torch.set_rng_state(state["rng"])
+        if world.size == 1:  # RNG states are CPU byte tensors wherever map_location put the rest
+            torch.set_rng_state(state["rng"].cpu())
+            if device.type == "cuda" and state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(state["cuda_rng"].cpu())
         else:  # one saved state for all ranks: each continues from its own seed instead
             torch.manual_seed(cfg.seed + world.rank + 1_000 * start_epoch)
         say(world, f"resumed from {ckpt} after epoch {state['epoch']}")
