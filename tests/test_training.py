@@ -118,8 +118,13 @@ def test_no_manifold_for_larger_latents(trained: Path) -> None:
 
 
 def test_resume_continues_from_checkpoint(trained: Path, tmp_path: Path) -> None:
-    args = tiny_args(tmp_path, "vae")
+    """Stopped after epoch 1 and resumed, a run is the run that never stopped: same batches, same noise
+    (the CPU generator's state, and on a GPU the CUDA one's, travel in the checkpoint)."""
+    args = tiny_args(tmp_path / "stopped", "vae")
     assert train.main(args) == 0
     assert train.main([*args, "--epochs", "2", "--resume"]) == 0
-    metrics = json.loads((tmp_path / "vae.metrics.json").read_text())
-    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    assert train.main([*tiny_args(tmp_path / "straight", "vae"), "--epochs", "2"]) == 0
+    stopped, straight = (json.loads((tmp_path / run / "vae.metrics.json").read_text())["epochs"]
+                         for run in ("stopped", "straight"))
+    assert [e["epoch"] for e in stopped] == [1, 2]
+    assert [(e["train_loss"], e["test_loss"]) for e in stopped] == [(e["train_loss"], e["test_loss"]) for e in straight]
