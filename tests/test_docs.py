@@ -35,3 +35,32 @@ def test_examples_check_catches_drift_but_not_float_noise() -> None:
     assert not same('{"mu":[-0.41256,1.95]}', '{"mu":[-0.41356,1.95]}')  # a real change of value
     assert not same('{"error":"cannot decode image"} 415', '{"error":"cannot decode image"} 400')
     assert not same('"detail":"a"', '"detail":"b"')
+
+
+@pytest.mark.slow
+def test_device_parity_compares_every_answer_of_both_models(capsys: pytest.CaptureFixture[str]) -> None:
+    """scripts/device_parity.py, which scripts/gpu-check.sh runs where there is a GPU, here CPU against CPU:
+    a row per answer and model, and the same device twice gives the same bits."""
+    from scripts import device_parity
+
+    assert device_parity.main(["--devices", "cpu", "cpu"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("vae ", "vae-2d "))]
+    answers = {"encode mu", "encode logvar", "reconstruct", "decode", "sample"} | {
+        f"anomaly {m} {what}" for m in ("default", "bound") for what in ("score", "percentile", "flagged")}
+    assert sorted((r[0], " ".join(r[1:-3])) for r in rows) == sorted((m, a) for m in ("vae", "vae-2d") for a in answers)
+    assert {r[-3] for r in rows} == {"0.00e+00"}  # CPU against CPU: identical
+    assert out.rstrip().endswith("PASS")
+
+
+def test_device_parity_measures_differences_on_the_values_scale() -> None:
+    import numpy as np
+
+    from scripts.device_parity import gap
+
+    assert gap(np.array([1.0, -4.0]), np.array([1.0, -3.0])) == 0.25
+    assert gap(np.zeros(3), np.zeros(3)) == 0.0
+
+
+def test_gpu_check_script_parses() -> None:
+    assert subprocess.run(["bash", "-n", str(REPO / "scripts" / "gpu-check.sh")]).returncode == 0
