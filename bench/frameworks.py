@@ -1,24 +1,35 @@
-"""This service against KServe's own Python model server, on the same model and the same payload.
+"""This service against the frameworks a user would pick instead, on the same model and payload.
 
-Both speak the Open Inference Protocol, so one request body measures both: the default model's
-encoder (`models/vae.pt`), one MNIST digit per request as a binary UINT8 tensor (tritonclient's
-default encoding) and as JSON. `vae-serve` runs with its defaults (one worker, dynamic
-batching); KServe runs bench/kserve_encoder.py, the model written as KServe's docs write one
-(one worker; its Python server does not batch). Each server is measured in turn, twice over,
-wrk on the same machine; the REST `/encode` of the same digit as a PNG is shown for reference.
+- KServe's own Python model server (bench/kserve_encoder.py, one worker; its Python server does
+  not batch). Both speak the Open Inference Protocol, so one request body measures both: the
+  default model's encoder (`models/vae.pt`), one MNIST digit per request as a binary UINT8 tensor
+  (tritonclient's default encoding) and as JSON.
+- LitServe (bench/litserve_encoder.py, one inference worker), without batching (its default) and
+  with its dynamic batching (up to 64, 1 ms). It takes JSON, so the payload is the PNG in base64,
+  which `vae-serve` takes at `/encode` too.
 
-    python bench/frameworks.py [--duration 5] [--concurrency 1 32]
+`vae-serve` runs with its defaults (one worker, dynamic batching). Before timing, each server's
+answer for the digit is checked against `vae-serve`'s (mu within 1e-5). Each server is measured in
+turn, `--alternations` times over, wrk on the same machine; the REST `/encode` of the same digit
+as a raw PNG is shown for reference. A framework that is not installed is left out, saying so
+(`pip install kserve litserve`, the `bench` extra).
+
+    python bench/frameworks.py [--duration 5] [--concurrency 1 32] [--only vae-serve litserve]
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import importlib.util
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,8 +46,56 @@ def start_kserve(port: int) -> subprocess.Popen:
     return wait_ready(proc, f"http://127.0.0.1:{port}/v2/models/vae.encode/ready", "the KServe server")
 
 
-def scripts(folder: Path) -> dict[str, tuple[str, Path]]:
-    """Label -> (path, wrk script). The JSON body sends UINT8 pixels, which both servers take."""
+def start_litserve(port: int, max_batch_size: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "litserve_encoder.py"), "--port", str(port),
+                             "--model-path", str(REPO / "models" / "vae.pt"), "--max-batch-size", str(max_batch_size)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return wait_ready(proc, f"http://127.0.0.1:{port}/health", "the LitServe server")
+
+
+SERVERS = {  # name -> (module it needs, how to start it on a port, the payloads it takes)
+    "vae-serve": (None, lambda port: start_server(port, {}),
+                  ("OIP binary UINT8", "OIP JSON UINT8", "JSON base64 PNG", "REST /encode raw PNG")),
+    "kserve": ("kserve", start_kserve, ("OIP binary UINT8", "OIP JSON UINT8")),
+    "litserve": ("litserve", lambda port: start_litserve(port, 1), ("JSON base64 PNG",)),
+    "litserve-batch64": ("litserve", lambda port: start_litserve(port, 64), ("JSON base64 PNG",)),
+}
+
+
+def base64_bodies(folder: Path) -> dict[str, tuple[str, Path]]:
+    """Server -> (path, wrk script) for the PNG in base64: `/encode`'s JSON form and LitServe's `/predict`."""
+    png = base64.b64encode(DIGIT.read_bytes()).decode()
+    (folder / "ours.json").write_text(json.dumps({"images": [png]}))
+    (folder / "litserve.json").write_text(json.dumps({"image": png}))
+    ours = ("/encode", lua_script(folder, "POST", folder / "ours.json", "application/json"))
+    theirs = ("/predict", lua_script(folder, "POST", folder / "litserve.json", "application/json"))
+    return {"vae-serve": ours, "litserve": theirs, "litserve-batch64": theirs}
+
+
+def mu_of(server: str, port: int, oip_json: bytes) -> list[float]:
+    """The server's mu for the digit: the same model must give the same answer before it is timed.
+    KServe is asked in the protocol's JSON (it answers with binary outputs); the others in base64 JSON."""
+    png = base64.b64encode(DIGIT.read_bytes()).decode()
+    path, body = {"kserve": (INFER, oip_json), "vae-serve": ("/encode", json.dumps({"images": [png]}).encode())}.get(
+        server, ("/predict", json.dumps({"image": png}).encode()))
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        raw, header_length = r.read(), r.headers.get("Inference-Header-Content-Length")
+    if server != "kserve":
+        return json.loads(raw)["mu"]
+    head = json.loads(raw[: int(header_length)]) if header_length else json.loads(raw)
+    offset = int(header_length or 0)
+    for out in head["outputs"]:
+        size = out.get("parameters", {}).get("binary_data_size")
+        if out["name"] == "mu":
+            return out["data"] if size is None else list(struct.unpack(f"<{size // 4}f", raw[offset: offset + size]))
+        offset += size or 0
+    raise SystemExit(f"{server}: no mu in its answer")
+
+
+def scripts(folder: Path) -> tuple[dict[str, dict[str, tuple[str, Path]]], bytes]:
+    """Server -> payload label -> (path, wrk script), and the protocol's JSON body (for `mu_of`).
+    The OIP JSON body sends UINT8 pixels, which vae-serve and KServe both take."""
     bodies = protocol_bodies()
     binary, headers = bodies["binary UINT8"]
     header_length = int(headers["Inference-Header-Content-Length"])
@@ -46,12 +105,16 @@ def scripts(folder: Path) -> dict[str, tuple[str, Path]]:
     document.pop("parameters")
     (folder / "binary.bin").write_bytes(binary)
     (folder / "json.json").write_text(json.dumps(document))
-    return {
+    shared = {
         "OIP binary UINT8": (INFER, lua_script(folder, "POST", folder / "binary.bin", "application/octet-stream",
                                                {"Inference-Header-Content-Length": str(header_length)})),
         "OIP JSON UINT8": (INFER, lua_script(folder, "POST", folder / "json.json", "application/json")),
         "REST /encode raw PNG": ("/encode", lua_script(folder, "POST", DIGIT, "image/png")),
     }
+    base64_json = base64_bodies(folder)
+    targets = {server: {label: base64_json[server] if label == "JSON base64 PNG" else shared[label]
+                        for label in labels} for server, (_, _, labels) in SERVERS.items()}
+    return targets, json.dumps(document).encode()
 
 
 def main() -> int:
@@ -59,21 +122,32 @@ def main() -> int:
     p.add_argument("--duration", type=int, default=5, help="seconds per measurement")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     p.add_argument("--alternations", type=int, default=2)
+    p.add_argument("--only", nargs="+", choices=list(SERVERS), help="only these servers")
     args = p.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
+    servers = []
+    for server in args.only or SERVERS:
+        needs = SERVERS[server][0]
+        if needs and importlib.util.find_spec(needs) is None:
+            print(f"{server}: left out, `{needs}` is not installed (pip install {needs})")
+        else:
+            servers.append(server)
     print(f"{os.cpu_count()} CPUs; wrk on the same machine; {args.duration} s per figure; best of "
           f"{args.alternations} alternations")
     best: dict[tuple[str, str, int], dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        targets = scripts(Path(tmp))
+        targets, oip_json = scripts(Path(tmp))
+        reference: list[float] | None = None
         for _ in range(args.alternations):
-            for server in ("vae-serve", "kserve"):
+            for server in servers:
                 port = free_port()
-                with stopping(start_server(port, {}) if server == "vae-serve" else start_kserve(port)):
-                    for label, (path, script) in targets.items():
-                        if server == "kserve" and not path.startswith("/v2"):
-                            continue
+                with stopping(SERVERS[server][1](port)):
+                    mu = mu_of(server, port, oip_json)
+                    reference = reference or (mu if server == "vae-serve" else None)
+                    if reference and max(abs(a - b) for a, b in zip(mu, reference, strict=True)) > 1e-5:
+                        raise SystemExit(f"{server} answers another mu than vae-serve: {mu[:3]}, not {reference[:3]}")
+                    for label, (path, script) in targets[server].items():
                         for c in args.concurrency:
                             url = f"http://127.0.0.1:{port}{path}"
                             wrk(url, script, c, 1)
@@ -82,8 +156,8 @@ def main() -> int:
                             if key not in best or r["rps"] > best[key]["rps"]:
                                 best[key] = r
                             failed = f"  non-2xx {r['non2xx']}" if r["non2xx"] else ""
-                            print(f"{server:<9} c={c:<3} {label:<22} {r['rps']:>7.0f} req/s  p50 {r['p50_ms']:6.2f} ms"
-                                  f"  p99 {r['p99_ms']:6.2f} ms{failed}", flush=True)
+                            print(f"{server:<16} c={c:<3} {label:<22} {r['rps']:>7.0f} req/s  p50 "
+                                  f"{r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms{failed}", flush=True)
     print("\n| server | payload | c | req/s | p50 ms | p99 ms |\n| --- | --- | --- | --- | --- | --- |")
     for (server, label, c), r in sorted(best.items(), key=lambda kv: (kv[0][2], kv[0][1], kv[0][0])):
         print(f"| {server} | {label} | {c} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.1f} |")

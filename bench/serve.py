@@ -24,7 +24,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,12 +106,24 @@ def start_server(port: int, env_extra: dict[str, str]) -> subprocess.Popen:
 
 @contextmanager
 def stopping(proc: subprocess.Popen, timeout_s: float = 60) -> Iterator[subprocess.Popen]:
-    """`proc` (a server), sent SIGTERM on leaving however the benchmark ended, and waited for."""
+    """`proc` (a server), sent SIGTERM on leaving however the benchmark ended, and waited for. A server
+    started in a session of its own (start_new_session=True) is stopped with every process of it:
+    LitServe's workers outlive their parent and would eat the cores of the next measurement."""
     try:
         yield proc
     finally:
-        proc.send_signal(signal.SIGTERM)
+        try:
+            group = os.getpgid(proc.pid) == proc.pid
+        except ProcessLookupError:
+            group = False
+        if group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         proc.wait(timeout_s)
+        if group:
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def wait_ready(proc: subprocess.Popen, url: str, what: str, timeout_s: float = 120) -> subprocess.Popen:
