@@ -34,7 +34,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.serve import DIGIT, REPO, free_port, lua_script, protocol_bodies, start_server, stopping, wait_ready, wrk
+from bench.serve import (
+    BOUNDARY,
+    DIGIT,
+    REPO,
+    free_port,
+    lua_script,
+    multipart_body,
+    protocol_bodies,
+    start_server,
+    stopping,
+    wait_ready,
+    wrk,
+)
 
 INFER = "/v2/models/vae.encode/infer"
 
@@ -53,12 +65,22 @@ def start_litserve(port: int, max_batch_size: int) -> subprocess.Popen:
     return wait_ready(proc, f"http://127.0.0.1:{port}/health", "the LitServe server")
 
 
+def start_bentoml(port: int, batch: int) -> subprocess.Popen:
+    env = {**os.environ, "VAE_BENCH_MODEL": str(REPO / "models" / "vae.pt"), "VAE_BENCH_BATCH": str(batch)}
+    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "bench.bentoml_encoder:Encoder", "--port",
+                             str(port), "--host", "127.0.0.1"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    return wait_ready(proc, f"http://127.0.0.1:{port}/readyz", "the BentoML server")
+
+
 SERVERS = {  # name -> (module it needs, how to start it on a port, the payloads it takes)
     "vae-serve": (None, lambda port: start_server(port, {}),
-                  ("OIP binary UINT8", "OIP JSON UINT8", "JSON base64 PNG", "REST /encode raw PNG")),
+                  ("OIP binary UINT8", "OIP JSON UINT8", "JSON base64 PNG", "multipart PNG", "REST /encode raw PNG")),
     "kserve": ("kserve", start_kserve, ("OIP binary UINT8", "OIP JSON UINT8")),
     "litserve": ("litserve", lambda port: start_litserve(port, 1), ("JSON base64 PNG",)),
     "litserve-batch64": ("litserve", lambda port: start_litserve(port, 64), ("JSON base64 PNG",)),
+    "bentoml": ("bentoml", lambda port: start_bentoml(port, 1), ("multipart PNG",)),
+    "bentoml-batch64": ("bentoml", lambda port: start_bentoml(port, 64), ("multipart PNG",)),
 }
 
 
@@ -76,13 +98,20 @@ def mu_of(server: str, port: int, oip_json: bytes) -> list[float]:
     """The server's mu for the digit: the same model must give the same answer before it is timed.
     KServe is asked in the protocol's JSON (it answers with binary outputs); the others in base64 JSON."""
     png = base64.b64encode(DIGIT.read_bytes()).decode()
-    path, body = {"kserve": (INFER, oip_json), "vae-serve": ("/encode", json.dumps({"images": [png]}).encode())}.get(
-        server, ("/predict", json.dumps({"image": png}).encode()))
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", body, {"Content-Type": "application/json"})
+    json_type = "application/json"
+    path, body, content_type = {
+        "kserve": (INFER, oip_json, json_type),
+        "vae-serve": ("/encode", json.dumps({"images": [png]}).encode(), json_type),
+        "litserve": ("/predict", json.dumps({"image": png}).encode(), json_type),
+        "bentoml": ("/encode", multipart_body(Path(tempfile.mkdtemp())).read_bytes(),
+                    f"multipart/form-data; boundary={BOUNDARY}"),
+    }[server.removesuffix("-batch64")]
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", body, {"Content-Type": content_type})
     with urllib.request.urlopen(req, timeout=10) as r:
         raw, header_length = r.read(), r.headers.get("Inference-Header-Content-Length")
     if server != "kserve":
-        return json.loads(raw)["mu"]
+        answer = json.loads(raw)
+        return (answer[0] if isinstance(answer, list) else answer)["mu"]  # a batchable BentoML API answers a list
     head = json.loads(raw[: int(header_length)]) if header_length else json.loads(raw)
     offset = int(header_length or 0)
     for out in head["outputs"]:
@@ -111,6 +140,8 @@ def scripts(folder: Path) -> tuple[dict[str, dict[str, tuple[str, Path]]], bytes
         "OIP JSON UINT8": (INFER, lua_script(folder, "POST", folder / "json.json", "application/json")),
         "REST /encode raw PNG": ("/encode", lua_script(folder, "POST", DIGIT, "image/png")),
     }
+    shared["multipart PNG"] = ("/encode", lua_script(folder, "POST", multipart_body(folder),
+                                                     f"multipart/form-data; boundary={BOUNDARY}"))
     base64_json = base64_bodies(folder)
     targets = {server: {label: base64_json[server] if label == "JSON base64 PNG" else shared[label]
                         for label in labels} for server, (_, _, labels) in SERVERS.items()}
