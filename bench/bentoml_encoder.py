@@ -7,8 +7,9 @@ beside `vae-serve`.
 Written as BentoML's docs write an image service: a `PIL.Image.Image` parameter (so the route
 takes a multipart form with a file field, here `file`, as `vae-serve`'s `/encode` does), the model
 loaded in `__init__`, mu and logvar returned as JSON. `VAE_BENCH_BATCH` > 1 turns on BentoML's
-adaptive batching (`batchable=True`, up to that many images, 10 ms at most of added latency);
-1 serves one request per call. One worker. Needs `pip install bentoml` (the `bench` extra).
+adaptive batching (`batchable=True`, up to that many images, with its default latency bound: with
+`max_latency_ms=10` it refused 1,456 of ~1,490 requests in 5 s at c=32); 1 serves one request per call.
+One worker. Needs `pip install bentoml` (the `bench` extra).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class Encoder:
         return [{"mu": m.tolist(), "logvar": lv.tolist()} for m, lv in zip(mu, logvar, strict=True)]
 
     if BATCH > 1:
-        @bentoml.api(route="/encode", batchable=True, max_batch_size=BATCH, max_latency_ms=10)
+        @bentoml.api(route="/encode", batchable=True, max_batch_size=BATCH)  # BentoML's default max latency
         def encode(self, file: list[Image]) -> list[dict[str, list[float]]]:
             return self._encode(file)
     else:
