@@ -7,14 +7,16 @@
 - LitServe (bench/litserve_encoder.py, one inference worker), without batching (its default) and
   with its dynamic batching (up to 64, 1 ms). It takes JSON, so the payload is the PNG in base64,
   which `vae-serve` takes at `/encode` too.
+- BentoML (bench/bentoml_encoder.py, one worker), without and with its adaptive batching (up to
+  64). Its image parameter takes a multipart upload, the same bytes as `/encode`'s form.
 
 `vae-serve` runs with its defaults (one worker, dynamic batching). Before timing, each server's
 answer for the digit is checked against `vae-serve`'s (mu within 1e-5). Each server is measured in
 turn, `--alternations` times over, wrk on the same machine; the REST `/encode` of the same digit
 as a raw PNG is shown for reference. A framework that is not installed is left out, saying so
-(`pip install kserve litserve`, the `bench` extra).
+(`pip install kserve litserve bentoml`; the `bench` extra names the last two).
 
-    python bench/frameworks.py [--duration 5] [--concurrency 1 32] [--only vae-serve litserve]
+    python bench/frameworks.py [--duration 5] [--concurrency 1 32] [--only vae-serve litserve bentoml]
 """
 
 from __future__ import annotations
