@@ -61,10 +61,12 @@ def main() -> None:
     p.add_argument("--max-batch-size", type=int, default=1, help="1: no batching (LitServe's default)")
     p.add_argument("--batch-timeout", type=float, default=0.001, help="seconds a batch waits to fill")
     p.add_argument("--accelerator", default="auto")
+    p.add_argument("--fast-queue", action="store_true", help="ZeroMQ between server and worker (LitServe's "
+                   "advice above 100 requests per second)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     api = Encoder(args.model_path, args.max_batch_size, args.batch_timeout)
-    server = ls.LitServer(api, accelerator=args.accelerator, workers_per_device=1)
+    server = ls.LitServer(api, accelerator=args.accelerator, workers_per_device=1, fast_queue=args.fast_queue)
     server.run(host="127.0.0.1", port=args.port, num_api_servers=1, log_level="warning", generate_client_file=False)
 
 
