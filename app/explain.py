@@ -8,6 +8,8 @@ per pixel, matplotlib's "hot" ramp) so that pictures compare across images and r
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
@@ -20,6 +22,7 @@ SCALE = 4  # 28 px -> 112 px, nearest neighbour: pixels stay pixels
 HEAT_MAX = 6.0  # nats per pixel at full heat; a pixel predicted with p=0.0025 the wrong way
 TEXT_W = 190
 PAD = 4
+BACKGROUND = (32, 32, 32)
 
 
 def pixel_nll(x: Tensor, recon: Tensor) -> Tensor:
@@ -38,6 +41,19 @@ def _tile(gray01: np.ndarray) -> Image.Image:
         (28 * SCALE, 28 * SCALE), Image.Resampling.NEAREST)
 
 
+@lru_cache(maxsize=1)
+def _titles(width: int, side: int) -> Image.Image:
+    """The column titles, drawn once (rendering text is half of a picture's cost) and only read after,
+    so the threads that draw pictures can share it; each picture draws its own lines with a font of
+    its own, since a FreeType face is not safe to share between threads."""
+    strip = Image.new("RGB", (width, 18), BACKGROUND)
+    draw = ImageDraw.Draw(strip)
+    font = ImageFont.load_default(size=13)
+    for i, title in enumerate(("input (as seen)", "reconstruction", f"-log p(x_i|z), 0-{HEAT_MAX:g} nats")):
+        draw.text((PAD + i * (side + PAD), 3), title, fill=(220, 220, 220), font=font)
+    return strip
+
+
 def anomaly_picture(x: Tensor, recon: Tensor, scores: Scores) -> bytes:
     """One row per image: input | reconstruction | heat map | score, percentile and verdict; as a PNG."""
     x, recon = x.detach().float().cpu(), recon.detach().float().cpu()
@@ -45,10 +61,9 @@ def anomaly_picture(x: Tensor, recon: Tensor, scores: Scores) -> bytes:
     heat = pixel_nll(x, recon)
     font = ImageFont.load_default(size=13)
     width = 3 * side + 4 * PAD + TEXT_W
-    sheet = Image.new("RGB", (width, 18 + n * (side + PAD) + PAD), (32, 32, 32))
+    sheet = Image.new("RGB", (width, 18 + n * (side + PAD) + PAD), BACKGROUND)
+    sheet.paste(_titles(width, side), (0, 0))
     draw = ImageDraw.Draw(sheet)
-    for i, title in enumerate(("input (as seen)", "reconstruction", f"-log p(x_i|z), 0-{HEAT_MAX:g} nats")):
-        draw.text((PAD + i * (side + PAD), 3), title, fill=(220, 220, 220), font=font)
     for row in range(n):
         top = 18 + row * (side + PAD)
         tiles = [_tile(x[row, 0].numpy()), _tile(recon[row, 0].numpy()),
