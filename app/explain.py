@@ -23,6 +23,8 @@ HEAT_MAX = 6.0  # nats per pixel at full heat; a pixel predicted with p=0.0025 t
 TEXT_W = 190
 PAD = 4
 BACKGROUND = (32, 32, 32)
+SIDE = 28 * SCALE  # one tile
+WIDTH = 3 * SIDE + 4 * PAD + TEXT_W  # three tiles and the text
 
 
 def pixel_nll(x: Tensor, recon: Tensor) -> Tensor:
@@ -38,39 +40,38 @@ def hot(values: np.ndarray) -> np.ndarray:
 
 def _tile(gray01: np.ndarray) -> Image.Image:
     return Image.fromarray((np.clip(gray01, 0, 1) * 255).round().astype(np.uint8), "L").convert("RGB").resize(
-        (28 * SCALE, 28 * SCALE), Image.Resampling.NEAREST)
+        (SIDE, SIDE), Image.Resampling.NEAREST)
 
 
 @lru_cache(maxsize=1)
-def _titles(width: int, side: int) -> Image.Image:
+def _titles() -> Image.Image:
     """The column titles, drawn once (rendering text is half of a picture's cost) and only read after,
     so the threads that draw pictures can share it; each picture draws its own lines with a font of
     its own, since a FreeType face is not safe to share between threads."""
-    strip = Image.new("RGB", (width, 18), BACKGROUND)
+    strip = Image.new("RGB", (WIDTH, 18), BACKGROUND)
     draw = ImageDraw.Draw(strip)
     font = ImageFont.load_default(size=13)
     for i, title in enumerate(("input (as seen)", "reconstruction", f"-log p(x_i|z), 0-{HEAT_MAX:g} nats")):
-        draw.text((PAD + i * (side + PAD), 3), title, fill=(220, 220, 220), font=font)
+        draw.text((PAD + i * (SIDE + PAD), 3), title, fill=(220, 220, 220), font=font)
     return strip
 
 
 def anomaly_picture(x: Tensor, recon: Tensor, scores: Scores) -> bytes:
     """One row per image: input | reconstruction | heat map | score, percentile and verdict; as a PNG."""
     x, recon = x.detach().float().cpu(), recon.detach().float().cpu()
-    n, side = x.shape[0], 28 * SCALE
+    n = x.shape[0]
     heat = pixel_nll(x, recon)
     font = ImageFont.load_default(size=13)
-    width = 3 * side + 4 * PAD + TEXT_W
-    sheet = Image.new("RGB", (width, 18 + n * (side + PAD) + PAD), BACKGROUND)
-    sheet.paste(_titles(width, side), (0, 0))
+    sheet = Image.new("RGB", (WIDTH, 18 + n * (SIDE + PAD) + PAD), BACKGROUND)
+    sheet.paste(_titles(), (0, 0))
     draw = ImageDraw.Draw(sheet)
     for row in range(n):
-        top = 18 + row * (side + PAD)
+        top = 18 + row * (SIDE + PAD)
         tiles = [_tile(x[row, 0].numpy()), _tile(recon[row, 0].numpy()),
-                 Image.fromarray(hot(heat[row, 0].numpy() / HEAT_MAX), "RGB").resize((side, side),
+                 Image.fromarray(hot(heat[row, 0].numpy() / HEAT_MAX), "RGB").resize((SIDE, SIDE),
                                                                                      Image.Resampling.NEAREST)]
         for i, tile in enumerate(tiles):
-            sheet.paste(tile, (PAD + i * (side + PAD), top))
+            sheet.paste(tile, (PAD + i * (SIDE + PAD), top))
         r = scores.results[row]
         verdict = "no calibration" if r.is_anomaly is None else ("ANOMALY" if r.is_anomaly else "looks like a digit")
         colour = (255, 110, 90) if r.is_anomaly else (150, 230, 150)
@@ -79,7 +80,7 @@ def anomaly_picture(x: Tensor, recon: Tensor, scores: Scores) -> bytes:
                  f"threshold p{scores.threshold_percentile:g}" + ("" if scores.threshold is None
                                                                   else f" = {scores.threshold:.2f}"),
                  f"pixel -log p sum {float(heat[row].sum()):.1f}", f"k={scores.k}"]
-        tx = PAD + 3 * (side + PAD)
+        tx = PAD + 3 * (SIDE + PAD)
         draw.text((tx, top + 4), verdict, fill=colour, font=font)
         for j, line in enumerate(lines):
             draw.text((tx, top + 24 + 16 * j), line, fill=(220, 220, 220), font=font)
