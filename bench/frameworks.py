@@ -86,29 +86,52 @@ SERVERS = {  # name -> (module it needs, how to start it on a port, the payloads
 }
 
 
-def base64_bodies(folder: Path) -> dict[str, tuple[str, Path]]:
-    """Server -> (path, wrk script) for the PNG in base64: `/encode`'s JSON form and LitServe's `/predict`."""
+def scripts(folder: Path) -> tuple[dict[str, dict[str, tuple[str, Path]]], dict[str, tuple[str, Path, str]]]:
+    """The body files, written once into `folder`, and two views of them: server -> payload label ->
+    (path, wrk script) for timing, and server -> (path, body file, content type) for `mu_of`.
+    The OIP JSON body sends UINT8 pixels, which vae-serve and KServe both take; the PNG in base64
+    goes to `/encode`'s JSON form and to LitServe's `/predict`."""
+    bodies = protocol_bodies()
+    binary, headers = bodies["binary UINT8"]
+    header_length = int(headers["Inference-Header-Content-Length"])
+    document = json.loads(binary[:header_length])
+    document["inputs"][0].pop("parameters")
+    document["inputs"][0]["data"] = list(binary[header_length:])
+    document.pop("parameters")
     png = base64.b64encode(DIGIT.read_bytes()).decode()
+    (folder / "binary.bin").write_bytes(binary)
+    (folder / "json.json").write_text(json.dumps(document))
     (folder / "ours.json").write_text(json.dumps({"images": [png]}))
     (folder / "litserve.json").write_text(json.dumps({"image": png}))
-    ours = ("/encode", lua_script(folder, "POST", folder / "ours.json", "application/json"))
-    theirs = ("/predict", lua_script(folder, "POST", folder / "litserve.json", "application/json"))
-    return {"vae-serve": ours, "litserve": theirs, "litserve-batch64": theirs}
+    json_type, multipart_type = "application/json", f"multipart/form-data; boundary={BOUNDARY}"
+    check = {"kserve": (INFER, folder / "json.json", json_type),
+             "vae-serve": ("/encode", folder / "ours.json", json_type),
+             "litserve": ("/predict", folder / "litserve.json", json_type),
+             "bentoml": ("/encode", multipart_body(folder), multipart_type)}
+    shared = {
+        "OIP binary UINT8": (INFER, lua_script(folder, "POST", folder / "binary.bin", "application/octet-stream",
+                                               {"Inference-Header-Content-Length": str(header_length)})),
+        "OIP JSON UINT8": (INFER, lua_script(folder, "POST", folder / "json.json", json_type)),
+        "REST /encode raw PNG": ("/encode", lua_script(folder, "POST", DIGIT, "image/png")),
+        "multipart PNG": ("/encode", lua_script(folder, "POST", check["bentoml"][1], multipart_type)),
+    }
+    base64_json = {family: (path, lua_script(folder, "POST", body, json_type))
+                   for family, (path, body, _) in check.items() if family in ("vae-serve", "litserve")}
+    targets = {server: {label: base64_json[family(server)] if label == "JSON base64 PNG" else shared[label]
+                        for label in labels} for server, (_, _, labels) in SERVERS.items()}
+    return targets, check
 
 
-def mu_of(server: str, port: int, oip_json: bytes) -> list[float]:
+def family(server: str) -> str:
+    """`litserve-batch64` is LitServe: the same requests, another configuration."""
+    return server.removesuffix("-batch64")
+
+
+def mu_of(server: str, port: int, check: dict[str, tuple[str, Path, str]]) -> list[float]:
     """The server's mu for the digit: the same model must give the same answer before it is timed.
-    KServe is asked in the protocol's JSON (it answers with binary outputs); the others in base64 JSON."""
-    png = base64.b64encode(DIGIT.read_bytes()).decode()
-    json_type = "application/json"
-    path, body, content_type = {
-        "kserve": (INFER, oip_json, json_type),
-        "vae-serve": ("/encode", json.dumps({"images": [png]}).encode(), json_type),
-        "litserve": ("/predict", json.dumps({"image": png}).encode(), json_type),
-        "bentoml": ("/encode", multipart_body(Path(tempfile.mkdtemp())).read_bytes(),
-                    f"multipart/form-data; boundary={BOUNDARY}"),
-    }[server.removesuffix("-batch64")]
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", body, {"Content-Type": content_type})
+    KServe is asked in the protocol's JSON (it answers with binary outputs)."""
+    path, body, content_type = check[family(server)]
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", body.read_bytes(), {"Content-Type": content_type})
     with urllib.request.urlopen(req, timeout=10) as r:
         raw, header_length = r.read(), r.headers.get("Inference-Header-Content-Length")
     if server != "kserve":
@@ -122,32 +145,6 @@ def mu_of(server: str, port: int, oip_json: bytes) -> list[float]:
             return out["data"] if size is None else list(struct.unpack(f"<{size // 4}f", raw[offset: offset + size]))
         offset += size or 0
     raise SystemExit(f"{server}: no mu in its answer")
-
-
-def scripts(folder: Path) -> tuple[dict[str, dict[str, tuple[str, Path]]], bytes]:
-    """Server -> payload label -> (path, wrk script), and the protocol's JSON body (for `mu_of`).
-    The OIP JSON body sends UINT8 pixels, which vae-serve and KServe both take."""
-    bodies = protocol_bodies()
-    binary, headers = bodies["binary UINT8"]
-    header_length = int(headers["Inference-Header-Content-Length"])
-    document = json.loads(binary[:header_length])
-    document["inputs"][0].pop("parameters")
-    document["inputs"][0]["data"] = list(binary[header_length:])
-    document.pop("parameters")
-    (folder / "binary.bin").write_bytes(binary)
-    (folder / "json.json").write_text(json.dumps(document))
-    shared = {
-        "OIP binary UINT8": (INFER, lua_script(folder, "POST", folder / "binary.bin", "application/octet-stream",
-                                               {"Inference-Header-Content-Length": str(header_length)})),
-        "OIP JSON UINT8": (INFER, lua_script(folder, "POST", folder / "json.json", "application/json")),
-        "REST /encode raw PNG": ("/encode", lua_script(folder, "POST", DIGIT, "image/png")),
-    }
-    shared["multipart PNG"] = ("/encode", lua_script(folder, "POST", multipart_body(folder),
-                                                     f"multipart/form-data; boundary={BOUNDARY}"))
-    base64_json = base64_bodies(folder)
-    targets = {server: {label: base64_json[server] if label == "JSON base64 PNG" else shared[label]
-                        for label in labels} for server, (_, _, labels) in SERVERS.items()}
-    return targets, json.dumps(document).encode()
 
 
 def main() -> int:
@@ -170,13 +167,13 @@ def main() -> int:
           f"{args.alternations} alternations")
     best: dict[tuple[str, str, int], dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        targets, oip_json = scripts(Path(tmp))
+        targets, check = scripts(Path(tmp))
         reference: list[float] | None = None
         for _ in range(args.alternations):
             for server in servers:
                 port = free_port()
                 with stopping(SERVERS[server][1](port)):
-                    mu = mu_of(server, port, oip_json)
+                    mu = mu_of(server, port, check)
                     reference = reference or (mu if server == "vae-serve" else None)
                     if reference and max(abs(a - b) for a, b in zip(mu, reference, strict=True)) > 1e-5:
                         raise SystemExit(f"{server} answers another mu than vae-serve: {mu[:3]}, not {reference[:3]}")
