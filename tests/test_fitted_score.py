@@ -20,7 +20,17 @@ from app.main import create_app
 from app.settings import Settings
 from tests.conftest import TEST_DATA
 from training import export
-from training.anomaly import STATISTICS, DigitHead, LatentMixture, Tails, broken_digits, jitter
+from training.anomaly import (
+    STATISTICS,
+    DigitHead,
+    LatentMixture,
+    Tails,
+    broken_digits,
+    jitter,
+    random_affines,
+    reference_split,
+    train_head,
+)
 
 DIGITS = sorted(TEST_DATA.glob("mnist_test_*_digit_*.png"))
 DIGIT = DIGITS[0].read_bytes()
@@ -130,6 +140,44 @@ def test_jitter_keeps_ink_in_the_box_and_is_deterministic() -> None:
     assert float(ink.min()) > 32 * 0.75 and float(ink.max()) < 32 * 1.3
     still = jitter(x, torch.Generator().manual_seed(0), turn=0.0, zoom=0.0, shift=0.0)
     assert torch.allclose(still, x, atol=1e-5)
+
+
+
+def test_random_affines_stay_in_their_ranges_and_are_the_identity_at_zero() -> None:
+    a = random_affines(500, torch.Generator().manual_seed(0))
+    scale = torch.linalg.det(a[:, :, :2]).sqrt()  # a turn times a zoom: the determinant is zoom squared
+    turn = torch.atan2(a[:, 1, 0], a[:, 0, 0])
+    assert float(scale.min()) >= 0.9 - 1e-6 and float(scale.max()) <= 1.1 + 1e-6
+    assert float(turn.abs().max()) <= 0.175 + 1e-6 and float(turn.abs().max()) > 0.15
+    assert float(a[:, :, 2].abs().max()) <= 0.15 and float(a[:, :, 2].abs().max()) > 0.13
+    still = random_affines(3, torch.Generator().manual_seed(0), turn=0.0, zoom=0.0, shift=0.0)
+    assert torch.equal(still, torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(3, 2, 3))
+
+
+def test_reference_split_is_disjoint_covers_all_and_takes_a_sixth() -> None:
+    ref, head = reference_split(600, seed=0)
+    assert ref.numel() == 100 and head.numel() == 500
+    assert sorted(torch.cat([ref, head]).tolist()) == list(range(600))
+    assert torch.equal(ref, reference_split(600, seed=0)[0]) and not torch.equal(ref, reference_split(600, seed=1)[0])
+
+
+def test_a_teacher_pulls_the_heads_logits_towards_its_own() -> None:
+    """Distillation: with a teacher whose logits are all zero, the head's logits end up smaller than
+    without one, the same seed and batches otherwise."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(256, 1, 28, 28, generator=g), torch.arange(256) % 10
+
+    def zeros(inputs: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(inputs.shape[0], 11)
+
+    plain = train_head(x, y, 2, seed=0, progress=False)
+    taught = train_head(x, y, 2, seed=0, progress=False, teacher=zeros)
+    with torch.no_grad():
+        size = {name: float(h(x).pow(2).mean()) for name, h in (("plain", plain), ("taught", taught))}
+    assert size["taught"] < 0.5 * size["plain"]
+    again = train_head(x, y, 2, seed=0, progress=False, teacher=zeros)
+    pairs = zip(taught.state_dict().values(), again.state_dict().values(), strict=True)
+    assert all(torch.equal(p, q) for p, q in pairs)
 
 
 # --- served -----------------------------------------------------------------------------

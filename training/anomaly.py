@@ -29,6 +29,7 @@ held-out MNIST test images (docs/artifact.md).
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -94,18 +95,23 @@ class DigitHead(nn.Module):
         return logits[:, self.broken] - digits, -digits, maha
 
 
+def random_affines(n: int, g: torch.Generator, turn: float = 0.175, zoom: float = 0.1,
+                   shift: float = 0.15) -> Tensor:
+    """n affine maps [n, 2, 3] for `F.affine_grid`: turned up to `turn` radians (0.175: ~10 degrees),
+    zoomed up to `zoom`, shifted up to `shift` of the half-width (0.15: ~2 px of 28)."""
+    theta = (torch.rand(n, generator=g) * 2 - 1) * turn
+    scale = 1 + (torch.rand(n, generator=g) * 2 - 1) * zoom
+    t = (torch.rand(n, 2, generator=g) * 2 - 1) * shift
+    cos, sin = scale * torch.cos(theta), scale * torch.sin(theta)
+    return torch.stack([torch.stack([cos, -sin, t[:, 0]], 1), torch.stack([sin, cos, t[:, 1]], 1)], 1)
+
+
 def jitter(x: Tensor, g: torch.Generator, turn: float = 0.175, zoom: float = 0.1, shift: float = 0.15) -> Tensor:
     """Each digit turned (up to +-10 degrees), zoomed (+-10%) and shifted (+-2 px) at random: the head
     learns digits as people draw them, not only MNIST's exact framing, so printed and photographed
     digits stay digits to it. One transform per image, drawn from `g` (torchvision's RandomAffine
     draws one per call, from the global generator)."""
-    n = x.shape[0]
-    theta = (torch.rand(n, generator=g) * 2 - 1) * turn
-    scale = 1 + (torch.rand(n, generator=g) * 2 - 1) * zoom
-    t = (torch.rand(n, 2, generator=g) * 2 - 1) * shift
-    cos, sin = scale * torch.cos(theta), scale * torch.sin(theta)
-    affine = torch.stack([torch.stack([cos, -sin, t[:, 0]], 1), torch.stack([sin, cos, t[:, 1]], 1)], 1)
-    grid = F.affine_grid(affine, list(x.shape), align_corners=False)
+    grid = F.affine_grid(random_affines(x.shape[0], g, turn, zoom, shift), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, align_corners=False)
 
 
@@ -147,11 +153,17 @@ def broken_digits(x: Tensor, y: Tensor, g: torch.Generator) -> Tensor:
 
 
 def train_head(x: Tensor, y: Tensor, epochs: int, seed: int = 0, batch_size: int = 128,
-               progress: bool = True) -> DigitHead:
+               progress: bool = True, teacher: Callable[[Tensor], Tensor] | None = None,
+               device: str | torch.device = "cpu") -> DigitHead:
     """Each batch: the digits (jittered) with their labels, and one broken copy of each labelled BROKEN;
-    then the feature statistics of the un-jittered digits."""
+    then the feature statistics of the un-jittered digits.
+
+    With a `teacher`, the squared error between the head's logits and the teacher's on the same batch
+    is added: distillation, measured with a teacher that averages a head over 17 views of each image
+    (`bench/ood_views.py`). The batches are drawn on the CPU, so a seed gives the same batches on any
+    `device`; the head comes back on the CPU."""
     torch.manual_seed(seed)
-    head, g = DigitHead(), torch.Generator().manual_seed(seed)
+    head, g = DigitHead().to(device), torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(head.parameters(), lr=1e-3)
     for epoch in range(1, epochs + 1):
         perm, total, t0 = torch.randperm(x.shape[0], generator=g), 0.0, time.perf_counter()
@@ -159,16 +171,21 @@ def train_head(x: Tensor, y: Tensor, epochs: int, seed: int = 0, batch_size: int
         for i in tqdm(steps, desc=f"digit head, epoch {epoch}/{epochs}", disable=not progress, leave=False):
             idx = perm[i : i + batch_size]
             pos = jitter(x[idx], g)
-            inputs = torch.cat([pos, broken_digits(pos, y[idx], g)])
-            labels = torch.cat([y[idx], torch.full_like(y[idx], BROKEN)])
-            loss = F.cross_entropy(head(inputs), labels)
+            inputs = torch.cat([pos, broken_digits(pos, y[idx], g)]).to(device)
+            labels = torch.cat([y[idx], torch.full_like(y[idx], BROKEN)]).to(device)
+            logits = head(inputs)
+            loss = F.cross_entropy(logits, labels)
+            if teacher is not None:
+                with torch.no_grad():
+                    target = teacher(inputs)
+                loss = loss + F.mse_loss(logits, target)
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
         print(f"digit head epoch {epoch}: loss {total / x.shape[0]:.4f} ({time.perf_counter() - t0:.0f}s)",
               flush=True)
-    head.eval()
+    head = head.cpu().eval()
     head.fit_features(x, y)
     return head
 
@@ -286,9 +303,8 @@ def fit(vae: VAEBase, train_x: Tensor, train_y: Tensor, calib_x: Tensor, k: int,
     """Train the head on most training digits; take the tail references from the rest (held out from
     the head, which would otherwise find them too familiar); calibrate both scores on `calib_x`."""
     vae = vae.cpu().eval()
-    n_ref = max(1, int(train_x.shape[0] * reference_share))
-    perm = torch.randperm(train_x.shape[0], generator=torch.Generator().manual_seed(seed))
-    ref_idx, head_idx = perm[:n_ref], perm[n_ref:]
+    ref_idx, head_idx = reference_split(train_x.shape[0], seed, reference_share)
+    n_ref = ref_idx.numel()
     head = train_head(train_x[head_idx], train_y[head_idx], epochs, seed, progress=progress)
     with torch.no_grad():
         mu = torch.cat([vae.encode(xb)[0] for xb in train_x.split(1000)])
@@ -307,6 +323,13 @@ def fit(vae: VAEBase, train_x: Tensor, train_y: Tensor, calib_x: Tensor, k: int,
                                "reference_images": int(n_ref), "seed": seed}},
     }}
     return model, block
+
+
+def reference_split(n: int, seed: int = 0, share: float = 1 / 6) -> tuple[Tensor, Tensor]:
+    """Training-image indices: the tails' reference images, and the head's (the rest)."""
+    n_ref = max(1, int(n * share))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[:n_ref], perm[n_ref:]
 
 
 def calibration_split(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
