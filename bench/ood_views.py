@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from app.contract import DEFAULT_ANOMALY_K
@@ -32,9 +31,11 @@ from training.anomaly import (
     DigitHead,
     Tails,
     calibration_split,
-    random_affines,
     reference_split,
     train_head,
+    under_views,
+    view_average,
+    views,
     with_shared_noise,
 )
 from training.data import load_mnist, to_float
@@ -46,19 +47,6 @@ PEN_STROKES = ["letters-upper", "letters-lower", "greek-cyrillic", "symbols", "o
 HEAD_COLUMNS = slice(2, 5)  # broken, energy, mahalanobis in the artifact's statistics
 
 
-def views(n: int = 16, seed: int = 0) -> Tensor:
-    """The identity and n affine maps drawn once from the head's own training jitter."""
-    identity = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
-    return torch.cat([identity, random_affines(n, torch.Generator().manual_seed(seed))])
-
-
-def under_views(x: Tensor, maps: Tensor) -> Tensor:
-    """[V * B, 1, 28, 28]: every image under every map, view-major."""
-    x = x.reshape(-1, 1, 28, 28)
-    return torch.cat([F.grid_sample(x, F.affine_grid(a.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False),
-                                    align_corners=False) for a in maps])
-
-
 @torch.no_grad()
 def head_statistics(head: torch.nn.Module, x: Tensor, maps: Tensor | None, device: torch.device) -> Tensor:
     """(broken, energy, mahalanobis) per image, averaged over the views when `maps` is given."""
@@ -68,7 +56,7 @@ def head_statistics(head: torch.nn.Module, x: Tensor, maps: Tensor | None, devic
         if maps is None:
             out.append(torch.stack(head.statistics(xb), 1).cpu())
         else:
-            s = torch.stack(head.statistics(under_views(xb, maps.to(device))), 1)
+            s = torch.stack(head.statistics(under_views(xb, maps)), 1)
             out.append(s.reshape(len(maps), xb.shape[0], -1).mean(0).cpu())
     return torch.cat(out)
 
@@ -127,13 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     teacher_head = model.head.to(device)
-    maps = views()
+    maps = views(16)
     report("its head averaged over 17 views", swapped(teacher_head, maps))
 
-    def teacher(x: Tensor) -> Tensor:
-        logits = teacher_head(under_views(x, maps.to(x.device)))
-        return logits.reshape(len(maps), x.shape[0], -1).mean(0)
-
+    teacher = view_average(teacher_head, maps)
     for s, distil in [(s, False) for s in args.plain_seeds] + [(s, True) for s in args.distil_seeds]:
         head: DigitHead = train_head(train_x[head_idx], train_y[head_idx], args.epochs, s, progress=False,
                                      teacher=teacher if distil else None, device=device)

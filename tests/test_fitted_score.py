@@ -30,6 +30,9 @@ from training.anomaly import (
     random_affines,
     reference_split,
     train_head,
+    under_views,
+    view_average,
+    views,
 )
 
 DIGITS = sorted(TEST_DATA.glob("mnist_test_*_digit_*.png"))
@@ -179,6 +182,19 @@ def test_a_teacher_pulls_the_heads_logits_towards_its_own() -> None:
     pairs = zip(taught.state_dict().values(), again.state_dict().values(), strict=True)
     assert all(torch.equal(p, q) for p, q in pairs)
 
+
+
+def test_view_average_is_the_mean_of_the_heads_logits_over_the_views() -> None:
+    torch.manual_seed(0)
+    head = DigitHead().eval()
+    x = torch.rand(5, 1, 28, 28)
+    assert torch.allclose(under_views(x, views(0)), x, atol=1e-5)  # the first view is the image itself
+    maps = views(3, seed=1)
+    assert maps.shape == (4, 2, 3) and torch.equal(maps, views(3, seed=1)) and not torch.equal(maps, views(3, seed=2))
+    with torch.no_grad():
+        each = torch.stack([head(under_views(x, maps[i : i + 1])) for i in range(4)])
+        assert torch.allclose(view_average(head, maps)(x), each.mean(0), atol=1e-5)
+        assert torch.allclose(view_average(head, views(0))(x), head(x), atol=1e-5)
 
 # --- served -----------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
 from tests.conftest import DATA_DIR, TEST_DATA
-from training import evaluate, fit_score, ood, ood_sets
+from training import anomaly, evaluate, fit_score, ood, ood_sets
 from training.ood_sets import build_sets, cached_sets, mnist_style
 
 DIGIT = (TEST_DATA / "mnist_test_0_digit_7.png").read_bytes()
@@ -103,6 +104,36 @@ def test_statistic_names_come_from_meta_and_default_to_the_first_fitted_artifact
     assert ood.statistics(named) == ["bound", "a", "b"]
     first = {"anomaly_scores": {"methods": {"bound": {"column": 0}, "fisher": {"column": 1}}}}
     assert ood.statistics(first) == ["bound", "latent", "head"]  # artifacts fitted before meta listed them
+
+
+@pytest.mark.slow
+def test_fit_score_can_distil_the_head_from_its_view_average(trained: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The head is trained twice, the second time with the first, averaged over 3 views, as teacher."""
+    out = tmp_path / "distilled.pt"
+    train_head, teachers = anomaly.train_head, []
+
+    def recording(*args: Any, **kwargs: Any) -> anomaly.DigitHead:
+        teacher = kwargs.get("teacher")
+        teachers.append(None if teacher is None else teacher(torch.zeros(2, 1, 28, 28)).shape)
+        return train_head(*args, **kwargs)
+
+    monkeypatch.setattr(anomaly, "train_head", recording)
+    assert fit_score.main([str(trained / "deep-tiny.pt"), "--data-dir", str(DATA_DIR), "--epochs", "1",
+                           "--train-limit", "1200", "--k", "8", "--out", str(out), "--no-progress",
+                           "--distil-views", "3"]) == 0
+    module, meta = fit_score.export.load(out)
+    assert meta["anomaly_scores"]["methods"]["fisher"]["fitted_on"] == {
+        "head_images": 1000, "head_epochs": 1, "reference_images": 200, "seed": 0, "distilled_from_views": 3}
+    assert teachers == [None, (2, 11)]
+    x = torch.rand(3, 1, 28, 28)
+    assert module.anomaly_scores_with_noise(x, torch.randn(8, 3, 8)).isfinite().all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
+def test_fit_score_refuses_cuda_without_a_gpu(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert fit_score.main([str(trained / "deep-tiny.pt"), "--device", "cuda"]) == 2
+    assert "torch.cuda.is_available() is False" in capsys.readouterr().err
 
 
 @pytest.mark.slow
