@@ -28,12 +28,13 @@ from torch import Tensor
 from app.contract import DEFAULT_ANOMALY_K
 from training import export
 from training.anomaly import (
+    METHOD,
+    STATISTICS,
     DigitHead,
     Tails,
     calibration_split,
     reference_split,
     train_head,
-    under_views,
     view_average,
     views,
     with_shared_noise,
@@ -44,21 +45,18 @@ from training.ood import FASHION_DIR, detection_metrics, suite
 ROOT = Path(__file__).resolve().parent.parent
 
 PEN_STROKES = ["letters-upper", "letters-lower", "greek-cyrillic", "symbols", "other-scripts", "scribbles", "doodles"]
-HEAD_COLUMNS = slice(2, 5)  # broken, energy, mahalanobis in the artifact's statistics
+HEAD_COLUMNS = slice(STATISTICS.index("broken"), STATISTICS.index("mahalanobis") + 1)  # the head's three
 
 
 @torch.no_grad()
 def head_statistics(head: torch.nn.Module, x: Tensor, maps: Tensor | None, device: torch.device) -> Tensor:
     """(broken, energy, mahalanobis) per image, averaged over the views when `maps` is given."""
-    out = []
-    for xb in x.split(1000 if maps is None else 100):  # 17 views of 100 images: ~100 MB of activations
-        xb = xb.to(device)
-        if maps is None:
-            out.append(torch.stack(head.statistics(xb), 1).cpu())
-        else:
-            s = torch.stack(head.statistics(under_views(xb, maps)), 1)
-            out.append(s.reshape(len(maps), xb.shape[0], -1).mean(0).cpu())
-    return torch.cat(out)
+    def stats(v: Tensor) -> Tensor:
+        return torch.stack(head.statistics(v), 1)
+
+    f = stats if maps is None else view_average(stats, maps)
+    # 17 views of 100 images: ~100 MB of activations
+    return torch.cat([f(xb.to(device)).cpu() for xb in x.split(1000 if maps is None else 100)])
 
 
 def report(name: str, stats: dict[str, Tensor]) -> None:
@@ -87,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
 
     model, meta = export.load(args.artifact)
-    fitted = meta.get("anomaly_scores", {}).get("methods", {}).get("fisher", {}).get("fitted_on")
+    fitted = meta.get("anomaly_scores", {}).get("methods", {}).get(METHOD, {}).get("fitted_on")
     if fitted is None:
-        p.error(f"{args.artifact} has no fitted `fisher` score")
+        p.error(f"{args.artifact} has no fitted `{METHOD}` score")
     seed = int(fitted["seed"])
     mnist = load_mnist(args.data_dir, allow_download=False)
     train_x, train_y, test_x = to_float(mnist.train_images), mnist.train_labels, to_float(mnist.test_images)
@@ -104,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         served = {g: with_shared_noise(model.anomaly_statistics, x, noise).cpu() for g, x in groups.items()}
     print("| score | AUROC | " + " | ".join(PEN_STROKES) + " | mean FPR | font |")
     print("| --- " * (len(PEN_STROKES) + 4) + "|")
-    report("the artifact's `fisher`", served)
+    report(f"the artifact's `{METHOD}`", served)
 
     def swapped(head: torch.nn.Module, maps: Tensor | None) -> dict[str, Tensor]:
         out = {}

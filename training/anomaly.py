@@ -130,14 +130,14 @@ def under_views(x: Tensor, maps: Tensor) -> Tensor:
                                     align_corners=False) for a in maps])
 
 
-def view_average(head: nn.Module, maps: Tensor) -> Callable[[Tensor], Tensor]:
-    """The head's logits averaged over the views of each image: a digit stays the digit it is when
-    turned or shifted a little, a glyph that only looks like one from one angle does not. As a
-    teacher (`train_head`), it makes a one-pass head that is better and steadier across seeds
-    (docs/benchmarks.md, fifth round)."""
-    def logits(x: Tensor) -> Tensor:
-        return head(under_views(x, maps)).reshape(len(maps), x.reshape(-1, 1, 28, 28).shape[0], -1).mean(0)
-    return logits
+def view_average(f: Callable[[Tensor], Tensor], maps: Tensor) -> Callable[[Tensor], Tensor]:
+    """`f` ([B, 1, 28, 28] -> [B, C], e.g. the head's logits) averaged over the views of each image: a
+    digit stays the digit it is when turned or shifted a little, a glyph that only looks like one from
+    one angle does not. With the head's logits as a teacher (`train_head`), it makes a one-pass head
+    that is better and steadier across seeds (docs/benchmarks.md, fifth round)."""
+    def averaged(x: Tensor) -> Tensor:
+        return f(under_views(x, maps)).reshape(len(maps), x.reshape(-1, 1, 28, 28).shape[0], -1).mean(0)
+    return averaged
 
 
 SYMMETRIC_UNDER_MIRROR = (0, 1, 8)
@@ -335,7 +335,6 @@ def fit(vae: VAEBase, train_x: Tensor, train_y: Tensor, calib_x: Tensor, k: int,
     GPU (`device`)."""
     vae = vae.cpu().eval()
     ref_idx, head_idx = reference_split(train_x.shape[0], seed, reference_share)
-    n_ref = ref_idx.numel()
     head = train_head(train_x[head_idx], train_y[head_idx], epochs, seed, progress=progress, device=device)
     if distil_views:
         teacher = view_average(head.to(device), views(distil_views - 1, seed))
@@ -355,7 +354,7 @@ def fit(vae: VAEBase, train_x: Tensor, train_y: Tensor, calib_x: Tensor, k: int,
         "bound": {"column": 0, "about": ABOUT["bound"], "calibration": cal[0]},
         METHOD: {"column": 1, "about": ABOUT[METHOD], "calibration": cal[1], "statistics": list(STATISTICS),
                  "fitted_on": {"head_images": int(head_idx.numel()), "head_epochs": epochs,
-                               "reference_images": int(n_ref), "seed": seed,
+                               "reference_images": int(ref_idx.numel()), "seed": seed,
                                **({"distilled_from_views": distil_views} if distil_views else {})}},
     }}
     return model, block
