@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from app.imaging import centred_by_mass
+
 CACHE_VERSION = 3
 CANVAS = 160  # glyphs and doodles are drawn this large, then fitted like MNIST
 
@@ -75,14 +77,7 @@ def mnist_style(ink: np.ndarray) -> np.ndarray:
     scale = 20 / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     small = np.asarray(Image.fromarray(crop, "L").resize(size, Image.Resampling.LANCZOS)).astype(np.float32)
-    total = small.sum()
-    cy = (small.sum(1) * np.arange(size[1])).sum() / total if total else size[1] / 2
-    cx = (small.sum(0) * np.arange(size[0])).sum() / total if total else size[0] / 2
-    y0 = int(np.clip(round(14 - cy), 0, 28 - size[1]))
-    x0 = int(np.clip(round(14 - cx), 0, 28 - size[0]))
-    out = np.zeros((28, 28), np.float32)
-    out[y0 : y0 + size[1], x0 : x0 + size[0]] = small
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(centred_by_mass(small)), 0, 255).astype(np.uint8)
 
 
 def _jitter(img: Image.Image, rng: np.random.Generator) -> Image.Image:
