@@ -65,7 +65,7 @@ EXAMPLES: list[tuple[str, str]] = [
      "'localhost:8000/anomaly-score?method=bound'"),
     ("The default score puts it at the 75th percentile of MNIST digits, under the p99 threshold: printed, a "
      "\"?\" is most of a 2, and this one passes for a digit. Printed \"+\", \"x\" and \"A\" (DejaVu Sans, "
-     "Liberation Serif) score at or above the 99.4th percentile, \"T\" at the 96th-100th, printed 2s, 3s, 4s "
+     "Liberation Serif) score at or above the 99.5th percentile, \"T\" at the 96th-100th, printed 2s, 3s, 4s "
      "and 7s at the 3rd-92nd. How the score does on whole sets of such shapes: "
      "[docs/benchmarks.md](docs/benchmarks.md#anomaly-detection).",
      f"curl -s -X POST -H 'Content-Type: image/png' --data-binary @{D}/printed_question_mark.png "
