@@ -199,7 +199,7 @@ def _level_background(gray: np.ndarray, border: np.ndarray) -> np.ndarray:
     return (np.arange(256) * (255.0 / top)).clip(0, 255).astype(np.uint8)[flat]  # uint8 throughout: pages are big
 
 
-PAPER_SIDE = 64  # the paper's light is estimated on a copy this large: it varies slowly across a page
+PAPER_SIDE = 64  # the paper's light is fitted on a copy this large (32 px: 1.4 ms less, a little worse)
 
 
 def _paper(gray: np.ndarray) -> np.ndarray:
@@ -219,7 +219,8 @@ def _paper(gray: np.ndarray) -> np.ndarray:
     terms = np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], 1)
     paper = values <= np.median(values)  # ink covers less than half of a photo of one digit
     for _ in range(4):
-        coef = np.linalg.lstsq(terms[paper], values[paper], rcond=None)[0]
+        fit = terms[paper]
+        coef = np.linalg.solve(fit.T @ fit + 1e-9 * np.eye(6), fit.T @ values[paper])  # 6 unknowns: normal equations
         residual = values - terms @ coef
         paper = residual < 3 * (1.4826 * np.median(np.abs(residual[paper])) + 1)
     surface = np.rint(terms @ coef).clip(0, 255).astype(np.uint8).reshape(sh, sw)
@@ -275,7 +276,7 @@ def centred_by_mass(digit: np.ndarray) -> np.ndarray:
 
 
 SPECK_SHARE = 0.05  # of the largest piece's ink: a "?"'s or an "i"'s dot is 10-20%, a speck of dust far less
-SPECK_CELLS = 96  # pieces are found on the ink mask pooled to at most this many cells a side
+SPECK_CELLS = 48  # pieces are found on the ink mask pooled to at most this many cells a side
 
 
 def _without_specks(ink: np.ndarray, gray: np.ndarray) -> np.ndarray:
@@ -286,16 +287,17 @@ def _without_specks(ink: np.ndarray, gray: np.ndarray) -> np.ndarray:
     h, w = ink.shape
     c = -(-max(h, w) // SPECK_CELLS)
     ph, pw = -(-h // c), -(-w // c)
-    cells = np.zeros((ph * c, pw * c), np.float64)
+    cells = np.zeros((ph * c, pw * c), np.uint8)
     cells[:h, :w] = np.where(ink, gray, 0)
-    mass = cells.reshape(ph, c, pw, c).sum((1, 3))
+    mass = cells.reshape(ph, c, pw, c).sum((1, 3), dtype=np.int64)
     on = mass > 0
     if not on.any():
         return ink
     label = np.where(on, np.arange(on.size).reshape(on.shape), on.size)
     while True:  # each cell takes the smallest label around it until none changes
         padded = np.pad(label, 1, constant_values=on.size)
-        around = np.min([padded[dy : dy + ph, dx : dx + pw] for dy in range(3) for dx in range(3)], axis=0)
+        rows = np.minimum(np.minimum(padded[:-2], padded[1:-1]), padded[2:])  # 3x3 minimum, one axis at a time
+        around = np.minimum(np.minimum(rows[:, :-2], rows[:, 1:-1]), rows[:, 2:])
         new = np.where(on, around, on.size)
         flat = new.ravel()
         flat[on.ravel()] = flat[flat[on.ravel()]]  # and the smallest label its label points to: fewer rounds
