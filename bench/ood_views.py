@@ -41,10 +41,10 @@ from training.anomaly import (
 )
 from training.data import load_mnist, to_float
 from training.ood import FASHION_DIR, detection_metrics, suite
+from training.ood_sets import PEN_STROKES
 
 ROOT = Path(__file__).resolve().parent.parent
 
-PEN_STROKES = ["letters-upper", "letters-lower", "greek-cyrillic", "symbols", "other-scripts", "scribbles", "doodles"]
 HEAD_COLUMNS = slice(STATISTICS.index("broken"), STATISTICS.index("mahalanobis") + 1)  # the head's three
 
 

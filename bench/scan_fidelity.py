@@ -32,9 +32,9 @@ from training import export
 from training.anomaly import calibration_split, with_shared_noise
 from training.data import load_mnist, to_float
 from training.ood import FASHION_DIR, detection_metrics, suite
+from training.ood_sets import PEN_STROKES
 
 ROOT = Path(__file__).resolve().parent.parent
-PEN_STROKES = ["letters-upper", "letters-lower", "greek-cyrillic", "symbols", "other-scripts", "scribbles", "doodles"]
 
 
 PAGES = ("scan", "photo", "gradient", "vignette", "specks", "marker")

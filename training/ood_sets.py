@@ -25,6 +25,8 @@ from PIL import Image, ImageDraw, ImageFont
 from app.imaging import centred_by_mass
 
 CACHE_VERSION = 3
+# the sets of non-digits drawn with a pen: the ones the near-OOD targets are about
+PEN_STROKES = ("letters-upper", "letters-lower", "greek-cyrillic", "symbols", "other-scripts", "scribbles", "doodles")
 CANVAS = 160  # glyphs and doodles are drawn this large, then fitted like MNIST
 
 FONT_DIRS = [Path("/usr/share/fonts")]
