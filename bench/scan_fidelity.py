@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import io
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -83,9 +84,13 @@ def page(image: np.ndarray, rng: np.random.Generator, scale: int, kind: str = "s
     return buf.getvalue()
 
 
-def as_served(images: np.ndarray, scale: int, kind: str = "scan", seed: int = 0) -> np.ndarray:
+def as_served(images: np.ndarray, scale: int, kind: str = "scan", seed: int = 0) -> tuple[np.ndarray, float]:
+    """The images as the service prepares them, and the seconds that took per image (decoding included)."""
     rng = np.random.default_rng(seed)
-    return np.stack([file_to_gray28(page(x, rng, scale, kind), 10**9, Preprocess()) for x in images])
+    pages = [page(x, rng, scale, kind) for x in images]
+    t0 = time.perf_counter()
+    served = np.stack([file_to_gray28(p, 10**9, Preprocess()) for p in pages])
+    return served, (time.perf_counter() - t0) / len(pages)
 
 
 def centre_of_mass(x: np.ndarray) -> np.ndarray:
@@ -134,19 +139,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(idx)} held-out test digits; sent x{args.scale}")
     report("originals", originals)
     for kind in args.pages:
-        served = as_served(originals, args.scale, kind)
+        served, seconds = as_served(originals, args.scale, kind)
         offset = np.hypot(*(centre_of_mass(served.astype(np.float64)) - 14.0).T)
         error = np.abs(served.astype(np.float64) - originals).mean((1, 2)) / 255
         print(f"\n{kind}: centre of mass from (14, 14), px: median {np.median(offset):.2f}, "
               f"p90 {np.percentile(offset, 90):.2f}, max {offset.max():.2f}; "
-              f"mean absolute pixel error against the original: {error.mean():.4f}")
+              f"mean absolute pixel error against the original: {error.mean():.4f}; "
+              f"prepared in {1000 * seconds:.2f} ms per image")
         digits = report(kind, served)
         if not sets:
             continue
         print(f"pen-stroke sets sent as {kind} against the digits sent so: AUROC / FPR at 95% TPR")
         print("| method | " + " | ".join(PEN_STROKES) + " | mean FPR |")
         print("| --- " * (len(PEN_STROKES) + 2) + "|")
-        ood = {s: scores(as_served(sets[s].images, args.scale, kind, seed=1)) for s in PEN_STROKES}
+        ood = {s: scores(as_served(sets[s].images, args.scale, kind, seed=1)[0]) for s in PEN_STROKES}
         for method, m in methods.items():
             col = m["column"]
             res = [detection_metrics(digits[:, col], ood[s][:, col]) for s in PEN_STROKES]
