@@ -1,4 +1,5 @@
-"""vae-serve: run the service with uvicorn using the VAE_* settings."""
+"""vae-serve: run the service with uvicorn using the VAE_* settings, or the same settings as options
+(`vae-serve --port 9000 --models-dir DIR`; `vae-serve --help` lists them)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import uvicorn
+from pydantic import ValidationError
+from pydantic_settings import CliApp
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
-from app.settings import get_settings
+from app.settings import Settings, get_settings
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
@@ -23,7 +26,12 @@ def _exit_cleanly(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    try:
+        from_options(sys.argv[1:] if argv is None else argv)
+    except ValidationError as e:
+        print(f"vae-serve: {e}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, _exit_cleanly)
     signal.signal(signal.SIGINT, _exit_cleanly)
     settings = get_settings()
@@ -45,6 +53,19 @@ def main() -> int:
         supervisor = Multiprocess(config, sockets=[config.bind_socket()])
         supervisor.run()
     return STARTUP_FAILURE if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes) else 0
+
+
+def from_options(argv: list[str]) -> None:
+    """Options over the VAE_* variables (pydantic-settings' command line: --port 9000, --page false,
+    --default-k null), written back into the environment: the app and its worker processes read
+    their settings from there, not from this command line."""
+    chosen = CliApp.run(Settings, cli_args=argv)
+    for name, value in chosen.model_dump(mode="json", include=chosen.model_fields_set).items():
+        if value is None:
+            os.environ.pop(f"VAE_{name.upper()}", None)
+        else:
+            os.environ[f"VAE_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    get_settings.cache_clear()
 
 
 @contextmanager

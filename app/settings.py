@@ -1,4 +1,4 @@
-"""All service settings in one place, read from VAE_* environment variables."""
+"""All service settings in one place, read from VAE_* environment variables (and vae-serve's options)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="VAE_", protected_namespaces=())
+    # vae-serve also takes every setting as an option (--models-dir, --port ...; app/cli.py)
+    model_config = SettingsConfigDict(env_prefix="VAE_", protected_namespaces=(), cli_kebab_case=True,
+                                      cli_prog_name="vae-serve")
 
     models_dir: Path = Field(Path("models"), description="folder whose *.pt TorchScript artifacts are served")
     default_model: str = Field("vae", description="model used when a request names none (?model=NAME)")

@@ -56,11 +56,40 @@ def test_vae_serve_outlasts_client_keep_alive(monkeypatch) -> None:
     on one races the close and fails with a reset (seen in the soak with uvicorn's default 5 s)."""
     seen: dict = {}
     monkeypatch.setattr(cli.uvicorn, "run", lambda *args, **kwargs: seen.update(kwargs))
-    monkeypatch.setattr(cli, "get_settings", lambda: Settings())
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        assert cli.main() == 0
+        assert cli.main([]) == 0  # the settings read afresh: from_options clears get_settings' cache
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
     assert seen["timeout_keep_alive"] > max(httpx.Limits().keepalive_expiry or 0, 60)  # httpx 5 s; proxies 60 s
+
+
+def test_options_set_the_settings_over_the_environment_for_every_worker(monkeypatch) -> None:
+    """`vae-serve --port 9123` must serve on 9123: the options override VAE_*, and are written back into
+    the environment, which the app (and each worker process) reads its settings from."""
+    seen: dict = {}
+    monkeypatch.setattr(cli.uvicorn, "run", lambda *args, **kwargs: seen.update(kwargs))
+    monkeypatch.setenv("VAE_PORT", "7000")
+    monkeypatch.setenv("VAE_DEFAULT_K", "8")
+    monkeypatch.setenv("VAE_PAGE", "true")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert cli.main(["--port", "9123", "--default-k", "null", "--page", "false"]) == 0
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        cli.get_settings.cache_clear()
+    assert seen["port"] == 9123
+    assert os.environ["VAE_PORT"] == "9123" and os.environ["VAE_PAGE"] == "false" and "VAE_DEFAULT_K" not in os.environ
+    settings = Settings()
+    assert (settings.port, settings.page, settings.default_k) == (9123, False, None)
+
+
+def test_a_bad_option_is_refused_before_anything_starts(monkeypatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(cli.uvicorn, "run", lambda *args, **kwargs: pytest.fail("started"))
+    assert cli.main(["--workers", "0"]) == 2
+    assert "workers" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--prot", "9000"])
+    assert e.value.code == 2 and "unrecognized arguments: --prot" in capsys.readouterr().err
