@@ -28,13 +28,12 @@ def _exit_cleanly(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        from_options(sys.argv[1:] if argv is None else argv)
+        settings = from_options(sys.argv[1:] if argv is None else argv)
     except ValidationError as e:
         print(f"vae-serve: {e}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _exit_cleanly)
     signal.signal(signal.SIGINT, _exit_cleanly)
-    settings = get_settings()
     print(f"vae-serve: models from {settings.models_dir.resolve()}, serving on "
           f"http://{settings.host}:{settings.port} with {settings.workers} worker(s) (docs at /docs)", flush=True)
     # Which layer bounds what: uvicorn the connections (limit_concurrency) and idle keep-alive time;
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     return STARTUP_FAILURE if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes) else 0
 
 
-def from_options(argv: list[str]) -> None:
+def from_options(argv: list[str]) -> Settings:
     """Options over the VAE_* variables (pydantic-settings' command line: --port 9000, --page false,
     --default-k null), written back into the environment: the app and its worker processes read
     their settings from there, not from this command line."""
@@ -66,6 +65,7 @@ def from_options(argv: list[str]) -> None:
         else:
             os.environ[f"VAE_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
     get_settings.cache_clear()
+    return chosen
 
 
 @contextmanager

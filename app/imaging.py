@@ -304,9 +304,10 @@ def _without_specks(ink: np.ndarray, gray: np.ndarray) -> np.ndarray:
         if np.array_equal(new, label):
             break
         label = new
-    weight = np.bincount(label[on], weights=mass[on], minlength=on.size)
-    kept = on & (weight[np.minimum(label, on.size - 1)] >= SPECK_SHARE * weight.max())
-    if kept.sum() == on.sum():
+    weight = np.bincount(label[on], weights=mass[on])
+    kept = np.zeros_like(on)
+    kept[on] = weight[label[on]] >= SPECK_SHARE * weight.max()
+    if np.array_equal(kept, on):
         return ink
     return ink & np.repeat(np.repeat(kept, c, 0), c, 1)[:h, :w]
 
