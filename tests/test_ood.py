@@ -93,9 +93,10 @@ def test_vae_eval_ood_reports_every_method_and_draws_failures(trained: Path, tmp
     assert {p.name for p in (tmp_path / "pics").glob("*.png")} == {
         "vae-bound.png", "vae-fisher.png", "vae-latent.png", "vae-broken.png", "vae-energy.png",
         "vae-mahalanobis.png", "vae-bound---complexity.png"}
-    assert evaluate.main([str(trained / "vae.pt"), *args, "--markdown"]) == 0
+    assert evaluate.main([str(trained / "vae.pt"), *args, "--markdown", "--json", str(tmp_path / "rows.json")]) == 0
     table = capsys.readouterr().out
     assert "| vae | fisher |" in table and "mnist-rot90 (seen)" in table
+    assert json.loads((tmp_path / "rows.json").read_text()) == rows
 
 
 def test_statistic_names_come_from_meta_and_default_to_the_first_fitted_artifacts() -> None:
@@ -109,23 +110,25 @@ def test_statistic_names_come_from_meta_and_default_to_the_first_fitted_artifact
 @pytest.mark.slow
 def test_fit_score_can_distil_the_head_from_its_view_average(trained: Path, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """The head is trained twice, the second time with the first, averaged over 3 views, as teacher."""
+    """Two heads (seeds 0 and 1) are trained, then a third with their logits, each averaged over 3 views,
+    averaged again as teacher."""
     out = tmp_path / "distilled.pt"
     train_head, teachers = anomaly.train_head, []
 
     def recording(*args: Any, **kwargs: Any) -> anomaly.DigitHead:
         teacher = kwargs.get("teacher")
-        teachers.append(None if teacher is None else teacher(torch.zeros(2, 1, 28, 28)).shape)
+        teachers.append((args[3], None if teacher is None else teacher(torch.zeros(2, 1, 28, 28)).shape))
         return train_head(*args, **kwargs)
 
     monkeypatch.setattr(anomaly, "train_head", recording)
     assert fit_score.main([str(trained / "deep-tiny.pt"), "--data-dir", str(DATA_DIR), "--epochs", "1",
                            "--train-limit", "1200", "--k", "8", "--out", str(out), "--no-progress",
-                           "--distil-views", "3"]) == 0
+                           "--distil-views", "3", "--distil-teachers", "2"]) == 0
     module, meta = fit_score.export.load(out)
     assert meta["anomaly_scores"]["methods"]["fisher"]["fitted_on"] == {
-        "head_images": 1000, "head_epochs": 1, "reference_images": 200, "seed": 0, "distilled_from_views": 3}
-    assert teachers == [None, (2, 11)]
+        "head_images": 1000, "head_epochs": 1, "reference_images": 200, "seed": 0, "device": "cpu",
+        "torch": torch.__version__, "distilled_from_views": 3, "distilled_from_heads": 2}
+    assert teachers == [(0, None), (1, None), (0, (2, 11))]
     x = torch.rand(3, 1, 28, 28)
     assert module.anomaly_scores_with_noise(x, torch.randn(8, 3, 8)).isfinite().all()
 
@@ -144,7 +147,8 @@ def test_fit_score_adds_the_score_to_an_old_artifact(trained: Path, tmp_path: Pa
     module, meta = fit_score.export.load(out)
     assert meta["anomaly_scores"]["default"] == "fisher"
     assert meta["anomaly_scores"]["methods"]["fisher"]["fitted_on"] == {
-        "head_images": 1000, "head_epochs": 1, "reference_images": 200, "seed": 0}
+        "head_images": 1000, "head_epochs": 1, "reference_images": 200, "seed": 0, "device": "cpu",
+        "torch": torch.__version__}
     x = torch.rand(3, 1, 28, 28)
     eps = torch.randn(8, 3, 8)
     scores = module.anomaly_scores_with_noise(x, eps)
@@ -154,3 +158,22 @@ def test_fit_score_adds_the_score_to_an_old_artifact(trained: Path, tmp_path: Pa
         models = client.get("/models").json()["models"]
     assert body["method"] == "fisher" and body["k"] == 8 and body["calibration_k"] == 8
     assert models[0]["anomaly_score"]["default"] == "fisher"
+
+
+def test_artifacts_are_labelled_by_file_so_a_refit_does_not_overwrite_its_original() -> None:
+    assert evaluate.labels([Path("models/vae.pt"), Path("/tmp/vae-refit.pt")]) == ["vae", "vae-refit"]
+    assert evaluate.labels([Path("models/vae.pt"), Path("/tmp/new/vae.pt")]) == ["models-vae", "new-vae"]
+    assert evaluate.labels([Path("a/vae.pt"), Path("b/a/vae.pt")]) == ["a-vae-1", "a-vae-2"]
+
+
+def test_an_ensemble_teacher_is_the_mean_of_its_teachers_logits() -> None:
+    x = torch.arange(6.0).reshape(2, 3)
+    teacher = anomaly.ensemble([lambda t: t, lambda t: 3 * t, lambda t: -t])
+    assert torch.equal(teacher(x), x)  # (1 + 3 - 1) / 3
+
+
+@pytest.mark.parametrize("option", [["--distil-views", "-1"], ["--distil-teachers", "0"]])
+def test_fit_score_refuses_a_count_below_its_least(option: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        fit_score.main(["model.pt", *option])
+    assert e.value.code == 2 and option[0] in capsys.readouterr().err

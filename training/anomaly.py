@@ -140,6 +140,14 @@ def view_average(f: Callable[[Tensor], Tensor], maps: Tensor) -> Callable[[Tenso
     return averaged
 
 
+def ensemble(fs: list[Callable[[Tensor], Tensor]]) -> Callable[[Tensor], Tensor]:
+    """The mean of several teachers' logits: heads that differ only in seed disagree most on the glyphs
+    that look like a digit from one side, and their mean is steadier than any one of them."""
+    def mean(x: Tensor) -> Tensor:
+        return torch.stack([f(x) for f in fs]).mean(0)
+    return mean
+
+
 SYMMETRIC_UNDER_MIRROR = (0, 1, 8)
 
 
@@ -324,7 +332,7 @@ def with_shared_noise(method: Any, x: Tensor, noise: Tensor, batch_size: int = 5
 
 
 def fit(vae: VAEBase, train_x: Tensor, train_y: Tensor, calib_x: Tensor, k: int, epochs: int, seed: int = 0,
-        reference_share: float = 1 / 6, progress: bool = True, distil_views: int = 0,
+        reference_share: float = 1 / 6, progress: bool = True, distil_views: int = 0, distil_teachers: int = 1,
         device: str | torch.device = "cpu") -> tuple[ScoredVAE, dict[str, Any]]:
     """Train the head on most training digits; take the tail references from the rest (held out from
     the head, which would otherwise find them too familiar); calibrate both scores on `calib_x`.
@@ -337,7 +345,10 @@ def fit(vae: VAEBase, train_x: Tensor, train_y: Tensor, calib_x: Tensor, k: int,
     ref_idx, head_idx = reference_split(train_x.shape[0], seed, reference_share)
     head = train_head(train_x[head_idx], train_y[head_idx], epochs, seed, progress=progress, device=device)
     if distil_views:
-        teacher = view_average(head.to(device), views(distil_views - 1, seed))
+        maps = views(distil_views - 1, seed)
+        heads = [head] + [train_head(train_x[head_idx], train_y[head_idx], epochs, seed + i, progress=progress,
+                                     device=device) for i in range(1, distil_teachers)]
+        teacher = ensemble([view_average(h.to(device), maps) for h in heads])
         head = train_head(train_x[head_idx], train_y[head_idx], epochs, seed, progress=progress, teacher=teacher,
                           device=device)
     with torch.no_grad():
@@ -355,7 +366,9 @@ def fit(vae: VAEBase, train_x: Tensor, train_y: Tensor, calib_x: Tensor, k: int,
         METHOD: {"column": 1, "about": ABOUT[METHOD], "calibration": cal[1], "statistics": list(STATISTICS),
                  "fitted_on": {"head_images": int(head_idx.numel()), "head_epochs": epochs,
                                "reference_images": int(ref_idx.numel()), "seed": seed,
-                               **({"distilled_from_views": distil_views} if distil_views else {})}},
+                               "device": torch.device(device).type, "torch": torch.__version__,
+                               **({"distilled_from_views": distil_views, "distilled_from_heads": distil_teachers}
+                                  if distil_views else {})}},
     }}
     return model, block
 
@@ -374,12 +387,12 @@ def calibration_split(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
 
 
 def attach(vae: VAEBase, meta: dict[str, Any], train_x: Tensor, train_y: Tensor, test_x: Tensor, k: int,
-           epochs: int, seed: int = 0, progress: bool = True, distil_views: int = 0,
+           epochs: int, seed: int = 0, progress: bool = True, distil_views: int = 0, distil_teachers: int = 1,
            device: str | torch.device = "cpu") -> tuple[ScoredVAE, dict[str, Any]]:
     """The VAE with its fitted score, and its meta.json with `anomaly_scores` and the bound's calibration
     taken from the same held-out half of the test set."""
     calib, _ = calibration_split(test_x.shape[0], seed)
     model, block = fit(vae, train_x.cpu(), train_y.cpu(), test_x.cpu()[calib], k, epochs, seed, progress=progress,
-                       distil_views=distil_views, device=device)
+                       distil_views=distil_views, distil_teachers=distil_teachers, device=device)
     block["calibration_split"] = f"test images torch.randperm(N, seed={seed})[:N // 2], N={test_x.shape[0]}"
     return model, {**meta, "anomaly_calibration": block["methods"]["bound"]["calibration"], "anomaly_scores": block}

@@ -77,6 +77,16 @@ def evaluate(model: Any, test_x: Tensor, device: torch.device, nll_k: int, binar
     }
 
 
+def labels(paths: list[Path]) -> list[str]:
+    """What each artifact is called in the results and picture names: its file name, with its folder's
+    where two share one. Not meta.json's `name`: a refit (vae-fit-score --out) keeps it, and compared beside the
+    original it would overwrite the original's rows."""
+    stems = [p.stem for p in paths]
+    named = [stem if stems.count(stem) == 1 else f"{p.resolve().parent.name}-{stem}" for p, stem in zip(paths, stems,
+                                                                                                        strict=True)]
+    return [name if named.count(name) == 1 else f"{name}-{i + 1}" for i, name in enumerate(named)]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="vae-eval", description="Evaluate TorchScript VAE artifacts on MNIST test.")
     p.add_argument("model", type=Path, nargs="+")
@@ -95,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the built sets are cached here (rebuilt when the set definitions change)")
     p.add_argument("--pictures", type=Path, default=None, help="write failure-case pictures here (--ood)")
     p.add_argument("--markdown", action="store_true", help="print Markdown tables instead of JSON (--ood)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     p.add_argument("--fashion-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
     args = p.parse_args(argv)
 
@@ -109,11 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     results: list[dict[str, Any]] = []
-    for path in args.model:
+    for path, label in zip(args.model, labels(args.model), strict=True):
         extra = {META_FILE: ""}
         model = torch.jit.load(str(path), map_location=device, _extra_files=extra).eval()
-        meta = json.loads(extra[META_FILE] or "{}")
-        meta.setdefault("name", path.stem)
+        meta = {**json.loads(extra[META_FILE] or "{}"), "name": label}
         if args.ood:
             from training.ood import evaluate_suite, suite
 
@@ -125,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         binarized = trained_binarized if args.binarize == "auto" else args.binarize == "dynamic"
         result = evaluate(model, to_float(data.test_images), device, args.k, binarized, args.limit, seed=args.seed)
         results.append({"model": meta["name"], **result})
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
     if args.ood and args.markdown:
         from training.ood import flagged_table, markdown
 

@@ -43,12 +43,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="train the head twice, the second time taught by the first averaged over N views of "
                         "each image (17 measured: steadier, better on letters, N passes per training image; "
                         "docs/benchmarks.md)")
+    p.add_argument("--distil-teachers", type=int, default=1, metavar="N",
+                   help="with --distil-views: the teacher is N heads (seeds SEED..SEED+N-1), their view averages "
+                        "averaged")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
                    help="where the head trains (cuda for --distil-views; the rest of the fit runs on the CPU)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.distil_views < 0:
         p.error("--distil-views must be 0 (off) or more")
+    if args.distil_teachers < 1:
+        p.error("--distil-teachers must be 1 or more")
     try:
         device = resolve_device(args.device, fall_back=False)
     except NoGpu as e:
@@ -65,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     n = args.train_limit
     model, meta = attach(vae, meta, to_float(data.train_images[:n]), data.train_labels[:n], to_float(data.test_images),
                          args.k, args.epochs, args.seed, progress=not args.no_progress,
-                         distil_views=args.distil_views, device=device)
+                         distil_views=args.distil_views, distil_teachers=args.distil_teachers,
+                         device=device)
     out = args.out or args.model
     lmap = latent_map.build(vae.encode, to_float(data.test_images), data.test_labels) if vae.latent_dim == 2 else None
     export.save(export.script(model), out, meta, lmap)
