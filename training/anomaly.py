@@ -339,8 +339,9 @@ def fit(vae: VAEBase, train_x: Tensor, train_y: Tensor, calib_x: Tensor, k: int,
 
     With `distil_views` (17 measured: the image and 16 fixed turns, zooms and shifts), that head
     then teaches a second one with its logits averaged over those views (`view_average`); the
-    second is kept. Each training image then costs that many teacher passes, so it is meant for a
-    GPU (`device`)."""
+    second is kept. With `distil_teachers` N, heads of seeds seed+1 ... seed+N-1 are trained too and
+    the teacher is the mean of the N view averages (the shipped `vae`: 3). Each training image then
+    costs views x teachers teacher passes, so it is meant for a GPU (`device`)."""
     vae = vae.cpu().eval()
     ref_idx, head_idx = reference_split(train_x.shape[0], seed, reference_share)
     head = train_head(train_x[head_idx], train_y[head_idx], epochs, seed, progress=progress, device=device)

@@ -79,11 +79,10 @@ def evaluate(model: Any, test_x: Tensor, device: torch.device, nll_k: int, binar
 
 def labels(paths: list[Path]) -> list[str]:
     """What each artifact is called in the results and picture names: its file name, with its folder's
-    where two share one. Not meta.json's `name`: a refit (vae-fit-score --out) keeps it, and compared beside the
-    original it would overwrite the original's rows."""
+    where two share one. Not meta.json's `name`: a refit (vae-fit-score --out) keeps it, and compared
+    beside the original it would overwrite the original's rows."""
     stems = [p.stem for p in paths]
-    named = [stem if stems.count(stem) == 1 else f"{p.resolve().parent.name}-{stem}" for p, stem in zip(paths, stems,
-                                                                                                        strict=True)]
+    named = [p.stem if stems.count(p.stem) == 1 else f"{p.resolve().parent.name}-{p.stem}" for p in paths]
     return [name if named.count(name) == 1 else f"{name}-{i + 1}" for i, name in enumerate(named)]
 
 
