@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageDraw
 from sklearn.metrics import roc_auc_score, roc_curve
 from torch import Tensor
+from tqdm import tqdm
 
 from app.contract import BOUND, score_methods
 from training.anomaly import calibration_split
@@ -114,7 +115,9 @@ def evaluate_suite(model: Any, meta: dict[str, Any], mnist_test: Tensor, sets: d
     s_in = all_scores(model, meta, x_in, k, seed)
     thr = thresholds(meta)
     rows = []
-    s_sets = {name: all_scores(model, meta, to_float(torch.from_numpy(s.images)), k, seed) for name, s in sets.items()}
+    # torch.tensor copies: the cached sets are read-only arrays, which torch.from_numpy warns about
+    s_sets = {name: all_scores(model, meta, to_float(torch.tensor(s.images)), k, seed)
+              for name, s in tqdm(sets.items(), desc=f"{meta['name']}: scoring the sets", unit="set", disable=None)}
     for method, inlier in s_in.items():
         t = thr.get(method)
         rows.append({"model": meta["name"], "method": method, "set": "MNIST held-out", "kind": "in",
