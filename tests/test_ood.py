@@ -177,3 +177,35 @@ def test_fit_score_refuses_a_count_below_its_least(option: list[str], capsys: py
     with pytest.raises(SystemExit) as e:
         fit_score.main(["model.pt", *option])
     assert e.value.code == 2 and option[0] in capsys.readouterr().err
+
+
+class Counting:
+    """An artifact whose `anomaly_scores_with_noise` calls are counted; everything else passes through."""
+
+    def __init__(self, module: Any) -> None:
+        self.module, self.full_passes = module, 0
+
+    def anomaly_scores_with_noise(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        self.full_passes += 1
+        return self.module.anomaly_scores_with_noise(x, eps)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.module, name)
+
+
+@pytest.mark.parametrize("tails_agree", [True, False])
+def test_suite_scores_are_the_artifacts_own_from_one_pass_once_checked(trained: Path, mnist,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       tails_agree: bool) -> None:
+    """The suite scores each batch from the statistics' pass alone once the first batch showed that this
+    gives the artifact's own answer; where it does not, every batch takes the artifact's own method."""
+    module, meta = fit_score.export.load(trained / "vae.pt")
+    if not tails_agree:
+        monkeypatch.setattr(ood, "fisher_table", lambda model, stats: torch.zeros(stats.shape[0], 2))
+    x = mnist.test_images[:600].float().div(255).unsqueeze(1)  # three batches of 250
+    counted = Counting(module)
+    scores = ood.all_scores(counted, meta, x, k=4)
+    noise = torch.randn(4, 1, module.latent_dim, generator=torch.Generator().manual_seed(0))
+    table = anomaly.with_shared_noise(module.anomaly_scores_with_noise, x, noise, batch_size=250).double()
+    assert torch.equal(scores["bound"], table[:, 0]) and torch.equal(scores["fisher"], table[:, 1])
+    assert counted.full_passes == (1 if tails_agree else 3)
