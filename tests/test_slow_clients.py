@@ -47,6 +47,17 @@ def answer(s: socket.socket, within: float) -> tuple[bytes, float]:
     return data, time.monotonic() - start
 
 
+def answered(s: socket.socket) -> bool:
+    """Whether the server has sent anything on this connection yet (without waiting for it)."""
+    s.setblocking(False)
+    try:
+        return bool(s.recv(1, socket.MSG_PEEK))
+    except BlockingIOError:
+        return False
+    finally:
+        s.setblocking(True)
+
+
 def encode(base: str) -> int:
     return httpx.post(f"{base}/encode", content=DIGIT, headers={"content-type": "image/png"}, timeout=10).status_code
 
@@ -58,11 +69,10 @@ def test_slow_uploads_beyond_the_in_flight_limit_do_not_stop_fast_requests(serve
         s.sendall(b"POST /encode HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\nx")
         slow.append(s)
     time.sleep(0.3)
-    start = time.monotonic()
     with ThreadPoolExecutor(3) as pool:  # fewer than VAE_MAX_IN_FLIGHT: none is refused for load
-        statuses = list(pool.map(lambda _: encode(server), range(40)))
-    assert statuses == [200] * 40  # every one served while the uploads trickle
-    assert time.monotonic() - start < 1.5  # and not by waiting for the uploads to give up
+        statuses = list(pool.map(lambda _: encode(server), range(12)))
+    assert statuses == [200] * 12  # every one served while the uploads trickle,
+    assert not any(answered(s) for s in slow)  # not by waiting for the uploads to be cut off
     for s in slow:  # each upload is cut off by VAE_BODY_TIMEOUT_S (2 s) with a 408
         data, _ = answer(s, within=5)
         assert data.startswith(b"HTTP/1.1 408 ") and b'"error":"request timeout"' in data
