@@ -29,8 +29,7 @@ FONTS = [Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),
 def printed(char: str, font: Path, size: int) -> bytes:
     """The character `size` px tall (its ink), centred on a white page, as a PNG."""
     side = size * 3 // 2
-    face = ImageFont.truetype(str(font), size)
-    left, top, right, bottom = face.getbbox(char)
+    _, top, _, bottom = ImageFont.truetype(str(font), size).getbbox(char)
     scale = size / max(bottom - top, 1)  # glyphs of different heights all print `size` px of ink
     face = ImageFont.truetype(str(font), max(1, round(size * scale)))
     left, top, right, bottom = face.getbbox(char)
@@ -59,9 +58,10 @@ def main(argv: list[str] | None = None) -> None:
         for char in args.chars:
             cells = []
             for font in fonts:
+                page = printed(char, font, args.size)
                 for method in ("", "&method=bound"):
-                    r = client.post(f"/anomaly-score?model={args.model}{method}",
-                                    content=printed(char, font, args.size), headers={"content-type": "image/png"})
+                    r = client.post(f"/anomaly-score?model={args.model}{method}", content=page,
+                                    headers={"content-type": "image/png"})
                     r.raise_for_status()
                     body = r.json()
                     cells.append(f"{body['percentile']:.1f}{' flagged' if body['is_anomaly'] else ''}")
