@@ -18,7 +18,7 @@ from app import explain
 from app.imaging import Preprocess, file_to_tensor
 from app.main import create_app
 from app.settings import Settings
-from tests.conftest import TEST_DATA
+from tests.conftest import REPO, TEST_DATA
 from training import export
 from training.anomaly import (
     STATISTICS,
@@ -27,7 +27,9 @@ from training.anomaly import (
     Tails,
     broken_digits,
     jitter,
+    mixed,
     random_affines,
+    recipe,
     reference_split,
     train_head,
     under_views,
@@ -182,6 +184,53 @@ def test_a_teacher_pulls_the_heads_logits_towards_its_own() -> None:
     pairs = zip(taught.state_dict().values(), again.state_dict().values(), strict=True)
     assert all(torch.equal(p, q) for p, q in pairs)
 
+
+
+def test_mixed_blends_each_image_with_another_of_the_batch() -> None:
+    """Image i is filled with the value i: a blend of two of them is constant, between its two sources,
+    and every image is a source once (a permutation)."""
+    x = torch.arange(6.0).reshape(6, 1, 1, 1).expand(6, 1, 28, 28)
+    out = mixed(x, torch.Generator().manual_seed(0))
+    assert torch.equal(out, mixed(x, torch.Generator().manual_seed(0)))
+    assert (out == out[:, :, :1, :1]).all()  # one share per image, not per pixel
+    g = torch.Generator().manual_seed(0)
+    share, partner = torch.rand(6, 1, 1, 1, generator=g), torch.randperm(6, generator=g)
+    assert torch.allclose(out, share * x + (1 - share) * x[partner])
+    assert sorted(partner.tolist()) == list(range(6)) and not torch.equal(out, x)
+
+
+def test_with_mixup_the_student_matches_the_teacher_on_a_blended_copy_too() -> None:
+    """The teacher sees the digits, their broken copies and as many blends; without mixup, only the first two."""
+    x, y = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 10
+    seen: list[int] = []
+
+    def zeros(inputs: torch.Tensor) -> torch.Tensor:
+        seen.append(inputs.shape[0])
+        return torch.zeros(inputs.shape[0], 11)
+
+    train_head(x, y, 1, seed=0, batch_size=4, progress=False, teacher=zeros, mixup=True)
+    assert seen == [16, 16]
+    seen.clear()
+    train_head(x, y, 1, seed=0, batch_size=4, progress=False, teacher=zeros)
+    assert seen == [8, 8]
+
+
+def test_the_heads_width_is_a_setting_and_the_default_is_the_shipped_one() -> None:
+    module, _ = export.load(REPO / "models" / "vae.pt")
+    shipped = {k[5:]: v.shape for k, v in module.state_dict().items() if k.startswith("head.")}
+    assert {k: v.shape for k, v in DigitHead().state_dict().items()} == shipped
+    wide = DigitHead(channels=64)
+    assert [m.out_channels for m in wide.features if isinstance(m, torch.nn.Conv2d)] == [64, 128]
+    assert wide(torch.zeros(2, 784)).shape == (2, 11)
+
+
+def test_the_fitted_on_record_leaves_the_student_options_out_at_their_defaults() -> None:
+    base = {"head_images": 10, "head_epochs": 2, "device": "cpu", "torch": torch.__version__}
+    assert recipe(10, 2, "cpu") == base
+    assert recipe(10, 2, "cpu", 17, 3) == {**base, "distilled_from_views": 17, "distilled_from_heads": 3}
+    assert recipe(10, 2, "cpu", 17, 3, 12, True, 64) == {
+        **base, "distilled_from_views": 17, "distilled_from_heads": 3, "student_epochs": 12, "student_mixup": True,
+        "head_channels": 64}
 
 
 def test_view_average_is_the_mean_of_the_heads_logits_over_the_views() -> None:

@@ -59,13 +59,13 @@ class DigitHead(nn.Module):
 
     broken: torch.jit.Final[int]
 
-    def __init__(self, features: int = 128) -> None:
+    def __init__(self, features: int = 128, channels: int = 32) -> None:
         super().__init__()
         self.broken = BROKEN
         self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 7 * 7, features), nn.ReLU(),
+            nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(channels, 2 * channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(2 * channels * 7 * 7, features), nn.ReLU(),
         )
         self.classes = nn.Linear(features, BROKEN + 1)
         self.register_buffer("means", torch.zeros(BROKEN, features))
@@ -185,18 +185,27 @@ def broken_digits(x: Tensor, y: Tensor, g: torch.Generator) -> Tensor:
     return out
 
 
+def mixed(x: Tensor, g: torch.Generator) -> Tensor:
+    """Each image blended with another of the batch, a share drawn uniformly per image (mixup): inputs
+    between the digits and the broken copies, where a student learns the teacher's function rather than
+    only its answers on the training images ("function matching", Beyer et al. 2022)."""
+    share = torch.rand(x.shape[0], 1, 1, 1, generator=g)
+    return share * x + (1 - share) * x[torch.randperm(x.shape[0], generator=g)]
+
+
 def train_head(x: Tensor, y: Tensor, epochs: int, seed: int = 0, batch_size: int = 128,
                progress: bool = True, teacher: Callable[[Tensor], Tensor] | None = None,
-               device: str | torch.device = "cpu") -> DigitHead:
+               device: str | torch.device = "cpu", channels: int = 32, mixup: bool = False) -> DigitHead:
     """Each batch: the digits (jittered) with their labels, and one broken copy of each labelled BROKEN;
     then the feature statistics of the un-jittered digits.
 
     With a `teacher`, the squared error between the head's logits and the teacher's on the same batch
     is added: distillation, measured with a teacher that averages a head over 17 views of each image
-    (`bench/ood_views.py`). The batches are drawn on the CPU, so a seed gives the same batches on any
-    `device`; the head comes back on the CPU."""
+    (`bench/ood_views.py`). With `mixup` too, the student also matches the teacher (and only the
+    teacher) on a blended copy of the batch (`mixed`). The batches are drawn on the CPU, so a seed
+    gives the same batches on any `device`; the head comes back on the CPU."""
     torch.manual_seed(seed)
-    head, g = DigitHead().to(device), torch.Generator().manual_seed(seed)
+    head, g = DigitHead(channels=channels).to(device), torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(head.parameters(), lr=1e-3)
     for epoch in range(1, epochs + 1):
         perm, total, t0 = torch.randperm(x.shape[0], generator=g), 0.0, time.perf_counter()
@@ -209,6 +218,9 @@ def train_head(x: Tensor, y: Tensor, epochs: int, seed: int = 0, batch_size: int
             logits = head(inputs)
             loss = F.cross_entropy(logits, labels)
             if teacher is not None:
+                if mixup:
+                    blend = mixed(inputs.cpu(), g).to(device)
+                    inputs, logits = torch.cat([inputs, blend]), torch.cat([logits, head(blend)])
                 with torch.no_grad():
                     target = teacher(inputs)
                 loss = loss + F.mse_loss(logits, target)
@@ -342,16 +354,39 @@ def fit(vae: VAEBase, train_x: Tensor, train_y: Tensor, calib_x: Tensor, k: int,
     second is kept. With `distil_teachers` N, heads of seeds seed+1 ... seed+N-1 are trained too and
     the teacher is the mean of the N view averages (the shipped `vae`: 3). Each training image then
     costs views x teachers teacher passes, so it is meant for a GPU (`device`)."""
-    vae = vae.cpu().eval()
     ref_idx, head_idx = reference_split(train_x.shape[0], seed, reference_share)
-    head = train_head(train_x[head_idx], train_y[head_idx], epochs, seed, progress=progress, device=device)
+    hx, hy = train_x[head_idx], train_y[head_idx]
+    head = train_head(hx, hy, epochs, seed, progress=progress, device=device)
     if distil_views:
         maps = views(distil_views - 1, seed)
-        heads = [head] + [train_head(train_x[head_idx], train_y[head_idx], epochs, seed + i, progress=progress,
-                                     device=device) for i in range(1, distil_teachers)]
+        heads = [head] + [train_head(hx, hy, epochs, seed + i, progress=progress, device=device)
+                          for i in range(1, distil_teachers)]
         teacher = ensemble([view_average(h.to(device), maps) for h in heads])
-        head = train_head(train_x[head_idx], train_y[head_idx], epochs, seed, progress=progress, teacher=teacher,
-                          device=device)
+        head = train_head(hx, hy, epochs, seed, progress=progress, teacher=teacher, device=device)
+    fitted_on = recipe(int(head_idx.numel()), epochs, device, distil_views, distil_teachers)
+    return assemble(vae, head, train_x, train_y, ref_idx, calib_x, k, seed, fitted_on)
+
+
+def recipe(head_images: int, epochs: int, device: str | torch.device, distil_views: int = 0, distil_teachers: int = 1,
+           distil_epochs: int | None = None, distil_mixup: bool = False, head_channels: int = 32) -> dict[str, Any]:
+    """meta.json's `fitted_on`: how the head was trained. The student options (`bench/ood_students.py`'s
+    recipes) are left out at their defaults, so `fit`'s artifacts read as they did before those existed."""
+    out: dict[str, Any] = {"head_images": head_images, "head_epochs": epochs}
+    if distil_views:
+        out |= {"distilled_from_views": distil_views, "distilled_from_heads": distil_teachers}
+        out |= {"student_epochs": distil_epochs} if distil_epochs else {}
+        out |= {"student_mixup": True} if distil_mixup else {}
+    out |= {"head_channels": head_channels} if head_channels != 32 else {}
+    return out | {"device": torch.device(device).type, "torch": torch.__version__}
+
+
+def assemble(vae: VAEBase, head: DigitHead, train_x: Tensor, train_y: Tensor, ref_idx: Tensor, calib_x: Tensor,
+             k: int, seed: int, fitted_on: dict[str, Any]) -> tuple[ScoredVAE, dict[str, Any]]:
+    """The VAE, a trained head and the latent mixture made one scored module: tails from the reference
+    images `ref_idx` (which the head must not have trained on), both scores calibrated on `calib_x`.
+    Apart from `fit`, for benches that train heads their own way and want the artifact the service
+    would load."""
+    vae, head = vae.cpu().eval(), head.cpu().eval()
     with torch.no_grad():
         mu = torch.cat([vae.encode(xb)[0] for xb in train_x.split(1000)])
     model = ScoredVAE(vae, head, LatentMixture(mu, train_y)).eval()
@@ -365,11 +400,7 @@ def fit(vae: VAEBase, train_x: Tensor, train_y: Tensor, calib_x: Tensor, k: int,
     block = {"default": METHOD, "methods": {
         "bound": {"column": 0, "about": ABOUT["bound"], "calibration": cal[0]},
         METHOD: {"column": 1, "about": ABOUT[METHOD], "calibration": cal[1], "statistics": list(STATISTICS),
-                 "fitted_on": {"head_images": int(head_idx.numel()), "head_epochs": epochs,
-                               "reference_images": int(ref_idx.numel()), "seed": seed,
-                               "device": torch.device(device).type, "torch": torch.__version__,
-                               **({"distilled_from_views": distil_views, "distilled_from_heads": distil_teachers}
-                                  if distil_views else {})}},
+                 "fitted_on": {**fitted_on, "reference_images": int(ref_idx.numel()), "seed": seed}},
     }}
     return model, block
 
@@ -395,5 +426,10 @@ def attach(vae: VAEBase, meta: dict[str, Any], train_x: Tensor, train_y: Tensor,
     calib, _ = calibration_split(test_x.shape[0], seed)
     model, block = fit(vae, train_x.cpu(), train_y.cpu(), test_x.cpu()[calib], k, epochs, seed, progress=progress,
                        distil_views=distil_views, distil_teachers=distil_teachers, device=device)
-    block["calibration_split"] = f"test images torch.randperm(N, seed={seed})[:N // 2], N={test_x.shape[0]}"
-    return model, {**meta, "anomaly_calibration": block["methods"]["bound"]["calibration"], "anomaly_scores": block}
+    return model, with_score(meta, block, test_x.shape[0], seed)
+
+
+def with_score(meta: dict[str, Any], block: dict[str, Any], n_test: int, seed: int) -> dict[str, Any]:
+    """meta.json with a fitted score's block (`fit`, `assemble`), calibrated on `calibration_split(n_test, seed)`."""
+    block = {**block, "calibration_split": f"test images torch.randperm(N, seed={seed})[:N // 2], N={n_test}"}
+    return {**meta, "anomaly_calibration": block["methods"]["bound"]["calibration"], "anomaly_scores": block}

@@ -1,0 +1,140 @@
+"""The seventh round of docs/benchmarks.md#anomaly-detection, to rerun: distilled digit heads ("students")
+taught in other ways than the shipped one, each swapped into an artifact's `fisher` score.
+
+    python bench/ood_students.py models/vae.pt --data-dir ../shared/data/mnist --device cuda \\
+        --recipes t3 t3+mix t3+e12 t3+mix+e12 t5+mix+e12 t3+mix+c64 --out /tmp/students
+
+A recipe is `+`-joined parts: `tN` the teacher is N heads (seeds S..S+N-1, S the artifact's seed)
+each averaged over the 17 views, as `vae-fit-score --distil-views 17 --distil-teachers N`;
+`eN` the student trains N epochs (`--student-epochs`); `mix` it also matches the teacher on blends
+of two images (`--student-mixup`, function matching, Beyer et al. 2022); `cN` it has N channels
+(`--head-channels`). Teachers are trained once and shared between recipes, so a row differs from a
+`vae-fit-score` refit only by the GPU's run-to-run noise. Prints, per score, the AUROC range and
+FPR at 95% TPR on the pen-stroke sets, and the share of printed digits flagged at the p99 of the
+calibration half (`bench/ood_views.py`'s `report`). With `--out`, writes each student's artifact
+there, made by the same `assemble` as `vae-fit-score`, for `vae-eval --ood` and for shipping.
+Meant for a GPU: each student epoch costs 17 x N teacher passes per training image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from app.contract import DEFAULT_ANOMALY_K
+from bench.ood_views import HEAD_COLUMNS, ROOT, head_statistics, report
+from training import export, latent_map
+from training.anomaly import (
+    METHOD,
+    DigitHead,
+    assemble,
+    calibration_split,
+    ensemble,
+    recipe,
+    reference_split,
+    train_head,
+    view_average,
+    views,
+    with_score,
+    with_shared_noise,
+)
+from training.data import load_mnist, to_float
+from training.fit_score import eager_vae
+from training.ood import FASHION_DIR, suite
+from training.ood_sets import PEN_STROKES
+
+RECIPE = re.compile(r"^t(\d+)((?:\+(?:mix|e\d+|c\d+))*)$")
+
+
+def parse(recipe: str) -> dict[str, int | bool]:
+    """'t3+mix+e12' -> {'teachers': 3, 'mixup': True, 'epochs': 0 (the default), 'channels': 32}."""
+    m = RECIPE.match(recipe)
+    if m is None or int(m.group(1)) < 1:
+        raise argparse.ArgumentTypeError(f"{recipe!r}: expected tN[+mix][+eN][+cN], e.g. t3+mix+e12")
+    parts = m.group(2).split("+")[1:]
+    out: dict[str, int | bool] = {"teachers": int(m.group(1)), "mixup": "mix" in parts, "epochs": 0, "channels": 32}
+    for part in parts:
+        if part[0] in "ec":
+            out["epochs" if part[0] == "e" else "channels"] = int(part[1:])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data" / "mnist")
+    p.add_argument("--cache", type=Path, default=ROOT / "data" / "ood-sets.npz", help="the OOD suite's cache")
+    p.add_argument("--recipes", nargs="+", default=["t3", "t3+mix+e12"])
+    p.add_argument("--epochs", type=int, default=4, help="the teachers' epochs, and the students' unless eN")
+    p.add_argument("--device", default="cpu", help="where the heads train and run (cpu, cuda)")
+    p.add_argument("--out", type=Path, default=None, help="write each student's artifact here")
+    p.add_argument("--train-limit", type=int, default=None, help="the first N training images only (smoke runs)")
+    args = p.parse_args(argv)
+    try:
+        recipes = {r: parse(r) for r in args.recipes}
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
+    device = torch.device(args.device)
+
+    module, meta = export.load(args.artifact)
+    fitted = meta.get("anomaly_scores", {}).get("methods", {}).get(METHOD, {}).get("fitted_on")
+    if fitted is None:
+        p.error(f"{args.artifact} has no fitted `{METHOD}` score")
+    seed = int(fitted["seed"])
+    mnist = load_mnist(args.data_dir, allow_download=False)
+    n = args.train_limit
+    train_x, train_y, test_x = to_float(mnist.train_images[:n]), mnist.train_labels[:n], to_float(mnist.test_images)
+    ref_idx, head_idx = reference_split(train_x.shape[0], seed)
+    hx, hy = train_x[head_idx], train_y[head_idx]
+    calib, held = calibration_split(test_x.shape[0], seed)
+    groups = {"reference": train_x[ref_idx], "calibration": test_x[calib], "held-out": test_x[held]}
+    groups |= {k: to_float(torch.from_numpy(s.images)) for k, s in
+               suite(mnist.test_images.numpy(), FASHION_DIR, args.cache).items() if k in [*PEN_STROKES, "font-digits"]}
+
+    noise = torch.randn(DEFAULT_ANOMALY_K, 1, module.latent_dim, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        served = {g: with_shared_noise(module.anomaly_statistics, x, noise).cpu() for g, x in groups.items()}
+    print("| score | AUROC | " + " | ".join(PEN_STROKES) + " | mean FPR | font |")
+    print("| --- " * (len(PEN_STROKES) + 4) + "|")
+    report(f"the artifact's `{METHOD}`", served)
+
+    def swapped(head: DigitHead) -> dict[str, Tensor]:
+        out = {}
+        for g, x in groups.items():
+            s = served[g].clone()
+            s[:, HEAD_COLUMNS] = head_statistics(head.to(device).eval(), x, None, device)
+            out[g] = s
+        return out
+
+    maps = views(16, seed)
+    teachers: list[DigitHead] = []
+    vae = eager_vae(module, meta)
+    lmap = (latent_map.build(vae.encode, test_x, mnist.test_labels) if vae.latent_dim == 2 else None)
+    for name, r in recipes.items():  # r: a parsed recipe
+        t0 = time.perf_counter()
+        while len(teachers) < int(r["teachers"]):
+            teachers.append(train_head(hx, hy, args.epochs, seed + len(teachers), progress=False, device=device))
+        teacher = ensemble([view_average(h.to(device).eval(), maps) for h in teachers[: int(r["teachers"])]])
+        student = train_head(hx, hy, int(r["epochs"]) or args.epochs, seed, progress=False, teacher=teacher,
+                             device=device, channels=int(r["channels"]), mixup=bool(r["mixup"]))
+        report(f"{name} ({time.perf_counter() - t0:.0f} s)", swapped(student))
+        if args.out is not None:
+            fitted_on = recipe(int(head_idx.numel()), args.epochs, device, len(maps), int(r["teachers"]),
+                               int(r["epochs"]) or None, bool(r["mixup"]), int(r["channels"]))
+            model, block = assemble(vae, student, train_x, train_y, ref_idx, test_x[calib], DEFAULT_ANOMALY_K, seed,
+                                    fitted_on)
+            args.out.mkdir(parents=True, exist_ok=True)
+            file = f"{args.artifact.stem}-{name.replace('+', '-')}.pt"  # '+' is an odd character to some copiers
+            export.save(export.script(model), args.out / file,
+                        with_score(meta, block, test_x.shape[0], seed), lmap)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
