@@ -64,6 +64,43 @@ def test_suite_sets_are_28x28_with_ink_and_deterministic(small_suite, mnist) -> 
     assert any(np.array_equal(mirrored[0], m[:, ::-1]) for m in mnist.test_images[:200].numpy())
 
 
+def test_the_drawn_sets_say_what_each_image_is(small_suite) -> None:
+    """Each glyph is one of its set's characters, each doodle the shape its index names; sets that are
+    not drawn from a list (noise, MNIST-derived, scribbles) have no labels."""
+    alphabets = {"letters-upper": ood_sets.UPPER, "letters-lower": ood_sets.LOWER,
+                 "greek-cyrillic": ood_sets.GREEK_CYRILLIC, "symbols": ood_sets.SYMBOLS,
+                 "other-scripts": "".join(ood_sets.SCRIPT_FONTS.values()), "font-digits": ood_sets.DIGITS}
+    for name, s in small_suite.items():
+        if name in alphabets:
+            assert s.labels is not None and s.labels.shape == (24,) and set(s.labels) <= set(alphabets[name]), name
+        elif name == "doodles":
+            assert s.labels.tolist() == [ood_sets.DOODLES[i % len(ood_sets.DOODLES)] for i in range(24)]
+        else:
+            assert s.labels is None, name
+    assert len(set(small_suite["letters-upper"].labels)) > 5  # drawn at random, not one letter
+
+
+def test_labels_stay_with_their_images_through_the_shuffle(mnist, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Glyphs drawn with their serial number in the first pixels: after build_sets shuffles the scripts
+    together, each image's number still names the character its label says."""
+    drawn: list[str] = []
+
+    def numbered(chars: str, fonts: list, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.array([chars[int(i)] for i in rng.integers(len(chars), size=n)])
+        images = np.zeros((n, 28, 28), np.uint8)
+        for i in range(n):
+            images[i, 0, :2] = divmod(len(drawn), 256)
+            drawn.append(str(labels[i]))
+        return images, labels
+
+    monkeypatch.setattr(ood_sets, "render_glyphs", numbered)
+    sets = build_sets(mnist.test_images[:200].numpy(), None, n=24, seed=3)
+    for name in ("letters-upper", "symbols", "other-scripts", "font-digits"):
+        if name in sets:
+            serial = sets[name].images[:, 0, 0].astype(int) * 256 + sets[name].images[:, 0, 1]
+            assert sets[name].labels.tolist() == [drawn[i] for i in serial], name
+
+
 def test_cache_round_trips_and_is_rebuilt_for_a_new_version(tmp_path: Path, small_suite,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     cache = tmp_path / "sets.npz"
@@ -71,6 +108,8 @@ def test_cache_round_trips_and_is_rebuilt_for_a_new_version(tmp_path: Path, smal
     loaded = cached_sets(cache, lambda: pytest.fail("rebuilt a current cache"))
     assert {k: (v.kind, v.about) for k, v in loaded.items()} == {k: (v.kind, v.about) for k, v in built.items()}
     assert all(np.array_equal(loaded[k].images, v.images) for k, v in built.items())
+    assert all(np.array_equal(loaded[k].labels, v.labels) if v.labels is not None else loaded[k].labels is None
+               for k, v in built.items())
     monkeypatch.setattr(ood_sets, "CACHE_VERSION", ood_sets.CACHE_VERSION + 1)
     assert cached_sets(cache, lambda: {"x": small_suite["noise"]}).keys() == {"x"}
 

@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from app.imaging import centred_by_mass
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4  # 4: the labels
 # the sets of non-digits drawn with a pen: the ones the issue's near-OOD targets are about
 PEN_STROKES = ("letters-upper", "letters-lower", "greek-cyrillic", "symbols", "other-scripts", "scribbles", "doodles")
 CANVAS = 160  # glyphs and doodles are drawn this large, then fitted like MNIST
@@ -65,6 +65,7 @@ class OodSet:
     images: np.ndarray  # uint8 [N, 28, 28], white ink on black
     about: str
     kind: str  # "far", "near", "transformed" (MNIST moved out of shape) or "digits" (in-distribution, unseen style)
+    labels: np.ndarray | None = None  # str [N]: what each image is where the set draws it (a character, a shape)
 
 
 # --- drawing like MNIST -----------------------------------------------------------------
@@ -112,21 +113,24 @@ def _has_glyph(font: ImageFont.FreeTypeFont, ch: str) -> bool:
     return not (mask.size == missing.size and bytes(mask) == bytes(missing))
 
 
-def render_glyphs(chars: str, fonts: list[Path | None], n: int, rng: np.random.Generator) -> np.ndarray:
-    """n images of characters drawn in the given fonts, each with a random weight, slant and rotation."""
+def render_glyphs(chars: str, fonts: list[Path | None], n: int,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """n images of characters drawn in the given fonts, each with a random weight, slant and rotation, and
+    which character each is: a set's misses are often a few characters drawn many times (bench/ood_tail.py)."""
     loaded = [_font(f, 96) for f in fonts]
     pairs = [(font, ch) for font in loaded for ch in chars if _has_glyph(font, ch)]
     if not pairs:
         raise ValueError(f"none of {chars[:10]!r}... can be drawn with the fonts found")
-    out = np.zeros((n, 28, 28), np.uint8)
+    out, labels = np.zeros((n, 28, 28), np.uint8), np.empty(n, dtype="<U1")
     for i in range(n):
         font, ch = pairs[int(rng.integers(len(pairs)))]
+        labels[i] = ch
         img = Image.new("L", (CANVAS, CANVAS))
         stroke = int(rng.integers(0, 4))  # a heavier pen
         ImageDraw.Draw(img).text((CANVAS / 2, CANVAS / 2), ch, fill=255, font=font, anchor="mm",
                                  stroke_width=stroke, stroke_fill=255)
         out[i] = mnist_style(np.asarray(_jitter(img, rng)))
-    return out
+    return out, labels
 
 
 # --- pen strokes and doodles ------------------------------------------------------------
@@ -225,7 +229,8 @@ DOODLES = ("triangle", "square", "pentagon", "star", "cross", "check", "arrow", 
 
 
 def doodles(n: int, rng: np.random.Generator) -> np.ndarray:
-    """Hand-drawn shapes: every vertex jittered, smooth strokes, a random pen and slant."""
+    """Hand-drawn shapes: every vertex jittered, smooth strokes, a random pen and slant; image i is a
+    DOODLES[i % len(DOODLES)] (`doodle_kinds`)."""
     out = np.zeros((n, 28, 28), np.uint8)
     for i in range(n):
         img = Image.new("L", (CANVAS, CANVAS))
@@ -236,6 +241,10 @@ def doodles(n: int, rng: np.random.Generator) -> np.ndarray:
             _stroke(draw, path, width)
         out[i] = mnist_style(np.asarray(_jitter(img, rng)))
     return out
+
+
+def doodle_kinds(n: int) -> np.ndarray:
+    return np.array([DOODLES[i % len(DOODLES)] for i in range(n)])
 
 
 def digit_pairs(mnist: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -270,20 +279,24 @@ def build_sets(mnist_test: np.ndarray, fashion_test: np.ndarray | None, n: int =
         ("symbols", SYMBOLS, "punctuation, maths and other signs (+ x = ? # % & @ ...)", fonts),
     ]
     for name, chars, about, fs in glyph_sets:
-        sets[name] = OodSet(render_glyphs(chars, fs, n, rng), about, "near")
+        images, labels = render_glyphs(chars, fs, n, rng)
+        sets[name] = OodSet(images, about, "near", labels)
     scripts: list[tuple[Path | None, str]] = [
         (d / f, chars) for f, chars in SCRIPT_FONTS.items() for d in FONT_DIRS if (d / f).is_file()]
     if scripts:
         per = -(-n // len(scripts))
-        imgs = np.concatenate([render_glyphs(chars, [path], per, rng) for path, chars in scripts])
-        imgs = imgs[rng.permutation(len(imgs))[:n]]
-        sets["other-scripts"] = OodSet(imgs, "Hebrew, Devanagari, Armenian, Thai and Georgian letters", "near")
+        drawn = [render_glyphs(chars, [path], per, rng) for path, chars in scripts]
+        order = rng.permutation(per * len(scripts))[:n]
+        sets["other-scripts"] = OodSet(np.concatenate([d[0] for d in drawn])[order],
+                                       "Hebrew, Devanagari, Armenian, Thai and Georgian letters", "near",
+                                       np.concatenate([d[1] for d in drawn])[order])
     sets["scribbles"] = OodSet(random_strokes(n, rng), "one to three random pen strokes", "near")
     sets["doodles"] = OodSet(doodles(n, rng), "hand-drawn shapes: triangles, stars, crosses, ticks, arrows, hearts, "
-                             "spirals, houses, waves, #", "near")
+                             "spirals, houses, waves, #", "near", doodle_kinds(n))
     sets["digit-pairs"] = OodSet(digit_pairs(mnist_test, n, rng), "two MNIST digits fitted into one box", "near")
-    sets["font-digits"] = OodSet(render_glyphs(DIGITS, fonts, n, rng), "digits 0-9 printed in 19 fonts: NOT "
-                                 "anomalies, the share flagged should stay low", "digits")
+    images, labels = render_glyphs(DIGITS, fonts, n, rng)
+    sets["font-digits"] = OodSet(images, "digits 0-9 printed in 19 fonts: NOT anomalies, the share flagged should "
+                                 "stay low", "digits", labels)
     return sets
 
 
@@ -293,12 +306,15 @@ def cached_sets(cache: Path, build: Callable[[], dict[str, OodSet]]) -> dict[str
         with np.load(cache, allow_pickle=False) as f:
             if int(f["__version__"]) == CACHE_VERSION:
                 names = [k for k in f.files if not k.startswith("__")]
-                return {k: OodSet(f[k], str(f[f"__about__{k}"]), str(f[f"__kind__{k}"])) for k in names}
+                return {k: OodSet(f[k], str(f[f"__about__{k}"]), str(f[f"__kind__{k}"]),
+                                  f[f"__labels__{k}"] if f"__labels__{k}" in f.files else None) for k in names}
     sets = build()
     cache.parent.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, np.ndarray] = {"__version__": np.array(CACHE_VERSION)}
     for k, s in sets.items():
         arrays[k], arrays[f"__about__{k}"], arrays[f"__kind__{k}"] = s.images, np.array(s.about), np.array(s.kind)
+        if s.labels is not None:
+            arrays[f"__labels__{k}"] = s.labels
     np.savez_compressed(cache, **arrays)
     return sets
 
