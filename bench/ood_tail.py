@@ -18,6 +18,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from app.contract import DEFAULT_ANOMALY_K
@@ -28,6 +29,14 @@ from training.ood import FASHION_DIR, detection_metrics, suite
 from training.ood_sets import PEN_STROKES, sheet
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def tail_counts(labels: np.ndarray, scores: torch.Tensor, share: float = 0.05) -> str:
+    """What the `share` of a set that scores lowest is made of: 'house 54 (154), ...', each with how many
+    of it the set has."""
+    tail = scores.argsort()[: round(share * len(scores))].numpy()
+    drawn = Counter(labels.tolist())
+    return ", ".join(f"{what} {k} ({drawn[what]})" for what, k in Counter(labels[tail].tolist()).most_common())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,11 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         sheet(images[tail.numpy()], cols=20).save(path)
         print(f"{name}: the {len(tail)} of {len(s)} images that score lowest -> {path}; FPR at 95% TPR {fpr:.3f}; "
               f"share of the set below the held-out digits' 95th percentile: {float((s < p95).double().mean()):.3f}")
-        labels = sets[name].labels
-        if labels is not None:
-            drawn = Counter(labels.tolist())
-            print("  in the tail (of all drawn): " + ", ".join(
-                f"{what} {k} ({drawn[what]})" for what, k in Counter(labels[tail.numpy()].tolist()).most_common()))
+        if sets[name].labels is not None:
+            print("  in the tail (of all drawn): " + tail_counts(sets[name].labels, s))
     return 0
 
 
