@@ -2,18 +2,20 @@
 taught in other ways than the shipped one, each swapped into an artifact's `fisher` score.
 
     python bench/ood_students.py models/vae.pt --data-dir ../shared/data/mnist --device cuda \\
-        --recipes t3 t3+mix t3+e12 t3+mix+e12 t5+mix+e12 t3+mix+c64 --out /tmp/students
+        --recipes t3+mix t3+mix+e12 t3 t3+mix+c64 t3+e12 --out /tmp/students
 
 A recipe is `+`-joined parts: `tN` the teacher is N heads (seeds S..S+N-1, S the artifact's seed)
 each averaged over the 17 views, as `vae-fit-score --distil-views 17 --distil-teachers N`;
-`eN` the student trains N epochs (`--student-epochs`); `mix` it also matches the teacher on blends
-of two images (`--student-mixup`, function matching, Beyer et al. 2022); `cN` it has N channels
-(`--head-channels`). Teachers are trained once and shared between recipes, so a row differs from a
-`vae-fit-score` refit only by the GPU's run-to-run noise. Prints, per score, the AUROC range and
-FPR at 95% TPR on the pen-stroke sets, and the share of printed digits flagged at the p99 of the
-calibration half (`bench/ood_views.py`'s `report`). With `--out`, writes each student's artifact
-there, made by the same `assemble` as `vae-fit-score`, for `vae-eval --ood` and for shipping.
-Meant for a GPU: each student epoch costs 17 x N teacher passes per training image.
+`eN` the student trains N epochs instead of `--epochs`; `mix` it also matches the teacher on blends
+of two images (`train_head(mixup=True)`: function matching, Beyer et al. 2022); `cN` it has N and 2N
+channels (`DigitHead(channels=N)`; 32 shipped). Only `tN` alone is what `vae-fit-score` fits: the
+other parts measured no better (the seventh round), so they live here, not in its options. Teachers
+are trained once and shared between recipes. Prints, per score, the AUROC range and FPR at 95% TPR
+on the pen-stroke sets, and the share of printed digits flagged at the p99 of the calibration half
+(`bench/ood_views.py`'s `report`). With `--out`, writes each student's artifact there, made by the
+same `assemble` as `vae-fit-score` and with the recipe in its `fitted_on`, for `vae-eval --ood`.
+Meant for a GPU: each student epoch costs 17 x N teacher passes per training image (a three-teacher
+student: 34 s for 4 epochs on an H200).
 """
 
 from __future__ import annotations
