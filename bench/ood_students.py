@@ -28,30 +28,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
-from torch import Tensor
 
 from app.contract import DEFAULT_ANOMALY_K
-from bench.ood_views import HEAD_COLUMNS, ROOT, head_statistics, report
+from bench.ood_views import ROOT, report, start
 from training import export, latent_map
 from training.anomaly import (
-    METHOD,
     DigitHead,
     assemble,
-    calibration_split,
     ensemble,
     recipe,
-    reference_split,
     train_head,
     view_average,
     views,
     with_score,
-    with_shared_noise,
 )
-from training.data import load_mnist, to_float
 from training.fit_score import eager_vae
-from training.ood import FASHION_DIR, suite
-from training.ood_sets import PEN_STROKES
 
 RECIPE = re.compile(r"^t(\d+)((?:\+(?:mix|e\d+|c\d+))*)$")
 
@@ -84,42 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         recipes = {r: parse(r) for r in args.recipes}
     except argparse.ArgumentTypeError as e:
         p.error(str(e))
-    device = torch.device(args.device)
-
-    module, meta = export.load(args.artifact)
-    fitted = meta.get("anomaly_scores", {}).get("methods", {}).get(METHOD, {}).get("fitted_on")
-    if fitted is None:
-        p.error(f"{args.artifact} has no fitted `{METHOD}` score")
-    seed = int(fitted["seed"])
-    mnist = load_mnist(args.data_dir, allow_download=False)
-    n = args.train_limit
-    train_x, train_y, test_x = to_float(mnist.train_images[:n]), mnist.train_labels[:n], to_float(mnist.test_images)
-    ref_idx, head_idx = reference_split(train_x.shape[0], seed)
-    hx, hy = train_x[head_idx], train_y[head_idx]
-    calib, held = calibration_split(test_x.shape[0], seed)
-    groups = {"reference": train_x[ref_idx], "calibration": test_x[calib], "held-out": test_x[held]}
-    groups |= {k: to_float(torch.from_numpy(s.images)) for k, s in
-               suite(mnist.test_images.numpy(), FASHION_DIR, args.cache).items() if k in [*PEN_STROKES, "font-digits"]}
-
-    noise = torch.randn(DEFAULT_ANOMALY_K, 1, module.latent_dim, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        served = {g: with_shared_noise(module.anomaly_statistics, x, noise).cpu() for g, x in groups.items()}
-    print("| score | AUROC | " + " | ".join(PEN_STROKES) + " | mean FPR | font |")
-    print("| --- " * (len(PEN_STROKES) + 4) + "|")
-    report(f"the artifact's `{METHOD}`", served)
-
-    def swapped(head: DigitHead) -> dict[str, Tensor]:
-        out = {}
-        for g, x in groups.items():
-            s = served[g].clone()
-            s[:, HEAD_COLUMNS] = head_statistics(head.to(device).eval(), x, None, device)
-            out[g] = s
-        return out
+    b = start(p, args, args.train_limit)
+    hx, hy = b.train_x[b.head_idx], b.train_y[b.head_idx]
+    device, seed = b.device, b.seed
 
     maps = views(16, seed)
     teachers: list[DigitHead] = []
-    vae = eager_vae(module, meta)
-    lmap = (latent_map.build(vae.encode, test_x, mnist.test_labels) if vae.latent_dim == 2 else None)
+    vae = eager_vae(b.model, b.meta)
+    lmap = latent_map.build(vae.encode, b.test_x, b.mnist.test_labels) if vae.latent_dim == 2 else None
     for name, r in recipes.items():  # r: a parsed recipe
         t0 = time.perf_counter()
         while len(teachers) < int(r["teachers"]):
@@ -127,16 +90,16 @@ def main(argv: list[str] | None = None) -> int:
         teacher = ensemble([view_average(h.to(device).eval(), maps) for h in teachers[: int(r["teachers"])]])
         student = train_head(hx, hy, int(r["epochs"]) or args.epochs, seed, progress=False, teacher=teacher,
                              device=device, channels=int(r["channels"]), mixup=bool(r["mixup"]))
-        report(f"{name} ({time.perf_counter() - t0:.0f} s)", swapped(student))
+        report(f"{name} ({time.perf_counter() - t0:.0f} s)", b.swapped(student))
         if args.out is not None:
-            fitted_on = recipe(int(head_idx.numel()), args.epochs, device, len(maps), int(r["teachers"]),
+            fitted_on = recipe(int(b.head_idx.numel()), args.epochs, device, len(maps), int(r["teachers"]),
                                int(r["epochs"]) or None, bool(r["mixup"]), int(r["channels"]))
-            model, block = assemble(vae, student, train_x, train_y, ref_idx, test_x[calib], DEFAULT_ANOMALY_K, seed,
-                                    fitted_on)
+            model, block = assemble(vae, student, b.train_x, b.train_y, b.ref_idx, b.test_x[b.calib],
+                                    DEFAULT_ANOMALY_K, seed, fitted_on)
             args.out.mkdir(parents=True, exist_ok=True)
             file = f"{args.artifact.stem}-{name.replace('+', '-')}.pt"  # '+' is an odd character to some copiers
             export.save(export.script(model), args.out / file,
-                        with_score(meta, block, test_x.shape[0], seed), lmap)
+                        with_score(b.meta, block, b.test_x.shape[0], seed), lmap)
     return 0
 
 

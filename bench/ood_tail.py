@@ -23,18 +23,23 @@ import torch
 
 from app.contract import DEFAULT_ANOMALY_K
 from training import export
-from training.anomaly import calibration_split, with_shared_noise
+from training.anomaly import calibration_split
 from training.data import load_mnist, to_float
-from training.ood import FASHION_DIR, detection_metrics, suite
+from training.ood import FASHION_DIR, all_scores, detection_metrics, suite
 from training.ood_sets import PEN_STROKES, sheet
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def tail_counts(labels: np.ndarray, scores: torch.Tensor, share: float = 0.05) -> str:
-    """What the `share` of a set that scores lowest is made of: 'house 54 (154), ...', each with how many
-    of it the set has."""
-    tail = scores.argsort()[: round(share * len(scores))].numpy()
+def lowest(scores: torch.Tensor, share: float = 0.05) -> np.ndarray:
+    """Indices of the `share` of a set that scores lowest, lowest first: at 95% TPR, what a score lets through."""
+    return scores.argsort()[: round(share * len(scores))].numpy()
+
+
+def tail_counts(labels: np.ndarray, scores: torch.Tensor) -> str:
+    """What the 5% of a set that scores lowest is made of: 'house 54 (154), ...', each with how many of it
+    the set has."""
+    tail = lowest(scores)
     drawn = Counter(labels.tolist())
     return ", ".join(f"{what} {k} ({drawn[what]})" for what, k in Counter(labels[tail].tolist()).most_common())
 
@@ -50,24 +55,22 @@ def main(argv: list[str] | None = None) -> int:
 
     model, meta = export.load(args.artifact)
     block = meta.get("anomaly_scores")
-    column = block["methods"][block["default"]]["column"] if block else None
-    if column is None:
+    if block is None:
         p.error(f"{args.artifact} has no fitted score")
+    method = block["default"]
     mnist = load_mnist(args.data_dir, allow_download=False)
     sets = suite(mnist.test_images.numpy(), FASHION_DIR, args.cache)
-    noise = torch.randn(DEFAULT_ANOMALY_K, 1, model.latent_dim, generator=torch.Generator().manual_seed(0))
     _, held = calibration_split(mnist.test_images.shape[0], 0)
-    digits = with_shared_noise(model.anomaly_scores_with_noise, to_float(mnist.test_images)[held], noise)[:, column]
+    digits = all_scores(model, meta, to_float(mnist.test_images)[held], DEFAULT_ANOMALY_K)[method]
     p95 = torch.quantile(digits.double(), 0.95)
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.sets:
         images = sets[name].images
-        s = with_shared_noise(model.anomaly_scores_with_noise, to_float(torch.tensor(images)), noise)[:, column]
-        order = s.argsort()
-        tail = order[: round(0.05 * len(s))]
+        s = all_scores(model, meta, to_float(torch.tensor(images)), DEFAULT_ANOMALY_K)[method]
+        tail = lowest(s)
         fpr = detection_metrics(digits, s)["fpr_at_95_tpr"]
         path = args.out / f"{meta['name']}-{name}-tail.png"
-        sheet(images[tail.numpy()], cols=20).save(path)
+        sheet(images[tail], cols=20).save(path)
         print(f"{name}: the {len(tail)} of {len(s)} images that score lowest -> {path}; FPR at 95% TPR {fpr:.3f}; "
               f"share of the set below the held-out digits' 95th percentile: {float((s < p95).double().mean()):.3f}")
         if sets[name].labels is not None:

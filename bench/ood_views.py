@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +41,7 @@ from training.anomaly import (
     views,
     with_shared_noise,
 )
-from training.data import load_mnist, to_float
+from training.data import MNIST, load_mnist, to_float
 from training.ood import FASHION_DIR, detection_metrics, suite
 from training.ood_sets import PEN_STROKES
 
@@ -72,6 +74,62 @@ def report(name: str, stats: dict[str, Tensor]) -> None:
           + f" | {np.mean(fpr):.3f} | {100 * font:.2f}% |", flush=True)
 
 
+@dataclass
+class Bench:
+    """An artifact, the MNIST splits its score was fitted with, and its five statistics on every group a
+    report needs (reference, calibration, held-out, the pen-stroke sets, printed digits): what a bench
+    that swaps in other heads starts from."""
+
+    model: torch.jit.ScriptModule
+    meta: dict[str, Any]
+    mnist: MNIST
+    seed: int
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    ref_idx: Tensor
+    head_idx: Tensor
+    calib: Tensor
+    groups: dict[str, Tensor]
+    served: dict[str, Tensor]
+    device: torch.device
+
+    def swapped(self, head: torch.nn.Module, maps: Tensor | None = None) -> dict[str, Tensor]:
+        """The served statistics with the head's three replaced by `head`'s (over the views, with `maps`)."""
+        out = {}
+        for g, x in self.groups.items():
+            s = self.served[g].clone()
+            s[:, HEAD_COLUMNS] = head_statistics(head.to(self.device), x, maps, self.device)
+            out[g] = s
+        return out
+
+
+def start(p: argparse.ArgumentParser, args: argparse.Namespace, train_limit: int | None = None) -> Bench:
+    """Load `args.artifact` and score every group with it, then print the table's head and the artifact's
+    own row. Refuses (p.error) an artifact without a fitted score."""
+    model, meta = export.load(args.artifact)
+    fitted = meta.get("anomaly_scores", {}).get("methods", {}).get(METHOD, {}).get("fitted_on")
+    if fitted is None:
+        p.error(f"{args.artifact} has no fitted `{METHOD}` score")
+    seed = int(fitted["seed"])
+    mnist = load_mnist(args.data_dir, allow_download=False)
+    n = train_limit
+    train_x, train_y, test_x = to_float(mnist.train_images[:n]), mnist.train_labels[:n], to_float(mnist.test_images)
+    ref_idx, head_idx = reference_split(train_x.shape[0], seed)
+    calib, held = calibration_split(test_x.shape[0], seed)
+    groups = {"reference": train_x[ref_idx], "calibration": test_x[calib], "held-out": test_x[held]}
+    groups |= {k: to_float(torch.from_numpy(s.images)) for k, s in
+               suite(mnist.test_images.numpy(), FASHION_DIR, args.cache).items() if k in [*PEN_STROKES, "font-digits"]}
+    noise = torch.randn(DEFAULT_ANOMALY_K, 1, model.latent_dim, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        served = {g: with_shared_noise(model.anomaly_statistics, x, noise).cpu() for g, x in groups.items()}
+    print("| score | AUROC | " + " | ".join(PEN_STROKES) + " | mean FPR | font |")
+    print("| --- " * (len(PEN_STROKES) + 4) + "|")
+    report(f"the artifact's `{METHOD}`", served)
+    return Bench(model, meta, mnist, seed, train_x, train_y, test_x, ref_idx, head_idx, calib, groups, served,
+                 torch.device(args.device))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("artifact", type=Path)
@@ -82,46 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=4, help="the trained heads' epochs")
     p.add_argument("--device", default="cpu", help="where the heads run and train (cpu, cuda)")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-
-    model, meta = export.load(args.artifact)
-    fitted = meta.get("anomaly_scores", {}).get("methods", {}).get(METHOD, {}).get("fitted_on")
-    if fitted is None:
-        p.error(f"{args.artifact} has no fitted `{METHOD}` score")
-    seed = int(fitted["seed"])
-    mnist = load_mnist(args.data_dir, allow_download=False)
-    train_x, train_y, test_x = to_float(mnist.train_images), mnist.train_labels, to_float(mnist.test_images)
-    ref_idx, head_idx = reference_split(train_x.shape[0], seed)
-    calib, held = calibration_split(test_x.shape[0], seed)
-    groups = {"reference": train_x[ref_idx], "calibration": test_x[calib], "held-out": test_x[held]}
-    groups |= {k: to_float(torch.from_numpy(s.images)) for k, s in
-               suite(mnist.test_images.numpy(), FASHION_DIR, args.cache).items() if k in [*PEN_STROKES, "font-digits"]}
-
-    noise = torch.randn(DEFAULT_ANOMALY_K, 1, model.latent_dim, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        served = {g: with_shared_noise(model.anomaly_statistics, x, noise).cpu() for g, x in groups.items()}
-    print("| score | AUROC | " + " | ".join(PEN_STROKES) + " | mean FPR | font |")
-    print("| --- " * (len(PEN_STROKES) + 4) + "|")
-    report(f"the artifact's `{METHOD}`", served)
-
-    def swapped(head: torch.nn.Module, maps: Tensor | None) -> dict[str, Tensor]:
-        out = {}
-        for g, x in groups.items():
-            s = served[g].clone()
-            s[:, HEAD_COLUMNS] = head_statistics(head, x, maps, device)
-            out[g] = s
-        return out
-
-    teacher_head = model.head.to(device)
+    b = start(p, args)
+    teacher_head = b.model.head.to(b.device)
     maps = views(16)
-    report("its head averaged over 17 views", swapped(teacher_head, maps))
+    report("its head averaged over 17 views", b.swapped(teacher_head, maps))
 
     teacher = view_average(teacher_head, maps)
     for s, distil in [(s, False) for s in args.plain_seeds] + [(s, True) for s in args.distil_seeds]:
-        head: DigitHead = train_head(train_x[head_idx], train_y[head_idx], args.epochs, s, progress=False,
-                                     teacher=teacher if distil else None, device=device)
+        head: DigitHead = train_head(b.train_x[b.head_idx], b.train_y[b.head_idx], args.epochs, s, progress=False,
+                                     teacher=teacher if distil else None, device=b.device)
         name = "a head distilled from that average" if distil else "the artifact's recipe"
-        report(f"{name}, seed {s}", swapped(head.to(device), None))
+        report(f"{name}, seed {s}", b.swapped(head))
     return 0
 
 
