@@ -33,6 +33,7 @@ from app.contract import DEFAULT_ANOMALY_K
 from bench.ood_views import ROOT, report, start
 from training import export, latent_map
 from training.anomaly import (
+    METHOD,
     DigitHead,
     assemble,
     ensemble,
@@ -94,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.out is not None:
             fitted_on = recipe(int(b.head_idx.numel()), args.epochs, device, len(maps), int(r["teachers"]),
                                int(r["epochs"]) or None, bool(r["mixup"]), int(r["channels"]))
+            # the artifact's own `ratio` statistic, if it has one, goes into the student's artifact as it is
+            fitted_on["ratio"] = b.meta["anomaly_scores"]["methods"][METHOD]["fitted_on"].get("ratio")
             model, block = assemble(vae, student, b.train_x, b.train_y, b.ref_idx, b.test_x[b.calib],
-                                    DEFAULT_ANOMALY_K, seed, fitted_on)
+                                    DEFAULT_ANOMALY_K, seed, fitted_on, getattr(b.model, "ratio", None))
             args.out.mkdir(parents=True, exist_ok=True)
             file = f"{args.artifact.stem}-{name.replace('+', '-')}.pt"  # '+' is an odd character to some copiers
             export.save(export.script(model), args.out / file,

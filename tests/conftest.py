@@ -30,7 +30,8 @@ TEST_DATA = Path(__file__).resolve().parent / "data"
 
 TINY_RUNS = {
     # name: extra arguments
-    "vae": ["--arch", "mlp", "--latent-dim", "2", "--hidden", "64", "--score-epochs", "1"],
+    "vae": ["--arch", "mlp", "--latent-dim", "2", "--hidden", "64", "--score-epochs", "1",
+            "--ratio-epochs", "1", "--ratio-glyphs", "480", "--ratio-printed", "100"],
     # an artifact as exported before the fitted score (the plain bound only): still served
     "deep-tiny": ["--arch", "deep", "--latent-dim", "8", "--hidden", "64", "--iw-k", "2", "--binarize", "dynamic",
                   "--score-epochs", "0"],

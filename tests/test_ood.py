@@ -123,7 +123,7 @@ def test_vae_eval_ood_reports_every_method_and_draws_failures(trained: Path, tmp
     rows = json.loads(capsys.readouterr().out)
     methods = {r["method"] for r in rows}
     assert methods == {"bound", "fisher", "latent (alone)", "broken (alone)", "energy (alone)",
-                       "mahalanobis (alone)", "bound - complexity (Serra)"}
+                       "mahalanobis (alone)", "ratio (alone)", "bound - complexity (Serra)"}
     held = [r for r in rows if r["set"] == "MNIST held-out"]
     assert {r["n"] for r in held} == {5000}
     for r in rows:
@@ -133,7 +133,7 @@ def test_vae_eval_ood_reports_every_method_and_draws_failures(trained: Path, tmp
     assert noise["auroc"] > 0.99 and noise["flagged_at_p99"] == 1.0
     assert {p.name for p in (tmp_path / "pics").glob("*.png")} == {
         "vae-bound.png", "vae-fisher.png", "vae-latent.png", "vae-broken.png", "vae-energy.png",
-        "vae-mahalanobis.png", "vae-bound---complexity.png"}
+        "vae-mahalanobis.png", "vae-ratio.png", "vae-bound---complexity.png"}
     assert evaluate.main([str(trained / "vae.pt"), *args, "--markdown", "--json", str(tmp_path / "rows.json")]) == 0
     table = capsys.readouterr().out
     assert "| vae | fisher |" in table and "mnist-rot90 (seen)" in table
@@ -164,11 +164,11 @@ def test_fit_score_can_distil_the_head_from_its_view_average(trained: Path, tmp_
     monkeypatch.setattr(anomaly, "train_head", recording)
     assert fit_score.main([str(trained / "deep-tiny.pt"), "--data-dir", str(DATA_DIR), "--epochs", "1",
                            "--train-limit", "1200", "--k", "8", "--out", str(out), "--no-progress",
-                           "--distil-views", "3", "--distil-teachers", "2"]) == 0
+                           "--distil-views", "3", "--distil-teachers", "2", "--ratio-epochs", "0"]) == 0
     module, meta = fit_score.export.load(out)
     assert meta["anomaly_scores"]["methods"]["fisher"]["fitted_on"] == {
         "head_images": 1000, "head_epochs": 1, "reference_images": 200, "seed": 0, "device": "cpu",
-        "torch": torch.__version__, "distilled_from_views": 3, "distilled_from_heads": 2}
+        "torch": torch.__version__, "distilled_from_views": 3, "distilled_from_heads": 2, "ratio": None}
     assert teachers == [(0, None), (1, None), (0, (2, 11))]
     x = torch.rand(3, 1, 28, 28)
     assert module.anomaly_scores_with_noise(x, torch.randn(8, 3, 8)).isfinite().all()
@@ -184,12 +184,14 @@ def test_fit_score_refuses_cuda_without_a_gpu(trained: Path, capsys: pytest.Capt
 def test_fit_score_adds_the_score_to_an_old_artifact(trained: Path, tmp_path: Path) -> None:
     out = tmp_path / "deep-tiny.pt"
     assert fit_score.main([str(trained / "deep-tiny.pt"), "--data-dir", str(DATA_DIR), "--epochs", "1",
-                           "--train-limit", "1200", "--k", "8", "--out", str(out), "--no-progress"]) == 0
+                           "--train-limit", "1200", "--k", "8", "--out", str(out), "--no-progress",
+                           "--ratio-epochs", "1", "--ratio-glyphs", "96", "--ratio-printed", "40"]) == 0
     module, meta = fit_score.export.load(out)
     assert meta["anomaly_scores"]["default"] == "fisher"
     assert meta["anomaly_scores"]["methods"]["fisher"]["fitted_on"] == {
         "head_images": 1000, "head_epochs": 1, "reference_images": 200, "seed": 0, "device": "cpu",
-        "torch": torch.__version__}
+        "torch": torch.__version__, "ratio": {"digit_images": 1000, "printed_digits": 40, "glyphs": 96,
+                                              "scripts": 48, "epochs": 1, "k": 16, "device": "cpu"}}
     x = torch.rand(3, 1, 28, 28)
     eps = torch.randn(8, 3, 8)
     scores = module.anomaly_scores_with_noise(x, eps)

@@ -2,7 +2,7 @@
 
 Why not the likelihood alone: a VAE gives simple, few-stroke shapes (a "+", an "x", a letter)
 as much likelihood as digits (Nalisnick et al. 2019), so -log p(x) separates Fashion-MNIST
-and noise but not things drawn with a pen. Five statistics each see a different failure:
+and noise but not things drawn with a pen. Six statistics each see a different failure:
 
 - `bound`: -log p(x), the IWAE bound (too little likelihood: clothes, noise, smudges);
 - `latent`: -log of a class-conditional Gaussian mixture over the posterior mean, fitted on
@@ -16,7 +16,11 @@ and noise but not things drawn with a pen. Five statistics each see a different 
   digit logits (Liu et al. 2020), how weakly the input looks like *any* digit, which a simple
   shape shows whatever its likelihood; `mahalanobis` is the distance of its features to the
   nearest digit's (Lee et al. 2018), the one of the three that printed digits pass. No letter,
-  symbol, scribble or doodle is ever shown to it.
+  symbol, scribble or doodle is ever shown to it;
+- `ratio`: -log p_digits(x) + log p_glyphs(x), two more VAEs, one of digits (handwritten and printed),
+  one of letters of 48 scripts the evaluation suite does not use (training/density_ratio.py): the
+  likelihood with the simplicity of pen strokes divided out, which sees the closed pentagons and the
+  hooked letters that the head takes for a 0 or a 7.
 
 Each statistic becomes a one-sided tail probability against its values on training images
 the head did not train on (empirical below the 99th percentile, an exponential tail above),
@@ -30,6 +34,7 @@ held-out MNIST test images (docs/artifact.md).
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,11 +48,13 @@ from training.model import VAEBase
 METHOD = "fisher"
 ABOUT = {
     "bound": "-log p(x): the IWAE bound on the likelihood, nats (Kingma & Welling; Burda et al.)",
-    METHOD: "Fisher's combination of five tail probabilities: the likelihood bound, the posterior mean "
-            "under a per-digit Gaussian mixture, and a digit classifier's broken-digit log-odds, energy and "
-            "feature Mahalanobis distance (a CNN trained with an extra class of broken digits); -sum(log p)",
+    METHOD: "Fisher's combination of six tail probabilities: the likelihood bound, the posterior mean "
+            "under a per-digit Gaussian mixture, a digit classifier's broken-digit log-odds, energy and "
+            "feature Mahalanobis distance (a CNN trained with an extra class of broken digits), and the "
+            "likelihood ratio of a model of other scripts' letters to a model of digits; -sum(log p)",
 }
-STATISTICS = ("bound", "latent", "broken", "energy", "mahalanobis")  # the columns of ScoredVAE.anomaly_statistics
+# the columns of ScoredVAE.anomaly_statistics
+STATISTICS = ("bound", "latent", "broken", "energy", "mahalanobis", "ratio")
 BROKEN = 10  # the digit head's class for broken digits
 TAIL_QUANTILE = 0.99  # above it the reference values are too few: an exponential tail takes over
 
@@ -275,7 +282,8 @@ class Tails(nn.Module):
         self.log_share = math.log(1 - TAIL_QUANTILE)
         ref = reference.double().sort(dim=0).values
         q = torch.quantile(ref, TAIL_QUANTILE, dim=0)
-        excess = torch.stack([(ref[:, j][ref[:, j] > q[j]] - q[j]).mean() for j in range(ref.shape[1])])
+        # a constant column (`NoRatio`) has no excess: any positive beta does, its tail is never taken
+        excess = torch.stack([(ref[:, j][ref[:, j] > q[j]] - q[j]).mean().nan_to_num(1.0) for j in range(ref.shape[1])])
         self.register_buffer("reference", ref.T.contiguous().float())  # [S, N], each row sorted
         self.register_buffer("q", q.float())
         self.register_buffer("beta", excess.clamp_min(1e-6).float())
@@ -288,14 +296,24 @@ class Tails(nn.Module):
         return torch.where(s > self.q, torch.minimum(empirical, tail), empirical)
 
 
+class NoRatio(nn.Module):
+    """The `ratio` column of a score fitted without it (`--ratio-epochs 0`, or no fonts to draw its
+    glyphs with): zero for every image, which Fisher's sum then ignores (its tail probability is 1)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.zeros(x.reshape(-1, 784).shape[0], dtype=x.dtype, device=x.device)
+
+
 class ScoredVAE(nn.Module):
     """A trained VAE with its anomaly score: the artifact contract plus `anomaly_scores_with_noise`."""
 
     latent_dim: torch.jit.Final[int]
 
-    def __init__(self, vae: VAEBase, head: DigitHead, mixture: LatentMixture, tails: Tails | None = None) -> None:
+    def __init__(self, vae: VAEBase, head: DigitHead, mixture: LatentMixture, ratio: nn.Module | None = None,
+                 tails: Tails | None = None) -> None:
         super().__init__()
         self.vae, self.head, self.mixture = vae, head, mixture
+        self.ratio = ratio if ratio is not None else NoRatio()
         self.latent_dim = vae.latent_dim
         self.tails = tails if tails is not None else Tails(torch.zeros(2, len(STATISTICS)))
 
@@ -320,13 +338,13 @@ class ScoredVAE(nn.Module):
 
     @torch.jit.export
     def anomaly_statistics(self, x: Tensor, eps: Tensor) -> Tensor:
-        """[B, 5], the STATISTICS: -log p(x) bound, latent mixture -log density, the head's broken-digit
-        log-odds, energy and feature distance; larger = less like a digit. One encoder pass serves the
-        bound and the mixture."""
+        """[B, 6], the STATISTICS: -log p(x) bound, latent mixture -log density, the head's broken-digit
+        log-odds, energy and feature distance, the glyphs-to-digits likelihood ratio; larger = less like a
+        digit. One encoder pass serves the bound and the mixture."""
         mu, logvar = self.vae.encode(x)
         bound = -self.vae.importance_weighted(x, mu, logvar, eps)
         broken, energy, maha = self.head.statistics(x)
-        return torch.stack([bound, self.mixture(mu), broken, energy, maha], dim=1)
+        return torch.stack([bound, self.mixture(mu), broken, energy, maha, self.ratio(x)], dim=1)
 
     @torch.jit.export
     def anomaly_scores_with_noise(self, x: Tensor, eps: Tensor) -> Tensor:
@@ -343,9 +361,24 @@ def with_shared_noise(method: Any, x: Tensor, noise: Tensor, batch_size: int = 5
     return torch.cat([method(xb, noise.expand(k, xb.shape[0], d)) for xb in x.split(batch_size)])
 
 
+@dataclass(frozen=True)
+class RatioOptions:
+    """How the `ratio` statistic's two models are trained (training/density_ratio.py; the shipped ones:
+    the defaults, ~13 minutes on two CPU cores)."""
+
+    epochs: int = 40
+    glyphs: int = 60_000
+    printed: int = 20_000
+
+    def fit(self, digits_x: Tensor, seed: int, progress: bool, device: str | torch.device) -> tuple[nn.Module, dict]:
+        from training.density_ratio import fit_ratio  # draws glyphs with fontTools: only fitting needs it
+
+        return fit_ratio(digits_x, self.epochs, self.glyphs, self.printed, seed, progress=progress, device=device)
+
+
 def fit(vae: VAEBase, train_x: Tensor, train_y: Tensor, calib_x: Tensor, k: int, epochs: int, seed: int = 0,
         reference_share: float = 1 / 6, progress: bool = True, distil_views: int = 0, distil_teachers: int = 1,
-        device: str | torch.device = "cpu") -> tuple[ScoredVAE, dict[str, Any]]:
+        device: str | torch.device = "cpu", ratio: RatioOptions | None = None) -> tuple[ScoredVAE, dict[str, Any]]:
     """Train the head on most training digits; take the tail references from the rest (held out from
     the head, which would otherwise find them too familiar); calibrate both scores on `calib_x`.
 
@@ -353,7 +386,8 @@ def fit(vae: VAEBase, train_x: Tensor, train_y: Tensor, calib_x: Tensor, k: int,
     then teaches a second one with its logits averaged over those views (`view_average`); the
     second is kept. With `distil_teachers` N, heads of seeds seed+1 ... seed+N-1 are trained too and
     the teacher is the mean of the N view averages (the shipped `vae`: 3). Each training image then
-    costs views x teachers teacher passes, so it is meant for a GPU (`device`)."""
+    costs views x teachers teacher passes, so it is meant for a GPU (`device`). The `ratio` statistic's
+    two models are trained on the head's digits too (`RatioOptions`; None: left out, `NoRatio`)."""
     ref_idx, head_idx = reference_split(train_x.shape[0], seed, reference_share)
     hx, hy = train_x[head_idx], train_y[head_idx]
     head = train_head(hx, hy, epochs, seed, progress=progress, device=device)
@@ -364,7 +398,8 @@ def fit(vae: VAEBase, train_x: Tensor, train_y: Tensor, calib_x: Tensor, k: int,
         teacher = ensemble([view_average(h.to(device), maps) for h in heads])
         head = train_head(hx, hy, epochs, seed, progress=progress, teacher=teacher, device=device)
     fitted_on = recipe(int(head_idx.numel()), epochs, device, distil_views, distil_teachers)
-    return assemble(vae, head, train_x, train_y, ref_idx, calib_x, k, seed, fitted_on)
+    glyph_ratio, fitted_on["ratio"] = ratio.fit(hx, seed, progress, device) if ratio else (None, None)
+    return assemble(vae, head, train_x, train_y, ref_idx, calib_x, k, seed, fitted_on, glyph_ratio)
 
 
 def recipe(head_images: int, epochs: int, device: str | torch.device, distil_views: int = 0, distil_teachers: int = 1,
@@ -381,15 +416,17 @@ def recipe(head_images: int, epochs: int, device: str | torch.device, distil_vie
 
 
 def assemble(vae: VAEBase, head: DigitHead, train_x: Tensor, train_y: Tensor, ref_idx: Tensor, calib_x: Tensor,
-             k: int, seed: int, fitted_on: dict[str, Any]) -> tuple[ScoredVAE, dict[str, Any]]:
-    """The VAE, a trained head and the latent mixture made one scored module: tails from the reference
-    images `ref_idx` (which the head must not have trained on), both scores calibrated on `calib_x`.
-    Apart from `fit`, for benches that train heads their own way and want the artifact the service
-    would load."""
+             k: int, seed: int, fitted_on: dict[str, Any], ratio: nn.Module | None = None,
+             ) -> tuple[ScoredVAE, dict[str, Any]]:
+    """The VAE, a trained head, the latent mixture and the `ratio` statistic (None: `NoRatio`) made one
+    scored module: tails from the reference images `ref_idx` (which the head and the ratio's models must
+    not have trained on), both scores calibrated on `calib_x`. Apart from `fit`, for benches that train
+    heads their own way and for refitting a shipped artifact around its own head (`vae-fit-score
+    --keep-head`)."""
     vae, head = vae.cpu().eval(), head.cpu().eval()
     with torch.no_grad():
         mu = torch.cat([vae.encode(xb)[0] for xb in train_x.split(1000)])
-    model = ScoredVAE(vae, head, LatentMixture(mu, train_y)).eval()
+    model = ScoredVAE(vae, head, LatentMixture(mu, train_y), ratio).eval()
     noise = torch.randn(k, 1, vae.latent_dim, generator=torch.Generator().manual_seed(seed))
     model.tails = Tails(with_shared_noise(model.anomaly_statistics, train_x[ref_idx], noise))
     for p in model.parameters():
@@ -420,12 +457,36 @@ def calibration_split(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
 
 def attach(vae: VAEBase, meta: dict[str, Any], train_x: Tensor, train_y: Tensor, test_x: Tensor, k: int,
            epochs: int, seed: int = 0, progress: bool = True, distil_views: int = 0, distil_teachers: int = 1,
-           device: str | torch.device = "cpu") -> tuple[ScoredVAE, dict[str, Any]]:
+           device: str | torch.device = "cpu", ratio: RatioOptions | None = None) -> tuple[ScoredVAE, dict[str, Any]]:
     """The VAE with its fitted score, and its meta.json with `anomaly_scores` and the bound's calibration
     taken from the same held-out half of the test set."""
     calib, _ = calibration_split(test_x.shape[0], seed)
     model, block = fit(vae, train_x.cpu(), train_y.cpu(), test_x.cpu()[calib], k, epochs, seed, progress=progress,
-                       distil_views=distil_views, distil_teachers=distil_teachers, device=device)
+                       distil_views=distil_views, distil_teachers=distil_teachers, device=device, ratio=ratio)
+    return model, with_score(meta, block, test_x.shape[0], seed)
+
+
+def artifact_head(module: torch.jit.ScriptModule) -> DigitHead:
+    """The digit head inside a scored artifact, as a trainable module again (its width read off its weights)."""
+    state = {k.removeprefix("head."): v for k, v in module.state_dict().items() if k.startswith("head.")}
+    head = DigitHead(features=state["classes.weight"].shape[1], channels=state["features.0.weight"].shape[0])
+    head.load_state_dict(state)
+    return head.eval()
+
+
+def reattach(vae: VAEBase, head: DigitHead, meta: dict[str, Any], train_x: Tensor, train_y: Tensor, test_x: Tensor,
+             k: int, progress: bool = True, device: str | torch.device = "cpu", ratio: RatioOptions | None = None,
+             ) -> tuple[ScoredVAE, dict[str, Any]]:
+    """The score refitted around a head that was fitted before (a GPU-distilled one, which a CPU cannot train
+    again in reasonable time): the same seed, so the same reference images and calibration half; a new
+    `ratio`, mixture and tails. meta.json keeps how the head was trained."""
+    fitted = meta["anomaly_scores"]["methods"][METHOD]["fitted_on"]
+    seed = int(fitted["seed"])
+    ref_idx, head_idx = reference_split(train_x.shape[0], seed)
+    fitted_on = {key: v for key, v in fitted.items() if key not in ("reference_images", "seed", "ratio")}
+    glyph_ratio, fitted_on["ratio"] = ratio.fit(train_x[head_idx], seed, progress, device) if ratio else (None, None)
+    calib, _ = calibration_split(test_x.shape[0], seed)
+    model, block = assemble(vae, head, train_x, train_y, ref_idx, test_x[calib], k, seed, fitted_on, glyph_ratio)
     return model, with_score(meta, block, test_x.shape[0], seed)
 
 

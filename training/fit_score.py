@@ -15,9 +15,11 @@ import torch
 from app.contract import DEFAULT_ANOMALY_K
 from app.devices import NoGpu, resolve_device
 from training import export, latent_map
-from training.anomaly import attach
+from training.anomaly import METHOD, RatioOptions, artifact_head, attach, reattach
 from training.data import DataError, load_mnist, to_float
+from training.glyph_pool import MissingFonts
 from training.model import VAEBase, build
+from training.train import add_ratio_options, ratio_options
 
 
 def eager_vae(module: torch.jit.ScriptModule, meta: dict) -> VAEBase:
@@ -48,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
                         "averaged")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
                    help="where the head trains (cuda for --distil-views; the rest of the fit runs on the CPU)")
+    p.add_argument("--keep-head", action="store_true",
+                   help="keep the artifact's trained digit head (and its seed) and refit the rest of the score around "
+                        "it: the ratio's models, the latent mixture, the tails, the calibration")
+    add_ratio_options(p, RatioOptions.epochs)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.distil_views < 0:
@@ -56,11 +62,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--distil-teachers must be 1 or more")
     try:
         device = resolve_device(args.device, fall_back=False)
-    except NoGpu as e:
+        ratio = ratio_options(args.ratio_epochs, args.ratio_glyphs, args.ratio_printed)
+    except (NoGpu, MissingFonts) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     torch.set_grad_enabled(True)
     module, meta = export.load(args.model)
+    if args.keep_head and METHOD not in meta.get("anomaly_scores", {}).get("methods", {}):
+        print(f"error: --keep-head: {args.model} has no fitted `{METHOD}` score, so no head to keep", file=sys.stderr)
+        return 2
     try:
         data = load_mnist(args.data_dir, allow_download=False)
     except DataError as e:
@@ -68,10 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     vae = eager_vae(module, meta)
     n = args.train_limit
-    model, meta = attach(vae, meta, to_float(data.train_images[:n]), data.train_labels[:n], to_float(data.test_images),
-                         args.k, args.epochs, args.seed, progress=not args.no_progress,
-                         distil_views=args.distil_views, distil_teachers=args.distil_teachers,
-                         device=device)
+    train_x, train_y, test_x = to_float(data.train_images[:n]), data.train_labels[:n], to_float(data.test_images)
+    if args.keep_head:
+        model, meta = reattach(vae, artifact_head(module), meta, train_x, train_y, test_x, args.k,
+                               progress=not args.no_progress, device=device, ratio=ratio)
+    else:
+        model, meta = attach(vae, meta, train_x, train_y, test_x, args.k, args.epochs, args.seed,
+                             progress=not args.no_progress, distil_views=args.distil_views,
+                             distil_teachers=args.distil_teachers, device=device, ratio=ratio)
     out = args.out or args.model
     lmap = latent_map.build(vae.encode, to_float(data.test_images), data.test_labels) if vae.latent_dim == 2 else None
     export.save(export.script(model), out, meta, lmap)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from app.contract import DEFAULT_ANOMALY_K, INPUT_SHAPE
 from app.devices import NoGpu, resolve_device
-from training import anomaly, distributed, export, latent_map, plots
+from training import anomaly, distributed, export, glyph_pool, latent_map, plots
 from training.data import DataError, binarize, load_mnist, to_float
 from training.evaluate import evaluate
 from training.model import VAEBase, build, loss_function
@@ -54,6 +54,9 @@ class TrainConfig:
     resume: bool = False
     no_progress: bool = False
     score_epochs: int = 4
+    ratio_epochs: int = anomaly.RatioOptions.epochs
+    ratio_glyphs: int = anomaly.RatioOptions.glyphs
+    ratio_printed: int = anomaly.RatioOptions.printed
     world_size: int = 1  # processes the run was trained with (torchrun); --batch-size is their global batch
 
     def recorded(self) -> dict[str, Any]:
@@ -91,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
     p.add_argument("--score-epochs", type=int, default=d.score_epochs,
                    help="epochs of the anomaly score's digit head (training/anomaly.py); 0: serve the plain bound")
+    add_ratio_options(p, d.ratio_epochs)
     return TrainConfig(**vars(p.parse_args(argv)), world_size=int(os.environ.get("WORLD_SIZE", "1")))
 
 
@@ -172,9 +176,34 @@ def save_checkpoint(path: Path, model: VAEBase, opt: torch.optim.Optimizer, sche
     tmp.replace(path)  # atomic: a Ctrl-C during the save never leaves half a checkpoint
 
 
+def add_ratio_options(p: argparse.ArgumentParser, epochs: int) -> None:
+    """The `ratio` statistic's flags, shared with vae-fit-score."""
+    d = anomaly.RatioOptions()
+    p.add_argument("--ratio-epochs", type=int, default=epochs,
+                   help="epochs of the two models of the score's glyphs-to-digits ratio (training/density_ratio.py); "
+                        "0: fit the score without it")
+    p.add_argument("--ratio-glyphs", type=int, default=d.glyphs, help="letters of other scripts its glyph model sees")
+    p.add_argument("--ratio-printed", type=int, default=d.printed, help="printed digits its digit model sees")
+
+
+def ratio_options(epochs: int, glyphs: int, printed: int) -> anomaly.RatioOptions | None:
+    """None (no `ratio`) for 0 epochs; otherwise checks now that its fonts are installed, before any training
+    that would be lost to a missing font package at the end."""
+    if epochs <= 0:
+        return None
+    glyph_pool.check_fonts()
+    return anomaly.RatioOptions(epochs, glyphs, printed)
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     name = cfg.out.stem
+    try:
+        if cfg.score_epochs > 0:
+            ratio_options(cfg.ratio_epochs, cfg.ratio_glyphs, cfg.ratio_printed)
+    except glyph_pool.MissingFonts as e:
+        print(f"error: {e}; or --ratio-epochs 0 to fit the score without its ratio", file=sys.stderr)
+        return 2
     try:
         device = resolve_device(cfg.device, fall_back=False)
     except NoGpu as e:
@@ -289,8 +318,9 @@ def finish(model: VAEBase, cfg: TrainConfig, name: str, sha256: dict[str, str], 
     if cfg.score_epochs > 0:
         print("fitting the anomaly score ...", flush=True)
         calib_x = test_x[: cfg.eval_limit] if cfg.eval_limit else test_x
+        ratio = ratio_options(cfg.ratio_epochs, cfg.ratio_glyphs, cfg.ratio_printed)
         served, meta = anomaly.attach(model, meta, train_x, train_y, calib_x, DEFAULT_ANOMALY_K, cfg.score_epochs,
-                                      cfg.seed, progress=not cfg.no_progress)
+                                      cfg.seed, progress=not cfg.no_progress, ratio=ratio)
     # The test set's means, once: for the latent picture, and (2-D models) the page's latent map.
     model = model.cpu()
     mu = latent_map.means(model.encode, test_x.cpu())
