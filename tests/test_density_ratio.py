@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from training import glyph_pool, ood_sets
+from tests.conftest import DATA_DIR
+from training import export, glyph_pool, ood_sets
 from training.anomaly import STATISTICS, NoRatio, Tails, artifact_head
 from training.density_ratio import GlyphRatio, train_density
 from training.fit_score import main as fit_score
@@ -138,9 +139,6 @@ def test_a_score_without_its_ratio_has_a_zero_column_that_fishers_sum_ignores() 
 
 def test_refitting_around_a_shipped_head_keeps_the_head_and_how_it_was_trained(trained: Path, tmp_path: Path) -> None:
     """`vae-fit-score --keep-head`: the head's weights and its record survive; the rest is refitted."""
-    from tests.conftest import DATA_DIR
-    from training import export
-
     old, meta = export.load(trained / "vae.pt")
     x = torch.rand(4, 1, 28, 28)
     with torch.no_grad():
@@ -163,8 +161,6 @@ def test_refitting_around_a_shipped_head_keeps_the_head_and_how_it_was_trained(t
 
 def test_a_trained_artifact_carries_its_ratio_and_says_what_it_saw(trained: Path) -> None:
     """vae-train (tests/conftest.py: --ratio-epochs 1 --ratio-glyphs 480 --ratio-printed 100, 2,000 digits)."""
-    from training import export
-
     module, meta = export.load(trained / "vae.pt")
     fitted = meta["anomaly_scores"]["methods"]["fisher"]["fitted_on"]
     assert fitted["ratio"] == {"digit_images": 2000 - 2000 // 6, "printed_digits": 100, "glyphs": 480, "scripts": 48,

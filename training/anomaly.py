@@ -376,6 +376,12 @@ class RatioOptions:
         return fit_ratio(digits_x, self.epochs, self.glyphs, self.printed, seed, progress=progress, device=device)
 
 
+def fit_ratio_or_none(ratio: RatioOptions | None, digits_x: Tensor, seed: int, progress: bool,
+                      device: str | torch.device) -> tuple[nn.Module | None, dict | None]:
+    """The `ratio` statistic and its `fitted_on` record, or (None, None) where the score goes without it."""
+    return ratio.fit(digits_x, seed, progress, device) if ratio else (None, None)
+
+
 def fit(vae: VAEBase, train_x: Tensor, train_y: Tensor, calib_x: Tensor, k: int, epochs: int, seed: int = 0,
         reference_share: float = 1 / 6, progress: bool = True, distil_views: int = 0, distil_teachers: int = 1,
         device: str | torch.device = "cpu", ratio: RatioOptions | None = None) -> tuple[ScoredVAE, dict[str, Any]]:
@@ -398,7 +404,7 @@ def fit(vae: VAEBase, train_x: Tensor, train_y: Tensor, calib_x: Tensor, k: int,
         teacher = ensemble([view_average(h.to(device), maps) for h in heads])
         head = train_head(hx, hy, epochs, seed, progress=progress, teacher=teacher, device=device)
     fitted_on = recipe(int(head_idx.numel()), epochs, device, distil_views, distil_teachers)
-    glyph_ratio, fitted_on["ratio"] = ratio.fit(hx, seed, progress, device) if ratio else (None, None)
+    glyph_ratio, fitted_on["ratio"] = fit_ratio_or_none(ratio, hx, seed, progress, device)
     return assemble(vae, head, train_x, train_y, ref_idx, calib_x, k, seed, fitted_on, glyph_ratio)
 
 
@@ -484,7 +490,7 @@ def reattach(vae: VAEBase, head: DigitHead, meta: dict[str, Any], train_x: Tenso
     seed = int(fitted["seed"])
     ref_idx, head_idx = reference_split(train_x.shape[0], seed)
     fitted_on = {key: v for key, v in fitted.items() if key not in ("reference_images", "seed", "ratio")}
-    glyph_ratio, fitted_on["ratio"] = ratio.fit(train_x[head_idx], seed, progress, device) if ratio else (None, None)
+    glyph_ratio, fitted_on["ratio"] = fit_ratio_or_none(ratio, train_x[head_idx], seed, progress, device)
     calib, _ = calibration_split(test_x.shape[0], seed)
     model, block = assemble(vae, head, train_x, train_y, ref_idx, test_x[calib], k, seed, fitted_on, glyph_ratio)
     return model, with_score(meta, block, test_x.shape[0], seed)

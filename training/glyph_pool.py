@@ -51,8 +51,9 @@ def check_fonts() -> None:
     if scripts < len(OTHER_SCRIPTS) // 2:
         raise MissingFonts(f"only {scripts} of the {len(OTHER_SCRIPTS)} Noto script fonts the score's glyph model "
                            "is drawn from are installed (apt-get install fonts-noto-core)")
-    if len(printed_digit_fonts()) < 10:
-        raise MissingFonts(f"only {len(printed_digit_fonts())} Latin font faces besides the OOD suite's are "
+    faces = len(printed_digit_fonts())
+    if faces < 10:
+        raise MissingFonts(f"only {faces} Latin font faces besides the OOD suite's are "
                            "installed (apt-get install fonts-dejavu-core fonts-liberation fonts-freefont-ttf "
                            "fonts-urw-base35)")
 
