@@ -21,6 +21,8 @@ log = logging.getLogger("app.errors")
 
 STATUS: dict[type[ex.ServiceError], int] = {
     ex.MalformedRequest: 400,
+    ex.Unauthorized: 401,
+    ex.Forbidden: 403,
     ex.UnknownModel: 404,
     ex.NoLatentMap: 404,
     ex.FormatNotAvailable: 406,
@@ -33,6 +35,17 @@ STATUS: dict[type[ex.ServiceError], int] = {
     ex.ComputeTimeout: 504,
 }
 RETRY_LATER = {"Retry-After": "1"}
+# RFC 6750: which scheme to use, and (a key was sent) that it was the key that failed
+ASK_FOR_KEY = {"WWW-Authenticate": 'Bearer realm="vae"'}
+BAD_KEY = {"WWW-Authenticate": 'Bearer realm="vae", error="invalid_token"'}
+
+
+def headers_for(exc: ex.ServiceError, status: int) -> dict[str, str] | None:
+    if status == 503:
+        return RETRY_LATER
+    if status == 401:
+        return BAD_KEY if exc.error == "invalid API key" else ASK_FOR_KEY
+    return None
 
 
 def status_of(exc: ex.ServiceError) -> int:
@@ -49,7 +62,7 @@ def error_response(status: int, error: str, detail: Any = None, headers: dict[st
 
 def service_error_response(exc: ex.ServiceError) -> JSONResponse:
     status = status_of(exc)
-    return error_response(status, exc.error, exc.detail, RETRY_LATER if status == 503 else None)
+    return error_response(status, exc.error, exc.detail, headers_for(exc, status))
 
 
 PROTOCOL_PREFIX = "/v2"  # Open Inference Protocol routes: errors in that protocol's shape
@@ -59,7 +72,7 @@ def protocol_status(exc: ex.ServiceError) -> int:
     """The Open Inference Protocol's statuses: 400 for anything wrong with the request, 404 for an
     unknown model; the body limit (checked before the request is read), overload and timeouts keep theirs."""
     status = status_of(exc)
-    if 400 <= status < 500 and status not in (404, 408) and not isinstance(exc, ex.BodyTooLarge):
+    if 400 <= status < 500 and status not in (401, 403, 404, 408) and not isinstance(exc, ex.BodyTooLarge):
         return 400
     return status
 
@@ -68,7 +81,7 @@ def protocol_error_response(exc: ex.ServiceError) -> JSONResponse:
     """{"error": "<title>: <what to fix>"}: the protocol's error body has one string."""
     status = protocol_status(exc)
     return JSONResponse({"error": f"{exc.error}: {describe(exc.detail)}" if exc.detail else exc.error},
-                        status_code=status, headers=RETRY_LATER if status == 503 else None)
+                        status_code=status, headers=headers_for(exc, status))
 
 
 def describe(detail: Any) -> str:

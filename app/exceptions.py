@@ -73,6 +73,24 @@ class TooManySamples(LimitExceeded):
     error = "too many samples"
 
 
+class MisdirectedHost(MalformedRequest):
+    """The Host header names a server this is not (VAE_ALLOWED_HOSTS): DNS rebinding, or a wrong address."""
+
+    error = "host not allowed"
+
+
+class Unauthorized(ServiceError):
+    """No API key, or not a valid one (VAE_API_KEYS)."""
+
+    error = "API key needed"
+
+
+class Forbidden(ServiceError):
+    """A browser request from a web page this service does not trust (VAE_ALLOWED_ORIGINS)."""
+
+    error = "origin not allowed"
+
+
 class UnsupportedMediaType(ServiceError):
     error = "unsupported media type"
 

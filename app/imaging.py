@@ -1,48 +1,28 @@
-"""Turning user images into model inputs, and model outputs into PNGs.
+"""Model inputs and outputs as tensors and PNGs: the torch side of images.
 
-What happens to an uploaded image, in order (each step documented in the README):
-1. decode with Pillow (torchvision's decoder for PNGs already 28x28 grayscale:
-   it skips Pillow's object overhead on the hot path); the header's width x height
-   is checked against the pixel limit *before* decoding (decompression bombs);
-2. transparency is flattened onto white, 16-bit images are scaled to 8 bits, and the
-   result is converted to 8-bit grayscale;
-1b. the EXIF orientation is applied (phone photos are often stored sideways);
-3. `invert=auto`: if the ink is darker than the background (the border's median grey
-   lies nearer the brightest pixel than the darkest: a dark digit on paper), the image
-   is inverted to the MNIST convention of a white digit on black;
-4. background levelling: if the border is not black (paper), the paper becomes black and
-   the brightest pixel white (a no-op for MNIST images); on images of 128 px or more the
-   paper's grey is a smooth surface fitted to it, so light falling off across a photo or
-   into its corners is levelled too (`_paper`);
-5. `fit=true`, for images not already 28x28: cropped to the digit's bounding box (less
-   specks of dust or stray dots, `_without_specks`),
-   scaled to fit 20x20 keeping its aspect ratio and placed on a black 28x28 canvas with
-   its centre of mass at the centre, which is how MNIST itself was made (never stretched);
-   pen strokes much thinner than the scale step are max-pooled first, so that they are
-   not averaged away;
-6. pixels become float32 in [0, 1].
+app/preprocess.py turns any image file into a 28x28 grey digit (its docstring lists the
+steps); this module adds the fast path for small 28x28 grey PNGs (libpng through
+torchvision, on the event loop), the conversion to float32 tensors, and PNG encoding of
+model outputs.
 """
 
 from __future__ import annotations
 
 import io
 import math
-import struct
 import warnings
-from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from app.exceptions import EmptyImage, ImageTooLarge, UndecodableImage, WrongImageSize
+from app import preprocess
+from app.preprocess import FAST_PNG_BYTES, PNG_CHEAP, PngHeader, Preprocess, png_chunks, png_header
 
 # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they remain the
 # fastest here for small PNGs (docs/benchmarks.md#serving), so keep them while they exist.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
-Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit from the header, before decoding
 
 try:
     from torchvision.io import ImageReadMode, encode_png
@@ -52,29 +32,18 @@ except (ImportError, AttributeError, RuntimeError):
     # torchvision built without its image library, or for another torch (a CUDA build under a
     # CPU-only torch fails on import): Pillow does it all, slower but the same pixels.
     encode_png, _decode_png = None, None
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    invert: Literal["auto", "true", "false"] = "auto"
-    fit: bool = True
-
-
-PngHeader = tuple[int, int, int, int]
-
-
-def png_header(data: bytes) -> PngHeader | None:
-    """(width, height, bit depth, colour type) from a PNG's IHDR, or None if not a PNG."""
-    if len(data) < 33 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
-        return None
-    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
-    return width, height, depth, colour
-
-
 def is_small_gray(header: PngHeader | None) -> bool:
     """The header of a 28x28 8-bit grey PNG, which libpng decodes in microseconds (see _fast_png)."""
     return _decode_png is not None and header == (28, 28, 8, 0)
+
+
+def is_fast_png(data: bytes, header: PngHeader | None) -> bool:
+    """A 28x28 8-bit grey PNG that libpng decodes in microseconds, whatever else it holds: small, and made
+    only of PNG_CHEAP chunks. The event loop decodes these; everything else goes to a decoder process."""
+    if not is_small_gray(header) or len(data) > FAST_PNG_BYTES:
+        return False
+    chunks = png_chunks(data)
+    return chunks is not None and all(kind in PNG_CHEAP for kind, _, _ in chunks)
 
 
 def _fast_png(data: bytes, header: PngHeader | None) -> np.ndarray | None:
@@ -84,7 +53,7 @@ def _fast_png(data: bytes, header: PngHeader | None) -> np.ndarray | None:
     and usage logging that cost as much as the decode itself. It applies a PNG's EXIF
     orientation, as the Pillow path does for every format (about 1 us more).
     """
-    if not is_small_gray(header):
+    if not is_fast_png(data, header):
         return None
     try:
         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -93,45 +62,14 @@ def _fast_png(data: bytes, header: PngHeader | None) -> np.ndarray | None:
         return None  # let Pillow produce the user-facing error
 
 
-def _to_gray(im: Image.Image) -> Image.Image:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im, dtype=np.float64)
-        scale = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        return Image.fromarray(np.clip(arr / scale * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if im.mode == "F":
-        arr = np.asarray(im, dtype=np.float64)
-        top = 1.0 if arr.max() <= 1.0 else 255.0
-        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    # An alpha channel, or a transparent colour (PNG's tRNS chunk: palette, grey or RGB images): the
-    # transparent parts are paper, so they go onto white
-    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("L")
-    return im.convert("L")
+def gray28(data: bytes, header: PngHeader | None, max_pixels: int, prep: Preprocess) -> np.ndarray:
+    """preprocess.gray28, with libpng decoding the small grey PNGs it can."""
+    return preprocess.gray28(data, header, max_pixels, prep, _fast_png(data, header))
 
 
-def _decode_pillow(data: bytes, max_pixels: int) -> np.ndarray:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            width, height = im.size
-            _check_pixels(width, height, max_pixels)
-            im.seek(0)  # first frame of an animation
-            im.load()
-            im = ImageOps.exif_transpose(im)  # phone photos: stored sideways, with an Orientation tag
-            return np.asarray(_to_gray(im), dtype=np.uint8)
-    except UnidentifiedImageError as e:  # its message is the repr of our BytesIO: say what it means instead
-        raise UndecodableImage(f"{len(data)} bytes in no image format Pillow reads (PNG, JPEG, GIF, WebP, BMP, "
-                               "TIFF, ...)") from e
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as e:
-        raise UndecodableImage(f"{type(e).__name__}: {e}") from e
-
-
-def _check_pixels(width: int, height: int, max_pixels: int) -> None:
-    if width * height > max_pixels:
-        raise ImageTooLarge(f"{width}x{height} pixels; the limit is {max_pixels} pixels (VAE_MAX_IMAGE_PIXELS)")
+def file_to_gray28(data: bytes, max_pixels: int, prep: Preprocess) -> np.ndarray:
+    """Image bytes -> uint8 [28, 28], white digit on black: steps 1-5 of app/preprocess.py."""
+    return gray28(data, png_header(data), max_pixels, prep)
 
 
 def file_to_tensor(data: bytes, max_pixels: int, prep: Preprocess) -> torch.Tensor:
@@ -154,192 +92,6 @@ def grays_to_tensor(grays: list[np.ndarray]) -> torch.Tensor:
     gray = np.stack(grays).astype(np.float32)
     gray /= 255
     return torch.from_numpy(gray[:, None])
-
-
-def file_to_gray28(data: bytes, max_pixels: int, prep: Preprocess) -> np.ndarray:
-    """Image bytes -> uint8 [28, 28], white digit on black: steps 1-5 of the module docstring."""
-    return gray28(data, png_header(data), max_pixels, prep)
-
-
-def gray28(data: bytes, header: PngHeader | None, max_pixels: int, prep: Preprocess) -> np.ndarray:
-    """`file_to_gray28` for a caller that has read the PNG header already (png_header: None if no PNG)."""
-    if not data:
-        raise EmptyImage("the request carried no image bytes")
-    if header is not None:
-        _check_pixels(header[0], header[1], max_pixels)
-    fast = _fast_png(data, header)
-    gray = fast if fast is not None else _decode_pillow(data, max_pixels)
-    border = _border(gray)
-    if np.count_nonzero(border) or prep.invert == "true":  # an all-black border (MNIST itself) needs neither step
-        if _should_invert(gray, border, prep.invert):
-            gray = 255 - gray
-            border = 255 - border
-        gray = _level_background(gray, border)
-    if gray.shape != (28, 28):
-        if not prep.fit:
-            raise WrongImageSize(f"image is {gray.shape[1]}x{gray.shape[0]}; with fit=false it must be 28x28")
-        gray = _fit_like_mnist(gray)
-    return gray
-
-
-def _border(gray: np.ndarray) -> np.ndarray:
-    return np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-
-
-def _level_background(gray: np.ndarray, border: np.ndarray) -> np.ndarray:
-    background, top = float(np.median(border)), float(gray.max())
-    if background <= 0 or top <= background:
-        return gray
-    if max(gray.shape) < 2 * PAPER_SIDE:  # a small image: one grey for all of it
-        return np.clip((gray.astype(np.float32) - background) * (255.0 / (top - background)), 0, 255).astype(np.uint8)
-    flat = np.subtract(gray, _paper(gray), dtype=np.int16).clip(0, 255).astype(np.uint8)
-    top = int(flat.max())
-    if top == 0:
-        return gray
-    return (np.arange(256) * (255.0 / top)).clip(0, 255).astype(np.uint8)[flat]  # uint8 throughout: pages are big
-
-
-PAPER_SIDE = 64  # the paper's light is fitted on a copy this large (32 px: 1.4 ms less, a little worse)
-
-
-def _paper(gray: np.ndarray) -> np.ndarray:
-    """The paper's grey at every pixel (ink already bright on dark), for a page lit unevenly: a phone photo's
-    light falls off across the page and into its corners, so one grey (the border's) leaves a band or the
-    corners as faint ink, which then widens the crop and shrinks the digit (bench/scan_fidelity.py).
-
-    A quadratic surface in x and y, least squares on a copy shrunk to 64 px, refitted to the pixels within
-    3 robust standard deviations of it until the ink (far above it) is left out. A surface that smooth
-    follows a gradient or a vignette but not a stroke, so a digit that fills the photo keeps its ink; a
-    local filter (a percentile per window) hollowed thick strokes of tightly cropped digits."""
-    h, w = gray.shape
-    scale = PAPER_SIDE / max(h, w)
-    sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
-    values = np.asarray(Image.fromarray(gray, "L").resize((sw, sh), Image.Resampling.BOX), np.float64).ravel()
-    y, x = (a.ravel() for a in np.mgrid[0:sh, 0:sw] / max(sh, sw) - 0.5)
-    terms = np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], 1)
-    paper = values <= np.median(values)  # ink covers less than half of a photo of one digit
-    for _ in range(4):
-        fit = terms[paper]
-        coef = np.linalg.solve(fit.T @ fit + 1e-9 * np.eye(6), fit.T @ values[paper])  # 6 unknowns: normal equations
-        residual = values - terms @ coef
-        paper = residual < 3 * (1.4826 * np.median(np.abs(residual[paper])) + 1)
-    surface = np.rint(terms @ coef).clip(0, 255).astype(np.uint8).reshape(sh, sw)
-    return np.asarray(Image.fromarray(surface, "L").resize((w, h), Image.Resampling.BILINEAR))
-
-
-def _fit_like_mnist(gray: np.ndarray) -> np.ndarray:
-    top = int(gray.max())
-    ink = _without_specks(gray > 0.2 * max(top, 1), gray)
-    ys, xs = np.nonzero(ink)
-    if len(xs):
-        gray = gray[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
-    h, w = gray.shape
-    scale = 20 / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # as ImageOps.contain, but never 0 wide
-    digit = np.asarray(Image.fromarray(gray, "L").resize(size, Image.Resampling.LANCZOS))
-    if top and int(digit.max()) < top // 2:
-        digit = _thin_strokes_kept(gray, size, top)  # which gives them MNIST's ink itself
-    else:
-        digit = _saturated(digit)
-    return centred_by_mass(digit)
-
-
-def _saturated(digit: np.ndarray) -> np.ndarray:
-    """The strokes brought to MNIST's ink: half of an MNIST digit's ink (its pixels above half the brightest)
-    is at 250-255, a flat-topped stroke. A scan or a photo shrunk to 20 px has rounder strokes that peak in
-    a few pixels, and the model finds them unlikely: until this step the bound flagged 5-50% of scanned and
-    photographed MNIST digits, and the default score 7% of those drawn with a marker (bench/scan_fidelity.py).
-    So the median of that ink becomes 255."""
-    ink = digit[digit > digit.max() // 2]
-    core = float(np.median(ink)) if ink.size else 0.0
-    if core <= 0:
-        return digit
-    return np.clip(np.rint(digit.astype(np.float32) * (255.0 / core)), 0, 255).astype(np.uint8)
-
-
-def centred_by_mass(digit: np.ndarray) -> np.ndarray:
-    """A digit fitted into 20x20 on a black 28x28 canvas with its centre of mass at pixel (14, 14), which
-    is how MNIST was made (LeCun et al.) and where MNIST's digits sit (mean 13.99, 14.01; sd 0.29).
-    Centring the bounding box instead moves a digit 1.2 px from there for the median MNIST digit and
-    2.6 px at p90, and the model, which has only seen digits at that spot, finds the moved ones less
-    likely (bench/scan_fidelity.py). Shifted by whole pixels, and never past the canvas's edge."""
-    h, w = digit.shape
-    mass = digit.astype(np.float32)
-    total = mass.sum()
-    cy = (mass.sum(1) * np.arange(h)).sum() / total if total else h / 2
-    cx = (mass.sum(0) * np.arange(w)).sum() / total if total else w / 2
-    y0 = int(np.clip(round(14 - cy), 0, 28 - h))
-    x0 = int(np.clip(round(14 - cx), 0, 28 - w))
-    canvas = np.zeros((28, 28), dtype=digit.dtype)
-    canvas[y0 : y0 + h, x0 : x0 + w] = digit
-    return canvas
-
-
-SPECK_SHARE = 0.05  # of the largest piece's ink: a "?"'s or an "i"'s dot is 10-20%, a speck of dust far less
-SPECK_CELLS = 48  # pieces are found on the ink mask pooled to at most this many cells a side
-
-
-def _without_specks(ink: np.ndarray, gray: np.ndarray) -> np.ndarray:
-    """The ink mask without the pieces that are specks: dust, a pencil dot or a fleck on the page, small
-    next to the drawing but at full ink, would otherwise stretch the crop and shrink the digit to fit it
-    (bench/scan_fidelity.py). Pieces are the 8-connected groups of a coarse grid (so a stroke with a small
-    gap stays one piece), weighed by their ink."""
-    h, w = ink.shape
-    c = -(-max(h, w) // SPECK_CELLS)
-    ph, pw = -(-h // c), -(-w // c)
-    cells = np.zeros((ph * c, pw * c), np.uint8)
-    cells[:h, :w] = np.where(ink, gray, 0)
-    mass = cells.reshape(ph, c, pw, c).sum((1, 3), dtype=np.int64)
-    on = mass > 0
-    if not on.any():
-        return ink
-    label = np.where(on, np.arange(on.size).reshape(on.shape), on.size)
-    while True:  # each cell takes the smallest label around it until none changes
-        padded = np.pad(label, 1, constant_values=on.size)
-        rows = np.minimum(np.minimum(padded[:-2], padded[1:-1]), padded[2:])  # 3x3 minimum, one axis at a time
-        around = np.minimum(np.minimum(rows[:, :-2], rows[:, 1:-1]), rows[:, 2:])
-        new = np.where(on, around, on.size)
-        flat = new.ravel()
-        flat[on.ravel()] = flat[flat[on.ravel()]]  # and the smallest label its label points to: fewer rounds
-        if np.array_equal(new, label):
-            break
-        label = new
-    weight = np.bincount(label[on], weights=mass[on])
-    kept = np.zeros_like(on)
-    kept[on] = weight[label[on]] >= SPECK_SHARE * weight.max()
-    if np.array_equal(kept, on):
-        return ink
-    return ink & np.repeat(np.repeat(kept, c, 0), c, 1)[:h, :w]
-
-
-def _thin_strokes_kept(gray: np.ndarray, size: tuple[int, int], top: int) -> np.ndarray:
-    """A pen stroke much thinner than one output pixel (a 1-3 px line on a scanned page) is averaged
-    into the background by the resize. Max-pool first, which keeps a stroke at full ink however thin,
-    down to about twice the output size; resample that in floats; bring the strokes back to the
-    original ink level; widen them to MNIST's (a bright core with a softer pixel either side)."""
-    m = max(1, max(gray.shape) // (2 * max(size)))
-    h, w = -(-gray.shape[0] // m) * m, -(-gray.shape[1] // m) * m
-    pooled = np.pad(gray, ((0, h - gray.shape[0]), (0, w - gray.shape[1]))).reshape(h // m, m, w // m, m).max((1, 3))
-    f = np.clip(np.asarray(Image.fromarray(pooled.astype(np.float32), "F").resize(size, Image.Resampling.LANCZOS)),
-                0, None)
-    ink = f[f > 0.25 * f.max()]
-    if not ink.size:
-        return f.astype(np.uint8)
-    f *= top / np.percentile(ink, 90)  # crossings add up in the resample: not the maximum
-    padded = np.pad(f, 1)
-    neighbours = np.max([padded[dy : dy + f.shape[0], dx : dx + f.shape[1]] for dy in range(3) for dx in range(3)],
-                        axis=0)
-    return np.clip(np.rint(np.maximum(f, 0.6 * neighbours)), 0, 255).astype(np.uint8)
-
-
-def _should_invert(gray: np.ndarray, border: np.ndarray, mode: str) -> bool:
-    """auto: the ink is darker than the paper, i.e. the background (the border's median grey) lies nearer
-    the brightest pixel than the darkest. Unlike "the border is light", this also holds for a grey,
-    under-exposed scan of a pencil digit, and for a white digit on grey."""
-    if mode != "auto":
-        return mode == "true"
-    background = float(np.median(border))
-    return float(gray.max()) - background < background - float(gray.min())
 
 
 def pixels_to_tensor(pixels: list[list[float]]) -> torch.Tensor:

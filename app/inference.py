@@ -51,10 +51,12 @@ class Batching:
     max_wait_s: float = 0.0
     timeout_s: float | None = None
     inline_max_s: float = 0.0
+    max_samples: int = 1024  # images x importance samples in one anomaly-score pass
 
     @classmethod
     def from_settings(cls, s: Settings) -> Batching:
-        return cls(s.batch_max_size, s.batch_max_wait_us / 1e6, s.request_timeout_s, s.inline_max_us / 1e6)
+        return cls(s.batch_max_size, s.batch_max_wait_us / 1e6, s.request_timeout_s, s.inline_max_us / 1e6,
+                   s.batch_max_samples)
 
 
 @dataclass
@@ -98,10 +100,10 @@ class Engine:
         self._ll: dict[int, Batcher] = {}
         self._scores: dict[int, Batcher] = {}
 
-    def _batcher(self, fn: Any, dims: tuple[int, ...], method: str) -> Batcher:
+    def _batcher(self, fn: Any, dims: tuple[int, ...], method: str, max_size: int | None = None) -> Batcher:
         b = self._batching
         observer = self._metrics.pass_observer(self.model.name, method) if self._metrics else None
-        return Batcher(self._on_device(fn), dims, b.max_size, b.max_wait_s, self._compute, b.timeout_s,
+        return Batcher(self._on_device(fn), dims, max_size or b.max_size, b.max_wait_s, self._compute, b.timeout_s,
                        b.inline_max_s, observer=observer)
 
     def _on_device(self, fn: Any) -> Any:
@@ -118,15 +120,32 @@ class Engine:
 
         return run
 
+    def score_rows(self, k: int) -> int:
+        """Images per anomaly-score pass at k samples: each costs k passes of the networks, so a pass
+        holds at most VAE_BATCH_MAX_SAMPLES images x k. A larger request runs as several passes, one
+        after another, and other requests' passes run between them: the largest legal request (64
+        images at k=1000) no longer holds a one-image score for seconds."""
+        return max(1, min(self._batching.max_size, self._batching.max_samples // k))
+
     def _log_likelihood(self, k: int) -> Batcher:
         if k not in self._ll:
-            self._ll[k] = self._batcher(self.model.module.log_likelihood_with_noise, (0, 1), "log_likelihood")
+            self._ll[k] = self._batcher(self.model.module.log_likelihood_with_noise, (0, 1), "log_likelihood",
+                                        self.score_rows(k))
         return self._ll[k]
 
     def _anomaly_scores(self, k: int) -> Batcher:
         if k not in self._scores:
-            self._scores[k] = self._batcher(self.model.module.anomaly_scores_with_noise, (0, 1), "anomaly_scores")
+            self._scores[k] = self._batcher(self.model.module.anomaly_scores_with_noise, (0, 1), "anomaly_scores",
+                                            self.score_rows(k))
         return self._scores[k]
+
+    async def _in_turns(self, batcher: Batcher, x: Tensor, noise: Tensor, k: int) -> Tensor:
+        """`batcher(x, noise)` over slices of score_rows(k) images, each awaited before the next is queued,
+        so that a request arriving meanwhile is queued before this one's next slice."""
+        rows = self.score_rows(k)
+        if x.shape[0] <= rows:
+            return await batcher(x, noise)
+        return torch.cat([await batcher(x[i:i + rows], noise[:, i:i + rows]) for i in range(0, x.shape[0], rows)])
 
     # --- the capabilities -----------------------------------------------------------------
 
@@ -179,9 +198,9 @@ class Engine:
         d = self.model.latent_dim
         noise = torch.randn(k, 1, d, generator=torch.Generator().manual_seed(seed)).expand(k, x.shape[0], d)
         if scorer.column is None:
-            values = (-await self._log_likelihood(k)(x, noise)).tolist()
+            values = (-await self._in_turns(self._log_likelihood(k), x, noise, k)).tolist()
         else:
-            values = (await self._anomaly_scores(k)(x, noise))[:, scorer.column].tolist()
+            values = (await self._in_turns(self._anomaly_scores(k), x, noise, k))[:, scorer.column].tolist()
         results = []
         for value in values:
             score = value if math.isfinite(value) else sys.float_info.max  # JSON has no infinity

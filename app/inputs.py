@@ -10,91 +10,104 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
-import os
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from app.batching import LoopTurnGroup
+from app.decoders import DecoderPool
 from app.errors import validation_details
 from app.exceptions import (
     BatchTooLarge,
-    ComputeTimeout,
     InvalidInput,
     MalformedRequest,
     ServiceError,
     UnsupportedMediaType,
 )
-from app.imaging import PngHeader, Preprocess, gray28, grays_to_tensor, is_small_gray, pixels_to_tensor, png_header
+from app.imaging import gray28, grays_to_tensor, is_fast_png, pixels_to_tensor
 from app.inference import Limits
+from app.preprocess import Preprocess, check_pixels, png_header
 from app.schemas import ImagesIn
 
 Body = TypeVar("Body", bound=BaseModel)
 
 
-def parse_body(model: type[Body], body: bytes) -> Body:
-    """A JSON request body into `model`: 400 when it is not JSON, 422 when it does not fit."""
+# JSON bodies up to this size are parsed on the event loop (a 28x28 `pixels` image is 2-10 KB, its
+# parse tens of microseconds); larger ones on a thread, so that the loop keeps answering meanwhile.
+JSON_INLINE_BYTES = 64 * 1024
+
+
+def max_json_values(rows: int, values_per_row: int) -> int:
+    """The most values (numbers, strings, members) a JSON body of `rows` rows of `values_per_row`
+    may hold, with room for the document's own keys: the bound `parse_body` checks before parsing."""
+    return rows * (values_per_row + 1) + 64
+
+
+async def parse_body(model: type[Body], body: bytes, max_values: int, too_many: str) -> Body:
+    """A JSON request body into `model`: 400 when it is not JSON (or nested deeper than the parser's
+    limit of 200), 422 when it does not fit, 413 when it holds more than `max_values` values.
+
+    The count comes first and costs one pass over the bytes in C: every value after an array's or
+    object's first is preceded by a comma, so commas + 1 bounds the values from above. A body of
+    millions of numbers is refused in milliseconds instead of being built in full and then found
+    over the batch limit (seconds of a blocked event loop)."""
+    if body.count(b",") >= max_values:
+        raise BatchTooLarge(f"the JSON body holds more than {max_values} values: {too_many}")
+    if len(body) <= JSON_INLINE_BYTES:
+        return validate_json(model, body)
+    return await asyncio.to_thread(validate_json, model, body)
+
+
+def validate_json(model: type[Body], body: bytes) -> Body:
+    """pydantic-core's parser (jiter), straight into the model: no intermediate Python objects, and a
+    nesting limit (an array 100,000 deep is a 400, where the stdlib's parser hit a RecursionError)."""
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MalformedRequest(str(e), error="malformed JSON") from e
-    try:
-        return model.model_validate(data)
+        return model.model_validate_json(body)
     except ValidationError as e:
+        invalid = [err for err in e.errors() if err["type"] == "json_invalid"]
+        if invalid:
+            raise MalformedRequest(invalid[0]["ctx"]["error"] if "ctx" in invalid[0] else invalid[0]["msg"],
+                                   error="malformed JSON") from e
         raise InvalidInput(validation_details(e.errors())) from e
 
 
 class ImageReader:
-    """Image files -> [B, 1, 28, 28], without holding up the event loop.
+    """Image files -> [B, 1, 28, 28], without holding up the event loop or anybody else.
 
-    PNGs that are already 28x28 8-bit grey (what MNIST tooling sends) decode in tens of
-    microseconds: they are decoded on the event loop, every request's files queued in
-    the same loop turn back to back (batching.LoopTurnGroup says why). Anything else,
-    from a phone photo to a batch of page scans, can take from milliseconds to seconds:
-    it is decoded on a small thread pool (Pillow and numpy release the GIL while they
-    work), so health checks and other requests keep being answered, and a request whose
-    files are not done within `timeout_s` gets a 504; its remaining files are skipped.
+    PNGs that are already 28x28 8-bit grey and small (what MNIST tooling sends;
+    imaging.is_fast_png) decode in tens of microseconds: they are decoded on the event
+    loop, every request's files queued in the same loop turn back to back
+    (batching.LoopTurnGroup says why). Anything else, from a phone photo to a batch of page
+    scans, can take from milliseconds to seconds, and a hostile file for ever: it is
+    decoded in a decoder process (app/decoders.py) that is stopped at the request's
+    deadline (504), so health checks and other requests keep being answered meanwhile.
     """
 
-    def __init__(self, max_pixels: int, timeout_s: float, threads: int | None = None) -> None:
-        self.max_pixels, self.timeout_s = max_pixels, timeout_s
-        self.pool = ThreadPoolExecutor(max_workers=threads or min(4, os.cpu_count() or 1),
-                                       thread_name_prefix="images")
+    def __init__(self, max_pixels: int, timeout_s: float, processes: int | None = None) -> None:
+        self.max_pixels = max_pixels
+        self.decoders = DecoderPool(max_pixels, timeout_s, processes)
         self.small = LoopTurnGroup(lambda blobs, headers, prep: grays_to_tensor(
             [gray28(b, h, max_pixels, prep) for b, h in zip(blobs, headers, strict=True)]))
 
     async def __call__(self, blobs: list[bytes], prep: Preprocess) -> torch.Tensor:
         headers = [png_header(b) for b in blobs]  # read once: routing, then the pixel limit and the decoder
-        if all(is_small_gray(h) for h in headers):
+        if all(is_fast_png(b, h) for b, h in zip(blobs, headers, strict=True)):
             return await self.small(blobs, headers, prep)
-        cancelled = threading.Event()
-        deadline = time.monotonic() + self.timeout_s
-        work = asyncio.get_running_loop().run_in_executor(self.pool, self._decode, blobs, headers, prep, deadline,
-                                                          cancelled)
-        try:
-            return await asyncio.wait_for(work, self.timeout_s)
-        except TimeoutError:
-            cancelled.set()
-            raise ComputeTimeout(f"images not decoded within {self.timeout_s} s (VAE_REQUEST_TIMEOUT_S)") from None
+        for h in headers:  # a PNG over the pixel limit is refused here, before any process is asked
+            if h is not None:
+                check_pixels(h[0], h[1], self.max_pixels)
+        grays = await self.decoders.decode(blobs, prep)
+        return grays_to_tensor(list(grays))
 
-    def _decode(self, blobs: list[bytes], headers: list[PngHeader | None], prep: Preprocess, deadline: float,
-                cancelled: threading.Event) -> torch.Tensor:
-        grays = []
-        for b, h in zip(blobs, headers, strict=True):
-            if cancelled.is_set() or time.monotonic() > deadline:
-                raise ComputeTimeout("gave up decoding: the request ran out of time")
-            grays.append(gray28(b, h, self.max_pixels, prep))
-        return grays_to_tensor(grays)
+    def start(self) -> asyncio.Future[np.ndarray]:
+        return self.decoders.start()
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.decoders.close()
 
 
 async def read_images(request: Request, limits: Limits, reader: ImageReader, prep: Preprocess) -> torch.Tensor:
@@ -102,7 +115,8 @@ async def read_images(request: Request, limits: Limits, reader: ImageReader, pre
     if ctype == "multipart/form-data":
         return await reader(await _multipart(request, limits), prep)
     if ctype == "application/json":
-        body = parse_body(ImagesIn, await request.body())
+        body = await parse_body(ImagesIn, await request.body(), max_json_values(limits.max_batch, 28 * 28),
+                                f"more than {limits.max_batch} images of 28x28 pixels (VAE_MAX_BATCH)")
         if (body.images is None) == (body.pixels is None):
             raise InvalidInput("give exactly one of 'images' (base64 files) or 'pixels'")
         if body.pixels is not None:

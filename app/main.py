@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 
 from app import draining, errors, tuning
+from app.access import AccessMiddleware, AccessRules
 from app.api.routes import docs, model, ops, page, v2
 from app.artifacts import ModelLoadError, load_models, warm_up
 from app.batching import ComputeThread
@@ -42,9 +43,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     device = resolve_device(settings.device)
     inline_threads, compute_threads = tuning.thread_counts(settings.threads, device, settings.workers)
     tuning.set_event_loop_threads(inline_threads)
+    reader = ImageReader(settings.max_image_pixels, settings.request_timeout_s, settings.decoders or None)
+    decoders_started = reader.start()  # the decoder processes start while the models load
     try:
         models = load_models(settings.models_dir, device, settings.default_model)
     except ModelLoadError as e:
+        decoders_started.cancel()
+        reader.close()
         log.error("start-up failed: %s", e)
         raise  # uvicorn reports the start-up failed and exits with status 3: never a half-ready service
     metrics: Metrics | None = app.state.metrics
@@ -56,7 +61,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     compute = ComputeThread(inline_threads, compute_threads)
     batching, limits = Batching.from_settings(settings), Limits.from_settings(settings)
     app.state.engines = {name: Engine(m, compute, batching, limits, metrics) for name, m in models.items()}
-    app.state.image_reader = ImageReader(settings.max_image_pixels, settings.request_timeout_s)
+    await decoders_started
+    app.state.image_reader = reader
     tuning.freeze_startup_objects()
     app.state.ready = True
     try:
@@ -101,6 +107,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics() if settings.metrics else None
     errors.install(app)
     app.state.drain = Drain()
+    # Inside ServiceMiddleware: refusals carry the request id and are logged and counted like any answer
+    app.add_middleware(AccessMiddleware, rules=AccessRules.parse(
+        settings.allowed_hosts, settings.allowed_origins, settings.api_key_list(), settings.open_ops))
     app.add_middleware(ServiceMiddleware, limits=HttpLimits(settings.max_body_bytes, settings.max_in_flight,
                                                         settings.max_receiving, settings.body_timeout_s),
                        metrics=app.state.metrics, drain=app.state.drain)

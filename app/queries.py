@@ -15,7 +15,7 @@ from starlette.requests import Request
 
 from app.errors import validation_details
 from app.exceptions import InvalidInput
-from app.imaging import Preprocess
+from app.preprocess import Preprocess
 
 MAX_SEED = 2**63
 

@@ -11,6 +11,7 @@ import base64
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
 import pydantic_core
 import torch
 from fastapi.responses import JSONResponse, Response
@@ -37,8 +38,14 @@ class PngResponse(Response):
 
 
 def pixels(images: Tensor) -> list[list[list[float]]]:
-    """[B,1,28,28] -> B 28x28 arrays, rounded to 5 decimals (a 1e-5 step is far below one grey level)."""
-    return [[[round(v, 5) for v in row] for row in img[0].tolist()] for img in images]
+    """[B,1,28,28] -> B 28x28 arrays, rounded to 5 decimals (a 1e-5 step is far below one grey level).
+
+    The same floats as Python's round(v, 5), in numpy: a float32 times 1e5 is exact in float64 (24 + 17
+    bits), so rint rounds the exact value half to even as round() does, and k / 1e5 is the double
+    nearest k/10^5, which is what round() returns. 256 images took 1.4 s of the event loop one value at a
+    time."""
+    scaled = images[:, 0].detach().cpu().numpy().astype(np.float64) * 1e5
+    return (np.rint(scaled) / 1e5).tolist()
 
 
 def images(fmt: Format, encoding: str, imgs: Tensor, payload: dict[str, Any], png: Tensor | None = None,

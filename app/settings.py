@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest request body accepted (413 above)")
     max_image_pixels: int = Field(16_000_000, ge=784, description="largest decoded image, width x height "
                                   "(413 above; guards against decompression bombs)")
+    decoders: int = Field(0, ge=0, description="image decoder processes per worker (every image but a small "
+                          "28x28 grey PNG is decoded in one, stopped at the request's deadline); 0 = twice the "
+                          "cores, at least 4 and at most 16, so that an ordinary photo finds one while bombs run")
     max_batch: int = Field(64, ge=1, description="most images in one request (413 above)")
     max_samples: int = Field(256, ge=1, description="largest n for /sample (413 above)")
     default_k: int | None = Field(None, ge=1, description="importance samples for /anomaly-score when the request "
@@ -48,6 +51,10 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(64, ge=1, description="dynamic batching: most images in one forward pass")
     batch_max_wait_us: int = Field(0, ge=0, description="dynamic batching: how long a forward pass waits for "
                                    "more requests once one is queued (0 = only what is already queued)")
+    batch_max_samples: int = Field(1024, ge=1, description="anomaly scores: most images x importance samples k "
+                                   "in one forward pass; a larger request runs as several passes with other "
+                                   "requests' passes between them, so that no request holds the others for long "
+                                   "(64 images at k=1000: 64 passes of one image each)")
     inline_max_us: int = Field(5000, ge=0, description="a forward pass expected (from measured passes) to take "
                                "less runs on the event loop thread, saving a thread hand-off; longer ones run on "
                                "the compute thread so the service keeps answering (0 = always the compute thread); "
@@ -77,12 +84,35 @@ class Settings(BaseSettings):
                                  "and clients move off before the server stops accepting")
     shutdown_grace_s: float = Field(20.0, gt=0, description="on SIGTERM, after the drain delay: stop accepting, let "
                                     "in-flight requests finish for at most this long, then exit 0")
+    allowed_hosts: str = Field("*", description="comma-separated host names the Host header may name (400 for "
+                               "others), or * for any; vae-serve bound to a loopback address defaults to "
+                               "localhost,127.0.0.1,::1 (DNS rebinding)")
+    allowed_origins: str = Field("", description="comma-separated origins (https://app.example.com) whose web "
+                                 "pages may call the service from a browser, or *; requests from the service's own "
+                                 "page always may, those from any other page get 403")
+    api_keys: SecretStr | None = Field(None, description="comma-separated API keys; when set (or api_keys_file), "
+                                       "every endpoint but the page, docs, health, readiness and metrics needs "
+                                       "'Authorization: Bearer <key>' (401 otherwise)")
+    api_keys_file: Path | None = Field(None, description="file with one API key per line (a Kubernetes Secret), "
+                                       "added to api_keys")
+    open_ops: bool = Field(True, description="with API keys: health, readiness and metrics answer without one; "
+                           "false: they need one too")
+    ssl_certfile: Path | None = Field(None, description="vae-serve: serve HTTPS with this PEM certificate (chain)")
+    ssl_keyfile: Path | None = Field(None, description="vae-serve: the certificate's PEM private key")
     page: bool = Field(True, description="serve the interactive page at GET / (its files under /static); false: "
                        "/ redirects to /docs, for API-only deployments")
     metrics: bool = Field(True, description="serve Prometheus metrics at GET /metrics (and count them); false: "
                           "neither")
     bare_endpoint: bool = Field(False, description="serve POST /_bare, which only reads the body: the HTTP "
                                 "ceiling the benchmark compares against")
+
+
+    def api_key_list(self) -> list[str]:
+        """The keys of api_keys and api_keys_file, blank lines and spaces left out."""
+        keys = self.api_keys.get_secret_value().split(",") if self.api_keys else []
+        if self.api_keys_file is not None:
+            keys += self.api_keys_file.read_text().splitlines()
+        return [k.strip() for k in keys if k.strip()]
 
 
 @lru_cache

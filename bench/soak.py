@@ -2,14 +2,18 @@
 
 1. Starts `python -m app.cli` (vae-serve) on loopback with the bundled models.
 2. Soak: `--seconds` (60) at `--concurrency` (64) with an httpx async loop mixing every
-   endpoint; counts statuses; resident memory (VmRSS) after warm-up and at the end.
+   endpoint; counts statuses; resident memory (VmRSS of the service and its processes)
+   after warm-up, every `--sample-every` seconds, and at the end. `--hostile` mixes in the
+   requests of tests/hostile.py (text-chunk bombs, scan bombs, oversized and deep JSON, a
+   lying header, an icon hiding a huge PNG, the largest anomaly score): each must get its
+   4xx or 504, never a 500, and every ordinary request a 200.
 3. Drain: load at concurrency 16 over keep-alive connections, SIGTERM after 2 s; every
    request sent before the drain delay (VAE_DRAIN_DELAY_S) ends must be answered, later ones
    may be refused (connection errors: nobody listens any more), and the process must exit 0
    within the grace period.
 Bounded (fixed duration, fixed workers), loopback only.
 
-    python bench/soak.py [--seconds 60] [--concurrency 64]      (VAE_WORKERS=2 etc. pass through)
+    python -m bench.soak [--seconds 60] [--concurrency 64] [--hostile]  (VAE_WORKERS=2 etc. pass through)
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-from serve import free_port, start_server  # bench/serve.py: runs as `python bench/soak.py`
 
 from app.settings import Settings
+from bench.serve import free_port, start_server
+from tests import hostile
 
 REPO = Path(__file__).resolve().parents[1]
 DIGIT = (REPO / "tests" / "data" / "mnist_test_0_digit_7.png").read_bytes()
@@ -59,6 +64,23 @@ def requests_mix(latent_dim: int) -> list[tuple[str, str, dict]]:
     ]
 
 
+def hostile_mix() -> list[tuple[str, str, dict]]:
+    """One of each request of tests/hostile.py, built once: ("!" marks them in the counts)."""
+    as_json = {"content-type": "application/json"}
+    return [
+        ("POST", "/encode!", {"content": hostile.text_bomb_png(50), "headers": {"content-type": "image/png"}}),
+        ("POST", "/encode!", {"content": hostile.scan_bomb_jpeg(4000, 1500),
+                              "headers": {"content-type": "image/jpeg"}}),
+        ("POST", "/decode?model=vae-2d!", {"content": hostile.many_latents_json(), "headers": as_json}),
+        ("POST", "/encode!", {"content": hostile.deep_json(), "headers": as_json}),
+        ("POST", "/v2/models/vae.encode/infer!", {"content": b'{"inputs": []}', "headers": {
+            **as_json, "inference-header-content-length": b"\xb2"}}),
+        ("POST", "/encode!", {"content": hostile.ico_hiding(hostile.huge_png(5000, 5000)),
+                              "headers": {"content-type": "image/x-icon"}}),
+        ("POST", "/anomaly-score?k=1000!", {"files": [("file", ("d.png", DIGIT, "image/png"))] * 64}),
+    ]
+
+
 async def load(base: str, mix: list, workers: int, seconds: float, statuses: Counter, stop: asyncio.Event,
                failures: list[float] | None = None) -> None:
     """Requests from `workers` keep-alive connections; `failures` gets the send time of each that failed."""
@@ -71,9 +93,10 @@ async def load(base: str, mix: list, workers: int, seconds: float, statuses: Cou
                 method, path, kwargs = mix[n % len(mix)]
                 n += 1
                 sent = time.monotonic()
+                hostile_one = path.endswith("!")
                 try:
-                    r = await client.request(method, path, **kwargs)
-                    statuses[r.status_code] += 1
+                    r = await client.request(method, path.rstrip("!"), **kwargs)
+                    statuses[f"hostile {r.status_code}" if hostile_one else r.status_code] += 1
                 except httpx.HTTPError as e:
                     statuses[type(e).__name__] += 1
                     if failures is not None:
@@ -91,14 +114,31 @@ async def soak(args: argparse.Namespace) -> None:
     base = f"http://127.0.0.1:{port}"
     latent_dim = next(m["latent_dim"] for m in httpx.get(f"{base}/models").json()["models"] if m["name"] == "vae")
     mix = requests_mix(latent_dim)
+    if args.hostile:
+        mix = [*mix, *hostile_mix()]
     stop = asyncio.Event()
     statuses: Counter = Counter()
     await load(base, mix, args.concurrency, 5, Counter(), stop)  # warm-up
     rss_start = rss_mb(proc.pid)
     t0 = time.monotonic()
+    samples: list[tuple[float, float]] = []
+
+    async def sample() -> None:
+        while True:
+            samples.append((time.monotonic() - t0, rss_mb(proc.pid)))
+            print(f"soak: {samples[-1][0]:6.0f} s  RSS {samples[-1][1]:.1f} MB", flush=True)
+            await asyncio.sleep(args.sample_every)
+
+    sampler = asyncio.create_task(sample())
     await load(base, mix, args.concurrency, args.seconds, statuses, stop)
+    sampler.cancel()
     elapsed = time.monotonic() - t0
     rss_end = rss_mb(proc.pid)
+    if len(samples) >= 6:  # growth per minute in the first and the last third: levelling off or not
+        third = len(samples) // 3
+        rate = [60 * (b[1] - a[1]) / (b[0] - a[0]) for a, b in ((samples[0], samples[third]),
+                                                                   (samples[-third - 1], samples[-1]))]
+        print(f"soak: RSS growth {rate[0]:+.2f} MB/min in the first third, {rate[1]:+.2f} MB/min in the last")
     total = sum(statuses.values())
     print(f"soak: {args.seconds} s at concurrency {args.concurrency}, {total} requests ({total / elapsed:.0f}/s), "
           f"statuses {dict(statuses)}")
@@ -123,7 +163,8 @@ async def soak(args: argparse.Namespace) -> None:
     print(f"drain: {before} requests answered before SIGTERM; after it: statuses {dict(drain)} in all; "
           f"process exited with {code} after {exit_s:.2f} s; failed requests sent before the drain delay "
           f"({delay:g} s) ended: {lost}; failed after it (the server had stopped listening): {len(failures) - lost}")
-    ok = code == 0 and all(k == 200 for k in statuses if isinstance(k, int)) and \
+    hostile_ok = all(not k.startswith("hostile 5") or k == "hostile 504" for k in statuses if isinstance(k, str))
+    ok = code == 0 and hostile_ok and all(k == 200 for k in statuses if isinstance(k, int)) and \
         all(k == 200 or k == 503 for k in drain if isinstance(k, int)) and lost == 0
     print("PASS" if ok else "FAIL")
 
@@ -132,6 +173,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=60)
     p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--hostile", action="store_true", help="mix in the requests of tests/hostile.py")
+    p.add_argument("--sample-every", type=float, default=60, help="seconds between RSS samples")
     asyncio.run(soak(p.parse_args()))
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -83,21 +84,22 @@ def free_port() -> int:
 
 
 @contextmanager
-def vae_serve(env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen]]:
+def vae_serve(env: dict[str, str], scheme: str = "http", verify: ssl.SSLContext | bool = True
+              ) -> Iterator[tuple[str, subprocess.Popen]]:
     """`vae-serve` as a real process with these VAE_* settings: its base URL once /readyz says
     ready, and the process; on leaving, SIGTERM, and the exit status must be 0."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "app.cli"], cwd=REPO,
                             env={**os.environ, "VAE_LOG_LEVEL": "warning", "VAE_DRAIN_DELAY_S": "0", **env,
                                  "VAE_PORT": str(port)})
-    base = f"http://127.0.0.1:{port}"
+    base = f"{scheme}://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180  # a loaded CI machine can take a while to import torch
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"service exited with {proc.returncode} before becoming ready")
             try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{base}/readyz", timeout=2, verify=verify).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass

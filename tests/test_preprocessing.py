@@ -64,7 +64,7 @@ def test_transparent_background_is_flattened_onto_white() -> None:
 
 @pytest.mark.parametrize("mode", ["P", "PA"])
 def test_palette_transparency_is_flattened_onto_white(mode: str) -> None:
-    from app.imaging import _to_gray
+    from app.preprocess import _to_gray
 
     index = (INK > 127).astype(np.uint8)  # 0: the paper, 1: the ink
     im = Image.fromarray(index, "P")
@@ -82,7 +82,7 @@ def test_palette_transparency_is_flattened_onto_white(mode: str) -> None:
 def test_a_transparent_colour_in_a_grey_or_colour_png_is_paper(mode: str) -> None:
     """PNG's tRNS chunk marks one grey level or colour transparent: a black page drawn with ink one level
     above it reads as a dark digit on white paper once composited, not as an all-black image."""
-    from app.imaging import _decode_pillow
+    from app.preprocess import _decode_pillow
 
     index = (INK > 127).astype(np.uint8)  # 0: transparent paper, 1: ink
     im = Image.fromarray(index, "L") if mode == "L" else Image.fromarray(np.dstack([index] * 3), "RGB")
@@ -282,7 +282,7 @@ def test_fit_crops_to_the_ink_and_puts_its_centre_of_mass_where_mnist_has_it() -
 
 
 def test_background_levelling_maps_paper_to_black_and_the_brightest_ink_to_white() -> None:
-    from app.imaging import _level_background
+    from app.preprocess import _level_background
 
     gray = np.array([[100, 100, 100], [100, 50, 160], [100, 100, 220]], dtype=np.uint8)
     border = np.full(8, 100, dtype=np.uint8)
@@ -308,7 +308,7 @@ def test_background_levelling_maps_paper_to_black_and_the_brightest_ink_to_white
     ("I", [0, 65535, 200000], [0, 255, 255]),  # 32-bit values past 16 bits: clipped too
 ])
 def test_deep_and_float_images_are_scaled_to_8_bits(mode: str, values: list, expected: list[int]) -> None:
-    from app.imaging import _to_gray
+    from app.preprocess import _to_gray
 
     if mode.startswith("I;16"):
         dtype = {"I;16": "<u2", "I;16B": ">u2", "I;16L": "<u2"}[mode]
@@ -319,43 +319,17 @@ def test_deep_and_float_images_are_scaled_to_8_bits(mode: str, values: list, exp
     assert np.asarray(_to_gray(im)).tolist() == [expected]
 
 
-def test_image_reader_pool_path_gives_the_same_pixels_and_gives_up_when_told() -> None:
-    import threading
-    import time
-
-    from app.exceptions import ComputeTimeout
-    from app.imaging import png_header
-    from app.inputs import ImageReader
-
-    reader = ImageReader(10**8, timeout_s=5)
-    photo = (TEST_DATA / "photo_dark_on_light_digit_4.jpg").read_bytes()
-    try:
-        x = reader._decode([photo, DIGIT], [png_header(photo), png_header(DIGIT)], Preprocess(),
-                           time.monotonic() + 5, threading.Event())
-        assert torch.equal(x, torch.stack([file_to_tensor(photo, 10**8, Preprocess()),
-                                           file_to_tensor(DIGIT, 10**8, Preprocess())]))
-        cancelled = threading.Event()
-        cancelled.set()
-        with pytest.raises(ComputeTimeout) as gave_up:
-            reader._decode([DIGIT], [png_header(DIGIT)], Preprocess(), time.monotonic() + 5, cancelled)
-        assert gave_up.value.detail == "gave up decoding: the request ran out of time"
-        with pytest.raises(ComputeTimeout):
-            reader._decode([DIGIT], [png_header(DIGIT)], Preprocess(), time.monotonic() - 0.001, threading.Event())
-    finally:
-        reader.close()
-
-
 def test_small_grey_pngs_skip_pillow(monkeypatch: pytest.MonkeyPatch) -> None:
     """A 28x28 8-bit grey PNG (what MNIST tooling sends) is decoded by libpng from its header alone;
     Pillow, ten times slower for it, is never called (the serving benchmark depends on it)."""
-    import app.imaging as imaging
+    import app.preprocess as preprocess
     from app.inputs import ImageReader
 
     def no_pillow(data: bytes, max_pixels: int) -> np.ndarray:
         raise AssertionError("Pillow decoded a small grey PNG")
 
     expected = file_to_gray28(DIGIT, 10**6, Preprocess())
-    monkeypatch.setattr(imaging, "_decode_pillow", no_pillow)
+    monkeypatch.setattr(preprocess, "_decode_pillow", no_pillow)
     assert np.array_equal(file_to_gray28(DIGIT, 10**6, Preprocess()), expected)
     reader = ImageReader(10**6, timeout_s=5)
     try:
@@ -366,7 +340,7 @@ def test_small_grey_pngs_skip_pillow(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_paper_one_grey_level_above_black_is_still_levelled() -> None:
-    from app.imaging import _level_background
+    from app.preprocess import _level_background
 
     gray = np.array([[1, 1, 1], [1, 128, 255], [1, 1, 1]], dtype=np.uint8)
     assert _level_background(gray, np.ones(8, dtype=np.uint8)).tolist() == [[0, 0, 0], [0, 127, 255], [0, 0, 0]]
@@ -408,7 +382,7 @@ def test_strokes_faded_to_between_a_third_and_a_half_are_restored(pen: int, fade
 
 
 def test_ink_exactly_as_far_from_the_paper_as_the_paper_from_black_is_not_inverted() -> None:
-    from app.imaging import _should_invert
+    from app.preprocess import _should_invert
 
     gray = np.array([[128, 128, 128], [128, 255, 1], [128, 128, 128]], dtype=np.uint8)
     border = np.full(8, 128, dtype=np.uint8)

@@ -413,26 +413,26 @@ def test_bytes_elements_split_on_their_length_prefixes() -> None:
     body = json.dumps({"inputs": [{"name": "s", "datatype": "BYTES", "shape": [3],
                                    "parameters": {"binary_data_size": 4 + 0 + 4 + 3 + 4 + 1}}]}).encode()
     n = len(body)
-    _, [t] = codec.read_request(body + b"\0\0\0\0" + b"\3\0\0\0abc" + b"\1\0\0\0z", str(n))
+    _, [t] = codec.read_request(body + b"\0\0\0\0" + b"\3\0\0\0abc" + b"\1\0\0\0z", str(n), 10_000)
     assert t.elements == [b"", b"abc", b"z"] and t.shape == (3,)
 
 
 def test_json_data_nested_or_flat_gives_the_same_tensor() -> None:
     nested = {"inputs": [{"name": "x", "datatype": "INT16", "shape": [2, 3], "data": [[1, 2, 3], [4, 5, -6]]}]}
     flat = {"inputs": [{"name": "x", "datatype": "INT16", "shape": [2, 3], "data": [1, 2, 3, 4, 5, -6]}]}
-    [a], [b] = (codec.read_request(json.dumps(d).encode(), None)[1] for d in (nested, flat))
+    [a], [b] = (codec.read_request(json.dumps(d).encode(), None, 10_000)[1] for d in (nested, flat))
     assert a.array.dtype == b.array.dtype == np.int16
     assert a.array.tolist() == b.array.tolist() == [[1, 2, 3], [4, 5, -6]]
     with pytest.raises(InvalidInput) as refused:
         codec.read_request(json.dumps({"inputs": [{"name": "x", "datatype": "INT16", "shape": [1],
-                                                   "data": [1.5]}]}).encode(), None)
+                                                   "data": [1.5]}]}).encode(), None, 10_000)
     assert refused.value.detail == "input 'x': a value in 'data' is not representable as INT16"
 
 
 def test_binary_numbers_are_little_endian_row_major() -> None:
     header = json.dumps({"inputs": [{"name": "x", "datatype": "FP64", "shape": [2],
                                      "parameters": {"binary_data_size": 16}}]}).encode()
-    _, [t] = codec.read_request(header + struct.pack("<dd", 1.5, -2.0), str(len(header)))
+    _, [t] = codec.read_request(header + struct.pack("<dd", 1.5, -2.0), str(len(header)), 10_000)
     assert t.array.tolist() == [1.5, -2.0]
 
 

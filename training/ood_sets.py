@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from app.imaging import centred_by_mass
+from app.preprocess import centred_by_mass
 
 CACHE_VERSION = 4  # 4: the labels
 # the sets of non-digits drawn with a pen: the ones the near-OOD targets are about

@@ -24,7 +24,7 @@ import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.errors import validation_details
-from app.exceptions import InvalidInput, MalformedRequest
+from app.exceptions import BatchTooLarge, InvalidInput, MalformedRequest
 
 HEADER_LENGTH = "inference-header-content-length"
 BYTES = "BYTES"
@@ -81,19 +81,31 @@ class Output:
     array: np.ndarray
 
 
-def read_request(body: bytes, header_length: str | None) -> tuple[InferenceRequest, list[Tensor]]:
-    """The request document and its input tensors, from a JSON body or a binary-extension body."""
+def read_request(body: bytes, header_length: str | None, max_values: int) -> tuple[InferenceRequest, list[Tensor]]:
+    """The request document and its input tensors, from a JSON body or a binary-extension body.
+
+    A document of more than `max_values` values (commas + 1 bound them, as app/inputs.py's
+    parse_body counts) is refused before it is parsed: no model here takes that many."""
     if header_length is None:
         header, rest = body, b""
     else:
-        if not header_length.isdigit() or not 0 < int(header_length) <= len(body):
+        # isdigit() alone takes "²" and other Unicode digits, which int() then refuses
+        if not (header_length.isascii() and header_length.isdigit()) or not 0 < int(header_length) <= len(body):
             raise MalformedRequest(f"Inference-Header-Content-Length {header_length!r} is not a length within the "
                                    f"{len(body)}-byte body")
         header, rest = body[:int(header_length)], body[int(header_length):]
+    if header.count(b",") >= max_values:
+        raise BatchTooLarge(f"the inference request's JSON holds more than {max_values} values; the largest "
+                            "request a model here takes is a full batch of 28x28 images (VAE_MAX_BATCH)")
     try:
         request = InferenceRequest.model_validate_json(header)
     except ValidationError as e:
-        if any(err["type"] == "json_invalid" for err in e.errors()):
+        invalid = [err for err in e.errors() if err["type"] == "json_invalid"]
+        reason = invalid[0].get("ctx", {}).get("error", "") if invalid else ""
+        if reason.startswith("recursion limit exceeded"):  # the parser's limit: 200 levels
+            raise MalformedRequest(f"the inference request's JSON is nested too deep: {reason}",
+                                   error="malformed JSON") from e
+        if invalid:
             raise MalformedRequest("the inference request is not a JSON document" + (
                 "" if header_length else " (binary tensors need the Inference-Header-Content-Length header)"),
                 error="malformed JSON") from e

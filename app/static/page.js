@@ -26,8 +26,16 @@ function modelQuery(extra = {}) {
   return new URLSearchParams({ model: state.model.name, ...extra }).toString();
 }
 
-async function call(path, init) {
-  const response = await fetch(path, init);
+// With VAE_API_KEYS set, the API wants `Authorization: Bearer <key>`: the page asks for the key once
+// (a 401 shows the form), keeps it for this tab (sessionStorage) and sends it with every call.
+const KEY_ITEM = "vae-api-key";
+
+async function call(path, init = {}) {
+  const key = sessionStorage.getItem(KEY_ITEM);
+  const headers = new Headers(init.headers);
+  if (key) headers.set("Authorization", `Bearer ${key}`);
+  const response = await fetch(path, { ...init, headers });
+  if (response.status === 401) $("key-form").hidden = false;
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;
     try {
@@ -509,5 +517,11 @@ async function start() {
   redrawPad();
   await pick(first);
 }
+
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  sessionStorage.setItem(KEY_ITEM, $("api-key").value.trim());
+  window.location.reload();
+});
 
 start().catch(report);

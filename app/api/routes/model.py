@@ -9,7 +9,7 @@ from app import responses
 from app.api import deps
 from app.api.deps import operation_id
 from app.exceptions import UnsupportedMediaType
-from app.inputs import parse_body
+from app.inputs import max_json_values, parse_body
 from app.queries import AnomalyQuery, DecodeQuery, EncodeQuery, ReconstructQuery, SampleQuery, openapi_parameters
 from app.responses import JsonResponse, PngResponse
 from app.schemas import ERRORS, EXPLAINED_RESPONSE, IMAGE_BODY, PNG_RESPONSE, AnomalyOut, DecodeIn, EncodeOut
@@ -39,7 +39,9 @@ async def decode(request: Request) -> Response:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json":
         raise UnsupportedMediaType("send application/json: {\"z\": [[...], ...]}")
-    body = parse_body(DecodeIn, await request.body())
+    limits, d = call.engine.limits, call.engine.model.latent_dim
+    body = await parse_body(DecodeIn, await request.body(), max_json_values(limits.max_batch, d),
+                            f"more than {limits.max_batch} vectors of {d} values (VAE_MAX_BATCH)")
     images = await call.engine.decode(body.z)
     return responses.images(call.fmt, call.query.encoding, images, {"model": call.engine.model.name})
 

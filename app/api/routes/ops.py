@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from app import supervisor
 from app.api.deps import SettingsDep, engine_for, not_ready, operation_id
 from app.errors import service_error_response
 from app.exceptions import NoLatentMap
@@ -23,13 +24,17 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", summary="200 once every model is loaded and warmed up, 503 before and while draining after "
-            "SIGTERM",
+            "SIGTERM; with several workers, also how many are running and which fail to start",
             responses={503: ERRORS[503]})
 async def readyz(request: Request) -> JSONResponse:
     reason = not_ready(request)
     if reason is not None:
         return service_error_response(reason)
-    return JSONResponse({"status": "ready", "models": sorted(request.app.state.engines)})
+    answer: dict[str, Any] = {"status": "ready", "models": sorted(request.app.state.engines)}
+    workers = supervisor.status()  # VAE_WORKERS > 1: this worker serves; are the others?
+    if workers is not None:
+        answer["workers"] = workers
+    return JSONResponse(answer)
 
 
 @router.get("/models", summary="Each model's meta.json, the device it runs on, and batching counts since start "
