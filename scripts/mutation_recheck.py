@@ -36,7 +36,13 @@ TESTS_FOR = {
     "app.inference": ["tests/test_api.py", "tests/test_anomaly.py", "tests/test_fitted_score.py"],
     "app.artifacts": ["tests/test_artifact.py", "tests/test_latent_map.py", "tests/test_anomaly.py"],
     "app.contract": ["tests/test_artifact.py", "tests/test_latent_map.py", "tests/test_anomaly.py"],
-    "app.middleware": ["tests/test_limits.py", "tests/test_api.py"],
+    "app.middleware": ["tests/test_limits.py", "tests/test_api.py", "tests/test_draining.py"],
+    "app.preprocess": ["tests/test_preprocessing.py", "tests/test_hostile.py"],
+    "app.access": ["tests/test_access.py"],
+    "app.decoders": ["tests/test_decoders.py", "tests/test_hostile.py"],
+    "app.protocol.codec": ["tests/test_protocol.py", "tests/test_hostile.py"],
+    "app.draining": ["tests/test_draining.py"],
+    "app.api.deps": ["tests/test_draining.py", "tests/test_api.py"],
 }
 
 

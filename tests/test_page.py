@@ -173,6 +173,35 @@ def test_a_drawn_one_and_zero_get_their_own_reconstruction_and_place_on_the_map(
     assert Counter(zeros).most_common(1)[0] == (0, zeros.count(0)) and zeros.count(0) >= 30
 
 
+def test_the_drawn_digit_is_pointed_at_where_its_caption_says_on_the_map(page: Page, base: str) -> None:
+    """The white dot of the drawn image's posterior mean sits at the canvas point of the μ its caption
+    prints: (x, y), not (y, x), and with y growing upwards as the axes say."""
+    x0, x1, y0, y1 = httpx.get(f"{base}/models/vae-2d/latent-map").json()["extent"]
+    page.stroke(ONE)
+    mu = page.posterior()
+    width, height = page.tab.evaluate("[document.getElementById('map').width, document.getElementById('map').height]")
+
+    def canvas_point(z: tuple[float, float]) -> tuple[int, int]:
+        return round((z[0] - x0) / (x1 - x0) * width), round((y1 - z[1]) / (y1 - y0) * height)
+
+    def rgb(point: tuple[int, int]) -> list[int]:
+        return page.tab.evaluate("([x, y]) => Array.from(document.getElementById('map').getContext('2d')"
+                                 ".getImageData(x, y, 1, 1).data).slice(0, 3)", list(point))
+
+    def is_dot(point: tuple[int, int]) -> bool:
+        """A white centre inside a dark ring of radius 6 (the dot's 3 px outline), all four ways round."""
+        x, y = point
+        ring = [rgb((x + dx, y + dy)) for dx, dy in ((6, 0), (-6, 0), (0, 6), (0, -6))]
+        return rgb(point) == [255, 255, 255] and all(max(c) < 90 for c in ring)
+
+    dot = canvas_point(mu)
+    assert 0 <= dot[0] < width and 0 <= dot[1] < height
+    assert is_dot(dot)
+    for wrong in (canvas_point((mu[1], mu[0])), (dot[0], height - dot[1])):  # transposed; y flipped
+        if math.dist(wrong, dot) > 12:
+            assert not is_dot(wrong), wrong
+
+
 def test_undo_takes_back_the_last_stroke(page: Page) -> None:
     page.stroke(ONE)
     first = page.pixels("input28")

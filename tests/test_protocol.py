@@ -446,3 +446,18 @@ def test_response_puts_binary_outputs_after_the_document_in_order() -> None:
             {"name": "b", "datatype": "BOOL", "shape": [1], "parameters": {"binary_data_size": 1}},
             {"name": "a", "datatype": "INT32", "shape": [2], "data": [1, 2]}]}
     assert body[n:] == b"\x01"
+
+
+@pytest.mark.parametrize("order", [["mu", "logvar"], ["logvar", "mu"]])
+def test_binary_outputs_carry_each_tensors_own_values_in_the_order_asked(client: TestClient, order: list[str]) -> None:
+    """What tritonclient reads: every output binary, each one's bytes where the document says, so that
+    `as_numpy("mu")` is mu and not logvar (two outputs of equal size pass any size check)."""
+    mu, logvar = rest_encode(client)
+    body, headers = binary_request([("images_uint8", "UINT8", PIXELS)], parameters={"binary_data_output": True},
+                                   outputs=[{"name": name} for name in order])
+    r = client.post(INFER.format("vae.encode"), content=body, headers=headers)
+    doc = json.loads(r.content[:int(r.headers["inference-header-content-length"])])
+    assert [o["name"] for o in doc["outputs"]] == order and all("data" not in o for o in doc["outputs"])
+    got = outputs_of(r)
+    np.testing.assert_allclose(got["mu"], mu, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["logvar"], logvar, rtol=1e-5, atol=1e-6)
