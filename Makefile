@@ -45,7 +45,7 @@ lint: $(STAMP)
 	$(BIN)/docker-compose -f docker-compose.yml -f docker-compose.gpu.yml config -q
 
 bench: $(STAMP)
-	$(BIN)/python bench/serve.py
+	$(BIN)/python -m bench.serve
 
 models: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH scripts/train-models.sh

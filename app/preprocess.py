@@ -202,7 +202,7 @@ PAPER_SIDE = 64  # the paper's light is fitted on a copy this large (32 px: 1.4 
 def _paper(gray: np.ndarray) -> np.ndarray:
     """The paper's grey at every pixel (ink already bright on dark), for a page lit unevenly: a phone photo's
     light falls off across the page and into its corners, so one grey (the border's) leaves a band or the
-    corners as faint ink, which then widens the crop and shrinks the digit (bench/scan_fidelity.py).
+    corners as faint ink, which then widens the crop and shrinks the digit (research/scan_fidelity.py).
 
     A quadratic surface in x and y, least squares on a copy shrunk to 64 px, refitted to the pixels within
     3 robust standard deviations of it until the ink (far above it) is left out. A surface that smooth
@@ -245,7 +245,7 @@ def _saturated(digit: np.ndarray) -> np.ndarray:
     """The strokes brought to MNIST's ink: half of an MNIST digit's ink (its pixels above half the brightest)
     is at 250-255, a flat-topped stroke. A scan or a photo shrunk to 20 px has rounder strokes that peak in
     a few pixels, and the model finds them unlikely: until this step the bound flagged 5-50% of scanned and
-    photographed MNIST digits, and the default score 7% of those drawn with a marker (bench/scan_fidelity.py).
+    photographed MNIST digits, and the default score 7% of those drawn with a marker (research/scan_fidelity.py).
     So the median of that ink becomes 255."""
     ink = digit[digit > digit.max() // 2]
     core = float(np.median(ink)) if ink.size else 0.0
@@ -259,7 +259,7 @@ def centred_by_mass(digit: np.ndarray) -> np.ndarray:
     is how MNIST was made (LeCun et al.) and where MNIST's digits sit (mean 13.99, 14.01; sd 0.29).
     Centring the bounding box instead moves a digit 1.2 px from there for the median MNIST digit and
     2.6 px at p90, and the model, which has only seen digits at that spot, finds the moved ones less
-    likely (bench/scan_fidelity.py). Shifted by whole pixels, and never past the canvas's edge."""
+    likely (research/scan_fidelity.py). Shifted by whole pixels, and never past the canvas's edge."""
     h, w = digit.shape
     mass = digit.astype(np.float32)
     total = mass.sum()
@@ -279,7 +279,7 @@ SPECK_CELLS = 48  # pieces are found on the ink mask pooled to at most this many
 def _without_specks(ink: np.ndarray, gray: np.ndarray) -> np.ndarray:
     """The ink mask without the pieces that are specks: dust, a pencil dot or a fleck on the page, small
     next to the drawing but at full ink, would otherwise stretch the crop and shrink the digit to fit it
-    (bench/scan_fidelity.py). Pieces are the 8-connected groups of a coarse grid (so a stroke with a small
+    (research/scan_fidelity.py). Pieces are the 8-connected groups of a coarse grid (so a stroke with a small
     gap stays one piece), weighed by their ink."""
     h, w = ink.shape
     c = -(-max(h, w) // SPECK_CELLS)

@@ -4,7 +4,7 @@ Far less noisy than an HTTP benchmark on a shared 2-core machine, so it is what 
 request-path questions worth a few microseconds (a FastAPI dependency or not, nested routers or
 not: docs/benchmarks.md#layout). Compare two trees by pointing --tree at each, in one session:
 
-    python bench/asgi.py --path /encode --tree . --tree /tmp/other-checkout
+    python -m bench.asgi --path /encode --tree . --tree /tmp/other-checkout
 
 Several --path values are measured in the same process, round by round in turn; `oip:LABEL`
 is the Open Inference Protocol's vae.encode with the body bench/serve.py sends for LABEL
@@ -27,7 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 def request_for(path: str) -> tuple[str, str, bytes, list[tuple[bytes, bytes]]]:
     """(route, query, body, headers) of one measured request: a PNG upload, or a protocol request."""
     if path.startswith("oip:"):
-        sys.path.insert(0, str(REPO))  # run as a script, bench/ itself is on the path, not the repository
         from bench.serve import protocol_bodies
 
         body, headers = protocol_bodies()[path.removeprefix("oip:").replace("-", " ")]

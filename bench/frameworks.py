@@ -16,7 +16,7 @@ turn, `--alternations` times over, wrk on the same machine; the REST `/encode` o
 as a raw PNG is shown for reference. A framework that is not installed is left out, saying so
 (`pip install kserve litserve bentoml`; the `bench` extra names the last two).
 
-    python bench/frameworks.py [--duration 5] [--concurrency 1 32] [--only vae-serve litserve bentoml]
+    python -m bench.frameworks [--duration 5] [--concurrency 1 32] [--only vae-serve litserve bentoml]
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ import sys
 import tempfile
 import urllib.request
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.serve import (
     BOUNDARY,

@@ -38,8 +38,9 @@ def requests(quick: bool) -> list[tuple[str, str, str, bytes, dict[str, str]]]:
     """(label, method, path, body, headers) for each request of the issue's table that one client sends."""
     text_chunks = 50 if quick else 1000
     repeats = 1500 if quick else 12_000
-    many_files = b"".join(b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"d.png\"\r\n"
-                          b"Content-Type: image/png\r\n\r\n" + hostile.DIGIT + b"\r\n" for _ in range(64)) + b"--b--\r\n"
+    part = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="d.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + hostile.DIGIT + b"\r\n")
+    many_files = part * 64 + b"--b--\r\n"
     return [
         (f"1 PNG + {text_chunks} zTXt chunks", "POST", "/encode", hostile.text_bomb_png(text_chunks),
          {"content-type": "image/png"}),
@@ -103,8 +104,8 @@ def main() -> int:
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(proc, f"{base}/readyz", "server")
-        print(f"server: {args.repo} ({subprocess.run(['git', 'log', '-1', '--format=%h'], cwd=args.repo, text=True, "
-              "capture_output=True).stdout.strip()})")
+        commit = subprocess.run(["git", "log", "-1", "--format=%h"], cwd=args.repo, text=True, capture_output=True)
+        print(f"server: {args.repo} ({commit.stdout.strip()})")
         print("| request | status | answered in | /healthz stall | RSS before -> after |")
         print("| --- | --- | --- | --- | --- |")
         for label, method, path, body, headers in requests(args.quick):

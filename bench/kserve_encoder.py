@@ -2,7 +2,7 @@
 what a user would run instead of this service, on the same model and the same Open Inference
 Protocol payload. bench/frameworks.py starts it and measures it beside `vae-serve`.
 
-    python bench/kserve_encoder.py --http_port 8080 --model_path models/vae.pt
+    python -m bench.kserve_encoder --http_port 8080 --model_path models/vae.pt
 
 Logging as `vae-serve` runs in the benchmark: warnings only, no line per request.
 

@@ -2,7 +2,7 @@
 would write instead of this service, on the same model and the same JSON payload. bench/frameworks.py
 starts it and measures it beside `vae-serve`.
 
-    python bench/litserve_encoder.py --port 8080 --model-path models/vae.pt [--max-batch-size 64]
+    python -m bench.litserve_encoder --port 8080 --model-path models/vae.pt [--max-batch-size 64]
 
 Written as LitServe's docs write an image model: the request is JSON with the PNG in base64
 (LitServe takes JSON or forms, not a raw body), decoded with Pillow in `decode_request`, the

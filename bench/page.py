@@ -1,6 +1,6 @@
 """How quick the page at / feels, and what it costs to load, measured in a real browser (Debian's chromium).
 
-    python bench/page.py [--strokes 40] [--chromium /usr/bin/chromium]
+    python -m bench.page [--strokes 40] [--chromium /usr/bin/chromium]
 
 Starts vae-serve on the bundled models, opens the page, and prints:
 - the bytes the page transferred to show its first view (with the 2-D model's map, and without one);
@@ -16,9 +16,6 @@ import math
 import shutil
 import statistics
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from playwright.sync_api import Page, sync_playwright
 

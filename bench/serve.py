@@ -6,7 +6,7 @@ concurrencies, and prints requests/second and p50/p99 latency, each also as a ra
 to the bare upload endpoint measured in the same run. Run it with dynamic batching on
 and off (--batching both). Needs `wrk` (Debian: apt-get install wrk).
 
-    python bench/serve.py [--duration 5] [--concurrency 1 32 128] [--batching both] [--workers 1]
+    python -m bench.serve [--duration 5] [--concurrency 1 32 128] [--batching both] [--workers 1]
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
    trickle the body at one byte per second (the same run, the same server).
 2. Resident memory (VmRSS) with no connections, then with 3,000 idle ones open.
 
-    python bench/slow_clients.py [--duration 5] [--slow 400] [--idle 3000]
+    python -m bench.slow_clients [--duration 5] [--slow 400] [--idle 3000]
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import threading
 import time
 from pathlib import Path
 
-from serve import DIGIT, free_port, lua_script, start_server, stopping, wrk  # bench/serve.py: runs as a script
-from soak import rss_mb
+from bench.serve import DIGIT, free_port, lua_script, start_server, stopping, wrk
+from bench.soak import rss_mb
 
 
 def trickle(port: int, count: int, stop: threading.Event) -> list[socket.socket]:

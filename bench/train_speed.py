@@ -8,7 +8,7 @@ batch 128, Adam 1e-3) in the same process, one after the other:
   flatten, through torch.utils.data.DataLoader (shuffle, batch 128), as pytorch/examples'
   vae/main.py does (num_workers=1 on CUDA, 0 on CPU, like the seed).
 
-    python bench/train_speed.py --data-dir ../shared/data/mnist [--epochs 2] [--device auto]
+    python -m bench.train_speed --data-dir ../shared/data/mnist [--epochs 2] [--device auto]
 """
 
 from __future__ import annotations

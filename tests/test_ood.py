@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,6 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
-from bench.ood_students import parse
 from tests.conftest import DATA_DIR, TEST_DATA
 from training import anomaly, evaluate, fit_score, ood, ood_sets
 from training.ood_sets import build_sets, cached_sets, mnist_style
@@ -253,10 +251,3 @@ def test_suite_scores_are_the_artifacts_own_from_one_pass_once_checked(trained: 
     assert torch.equal(scores["bound"], table[:, 0]) and torch.equal(scores["fisher"], table[:, 1])
     assert counted.full_passes == (1 if tails_agree else 3)
 
-
-def test_the_student_bench_reads_recipes_and_refuses_what_it_cannot() -> None:
-    assert parse("t3") == {"teachers": 3, "mixup": False, "epochs": 0, "channels": 32}
-    assert parse("t5+mix+e12+c64") == {"teachers": 5, "mixup": True, "epochs": 12, "channels": 64}
-    for bad in ("t0", "3", "t3+mixup", "t3+e", "t3 +mix"):
-        with pytest.raises(argparse.ArgumentTypeError):
-            parse(bad)

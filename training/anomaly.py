@@ -141,7 +141,8 @@ def view_average(f: Callable[[Tensor], Tensor], maps: Tensor) -> Callable[[Tenso
     """`f` ([B, 1, 28, 28] -> [B, C], e.g. the head's logits) averaged over the views of each image: a
     digit stays the digit it is when turned or shifted a little, a glyph that only looks like one from
     one angle does not. With the head's logits as a teacher (`train_head`), it makes a one-pass head
-    that is better and steadier across seeds (docs/benchmarks.md, fifth round)."""
+    that is better and steadier across seeds than one trained on the labels alone
+    (docs/benchmarks.md#anomaly-detection)."""
     def averaged(x: Tensor) -> Tensor:
         return f(under_views(x, maps)).reshape(len(maps), x.reshape(-1, 1, 28, 28).shape[0], -1).mean(0)
     return averaged
@@ -208,7 +209,7 @@ def train_head(x: Tensor, y: Tensor, epochs: int, seed: int = 0, batch_size: int
 
     With a `teacher`, the squared error between the head's logits and the teacher's on the same batch
     is added: distillation, measured with a teacher that averages a head over 17 views of each image
-    (`bench/ood_views.py`). With `mixup` too, the student also matches the teacher (and only the
+    (`research/ood_views.py`). With `mixup` too, the student also matches the teacher (and only the
     teacher) on a blended copy of the batch (`mixed`). The batches are drawn on the CPU, so a seed
     gives the same batches on any `device`; the head comes back on the CPU."""
     torch.manual_seed(seed)
@@ -410,7 +411,7 @@ def fit(vae: VAEBase, train_x: Tensor, train_y: Tensor, calib_x: Tensor, k: int,
 
 def recipe(head_images: int, epochs: int, device: str | torch.device, distil_views: int = 0, distil_teachers: int = 1,
            distil_epochs: int | None = None, distil_mixup: bool = False, head_channels: int = 32) -> dict[str, Any]:
-    """meta.json's `fitted_on`: how the head was trained. The student options (`bench/ood_students.py`'s
+    """meta.json's `fitted_on`: how the head was trained. The student options (`research/ood_students.py`'s
     recipes) are left out at their defaults, so `fit`'s artifacts read as they did before those existed."""
     out: dict[str, Any] = {"head_images": head_images, "head_epochs": epochs}
     if distil_views:

@@ -13,8 +13,8 @@ al. (2019) with a background model. Here both are the served VAE's architecture,
 
 The statistic is -log p_digits(x) + log p_glyphs(x), each the IWAE bound with a fixed noise draw
 stored in the module (so it is the same batched or alone, and needs none of the served VAE's latent
-size). Nothing here is fitted to any set of the suite; docs/benchmarks.md (eighth round) has what it
-does there.
+size). Nothing here is fitted to any set of the suite; docs/benchmarks.md#anomaly-detection has what
+it does there.
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ def _has_glyph(font: ImageFont.FreeTypeFont, ch: str) -> bool:
 def render_glyphs(chars: str, fonts: list[Path | None], n: int,
                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """n images of characters drawn in the given fonts, each with a random weight, slant and rotation, and
-    which character each is: a set's misses are often a few characters drawn many times (bench/ood_tail.py)."""
+    which character each is: a set's misses are often a few characters drawn many times (research/ood_tail.py)."""
     loaded = [_font(f, 96) for f in fonts]
     pairs = [(font, ch) for font in loaded for ch in chars if _has_glyph(font, ch)]
     if not pairs:

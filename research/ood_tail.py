@@ -1,7 +1,7 @@
 """What an artifact's default score lets through of a set at the operating point of the issue's target:
 the whole 5% of each set that scores lowest, i.e. the images that decide its FPR at 95% TPR.
 
-    python bench/ood_tail.py models/vae.pt --sets other-scripts doodles --out docs/ood
+    python -m research.ood_tail models/vae.pt --sets other-scripts doodles --out docs/ood
 
 `vae-eval --ood --pictures` shows the 8 most normal images of each set; when a set misses the target,
 the question is whether those 8 are a sample of many kinds or the whole tail is one kind. Writes

@@ -11,8 +11,8 @@ With `--ood`, the pen-stroke sets of the anomaly suite (training/ood_sets.py) ar
 way and scored against the digits sent so: detection end to end, through the same preprocessing
 for both.
 
-    python bench/scan_fidelity.py models/vae.pt --data-dir ../shared/data/mnist --ood
-    python bench/scan_fidelity.py models/vae.pt --scale 8 --n 1000 --pages photo gradient vignette specks marker
+    python -m research.scan_fidelity models/vae.pt --data-dir ../shared/data/mnist --ood
+    python -m research.scan_fidelity models/vae.pt --scale 8 --n 1000 --pages photo gradient vignette specks marker
 """
 
 from __future__ import annotations
@@ -23,15 +23,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
 from app.contract import DEFAULT_ANOMALY_K
 from app.imaging import Preprocess, file_to_gray28
-from bench.ood_tail import tail_counts
+from research.ood_tail import tail_counts
 from training import export
 from training.anomaly import calibration_split, with_shared_noise
 from training.data import load_mnist, to_float

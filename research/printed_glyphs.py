@@ -5,8 +5,8 @@ sent as a PNG to the real app's `POST /anomaly-score` (in-process, bundled model
 `--models-dir`), and placed by each score's percentile of held-out MNIST digits. Printed digits
 should land low; "+", "x", "A"... high. The README's anomaly examples quote these figures.
 
-    python bench/printed_glyphs.py
-    python bench/printed_glyphs.py --chars '?+xAT' --fonts /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
+    python -m research.printed_glyphs
+    python -m research.printed_glyphs --chars '?+xAT' --fonts /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 """
 
 from __future__ import annotations

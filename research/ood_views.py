@@ -3,8 +3,8 @@ against the same score with its digit head's three statistics averaged over 17 v
 image (the image and 16 fixed turns, zooms and shifts), and against heads trained with the
 17-view average as a teacher, which cost one pass again.
 
-    python bench/ood_views.py models/vae.pt --data-dir ../shared/data/mnist
-    python bench/ood_views.py models/vae.pt --data-dir ../shared/data/mnist --distil-seeds 0 1 2 --device cuda
+    python -m research.ood_views models/vae.pt --data-dir ../shared/data/mnist
+    python -m research.ood_views models/vae.pt --data-dir ../shared/data/mnist --distil-seeds 0 1 2 --device cuda
 
 `--plain-seeds` trains heads the artifact's way with other seeds, for the spread. Prints, per
 score, the AUROC range and the FPR at 95% TPR on the pen-stroke sets, and the share of printed

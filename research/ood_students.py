@@ -1,7 +1,7 @@
 """The seventh round of docs/benchmarks.md#anomaly-detection, to rerun: distilled digit heads ("students")
 taught in other ways than the shipped one, each swapped into an artifact's `fisher` score.
 
-    python bench/ood_students.py models/vae.pt --data-dir ../shared/data/mnist --device cuda \\
+    python -m research.ood_students models/vae.pt --data-dir ../shared/data/mnist --device cuda \\
         --recipes t3+mix t3+mix+e12 t3 t3+mix+c64 t3+e12 --out /tmp/students
 
 A recipe is `+`-joined parts: `tN` the teacher is N heads (seeds S..S+N-1, S the artifact's seed)
@@ -12,7 +12,7 @@ channels (`DigitHead(channels=N)`; 32 shipped). Only `tN` alone is what `vae-fit
 other parts measured no better (the seventh round), so they live here, not in its options. Teachers
 are trained once and shared between recipes. Prints, per score, the AUROC range and FPR at 95% TPR
 on the pen-stroke sets, and the share of printed digits flagged at the p99 of the calibration half
-(`bench/ood_views.py`'s `report`). With `--out`, writes each student's artifact there, made by the
+(`research/ood_views.py`'s `report`). With `--out`, writes each student's artifact there, made by the
 same `assemble` as `vae-fit-score` and with the recipe in its `fitted_on`, for `vae-eval --ood`.
 Meant for a GPU: each student epoch costs 17 x N teacher passes per training image (a three-teacher
 student: 34 s for 4 epochs on an H200).
@@ -26,11 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
 from app.contract import DEFAULT_ANOMALY_K
-from bench.ood_views import ROOT, report, start
+from research.ood_views import ROOT, report, start
 from training import export, latent_map
 from training.anomaly import (
     METHOD,
