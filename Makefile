@@ -40,6 +40,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/docker-compose -f docker-compose.yml config -q
 	$(BIN)/docker-compose -f docker-compose.yml -f docker-compose.gpu.yml config -q

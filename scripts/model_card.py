@@ -23,7 +23,7 @@ def command(config: dict, out: str) -> str:
 
 
 def distilled(fitted: dict) -> str:
-    """How the head was taught, where it was distilled (vae-fit-score --distil-views)."""
+    """How the head was taught, where it was distilled (vae-build-score-base --distil-views)."""
     views = fitted.get("distilled_from_views")
     if not views:
         return ""
@@ -105,12 +105,15 @@ def main() -> None:
         "files written by the training run (`python scripts/model_card.py` regenerates this page).",
         "",
         "The anomaly scores (`fisher`, the default, and `bound`) were fitted into the two artifacts after",
-        "training, without changing the VAE's weights, on an H100: `vae-fit-score models/vae.pt --data-dir",
-        "../shared/data/mnist --distil-views 17 --distil-teachers 3 --device cuda` (78 s there) and the same",
-        "with one teacher for `vae-2d.pt` (44 s). The digit head is distilled from heads averaged over 17 views",
-        "of each image, which costs an hour or more on a CPU (docs/benchmarks.md#anomaly-detection).",
-        "`vae-train` fits the plain score at the end of a run (`--score-epochs`, default 4; about 5 minutes",
-        "here), and `scripts/train-models.sh` refits the distilled one where a GPU is present.",
+        "training, without changing the VAE's weights, their digit heads distilled on an H100 (78 s for `vae.pt`",
+        "with three teachers, 44 s for `vae-2d.pt` with one; today's command for that head is",
+        "`vae-build-score-base --distil-views 17 --distil-teachers 3 --device cuda`). The digit head is",
+        "distilled from heads averaged over 17 views of each image, which costs an hour or more on a CPU",
+        "(docs/benchmarks.md#anomaly-detection).",
+        "`vae`'s head and glyph ratio now ship on their own as the score base (`models/score-base-v1.pth`,",
+        "taken out of `vae.pt` with `vae-build-score-base --from-artifact models/vae.pt`): `vae-train` and",
+        "`vae-fit-score` fit the rest of the score around it in about a minute, with no fonts",
+        "(`vae-fit-score models/vae.pt` around it reproduces `vae.pt`'s calibration exactly).",
         "",
         "Data (SHA-256 of the uncompressed IDX files, recorded in every artifact):",
         "",

@@ -46,7 +46,7 @@ def test_doc_lists_exactly_the_contract() -> None:
 
 def test_fresh_artifact_keeps_the_contract(trained: Path) -> None:
     module, meta = export.load(trained / "deep-tiny.pt")
-    assert set(meta) == set(contract.META_KEYS) - {"anomaly_scores"}  # trained with --score-epochs 0
+    assert set(meta) == set(contract.META_KEYS) - {"anomaly_scores"}  # trained with --no-score
     for method in contract.METHODS:
         assert hasattr(module, method), method
     assert meta["input_shape"] == contract.INPUT_SHAPE

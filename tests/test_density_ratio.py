@@ -12,7 +12,7 @@ import torch
 
 from tests.conftest import DATA_DIR
 from training import export, glyph_pool, ood_sets
-from training.anomaly import STATISTICS, NoRatio, Tails, artifact_head
+from training.anomaly import STATISTICS, NoRatio, Tails, artifact_head, reference_split
 from training.density_ratio import GlyphRatio, train_density
 from training.fit_score import main as fit_score
 from training.glyph_pool import (
@@ -25,6 +25,7 @@ from training.glyph_pool import (
     printed_digits,
 )
 from training.model import VAE, DeepVAE
+from training.score_base import main as build_base
 from training.train import main as train
 
 # the suite's scripts and the scripts a reader would call their close relatives (a shared ancestor a few
@@ -85,15 +86,35 @@ def test_each_script_gets_its_share_of_the_pool(monkeypatch: pytest.MonkeyPatch)
     assert [name.removeprefix("NotoSans").split("-")[0] for name, _ in drawn] == list(OTHER_SCRIPTS)
 
 
-def test_missing_fonts_are_named_before_any_training(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_fonts_are_named_before_a_score_base_is_built_and_training_needs_none(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Fonts draw the ratio's glyphs: only `vae-build-score-base` needs them, and says so before it trains
+    anything. vae-train fits its score around a base and never draws a glyph."""
     monkeypatch.setattr(glyph_pool, "FONT_DIRS", [tmp_path])
+    monkeypatch.setattr(ood_sets, "FONT_DIRS", [tmp_path])
     with pytest.raises(MissingFonts, match="fonts-noto-core"):
         check_fonts()
-    assert fit_score(["no-such-model.pt"]) == 2  # refused before the artifact or the data is read
+    assert build_base(["--data-dir", str(tmp_path), "--out", str(tmp_path / "b.pth")]) == 2
     assert "fonts-noto-core" in capsys.readouterr().err
-    assert train(["--data-dir", str(tmp_path), "--out", str(tmp_path / "m.pt")]) == 2  # before training
-    assert "--ratio-epochs 0" in capsys.readouterr().err
+    assert train(["--data-dir", str(tmp_path), "--out", str(tmp_path / "m.pt"),
+                  "--score-base", str(tmp_path / "none.pth")]) == 2  # before training: no base
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "vae-build-score-base" in err and "none.pth" in err
+
+
+def test_vae_train_without_any_font_serves_the_fitted_score(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                           trained: Path) -> None:
+    """One epoch on 2,000 digits with no font installed: the default score is fitted around the base."""
+    monkeypatch.setattr(glyph_pool, "FONT_DIRS", [tmp_path])
+    monkeypatch.setattr(ood_sets, "FONT_DIRS", [tmp_path])
+    out = tmp_path / "fontless.pt"
+    assert train(["--data-dir", str(DATA_DIR), "--no-download", "--no-progress", "--epochs", "1", "--train-limit",
+                  "2000", "--eval-k", "4", "--eval-limit", "200", "--latent-dim", "2", "--hidden", "32",
+                  "--score-base", str(trained / "score-base.pth"), "--out", str(out)]) == 0
+    _, meta = export.load(out)
+    assert meta["anomaly_scores"]["default"] == "fisher"
+    assert meta["anomaly_scores"]["methods"]["fisher"]["fitted_on"]["reference_images"] == \
+        int((reference_split(60_000)[0] < 2000).sum())
 
 
 def test_the_ratio_is_the_glyph_models_bound_less_the_digit_models_with_its_own_noise() -> None:
@@ -137,34 +158,34 @@ def test_a_score_without_its_ratio_has_a_zero_column_that_fishers_sum_ignores() 
     assert torch.allclose(tails(s)[:, 0], Tails(reference[:, :1])(s[:, :1])[:, 0])
 
 
-def test_refitting_around_a_shipped_head_keeps_the_head_and_how_it_was_trained(trained: Path, tmp_path: Path) -> None:
-    """`vae-fit-score --keep-head`: the head's weights and its record survive; the rest is refitted."""
+def test_a_base_taken_from_an_artifact_refits_its_score_with_the_same_head_and_ratio(trained: Path,
+                                                                                     tmp_path: Path) -> None:
+    """`vae-build-score-base --from-artifact` then `vae-fit-score`: the head's and the ratio's weights and
+    their record survive; the mixture, the tails and the calibration are fitted again."""
     old, meta = export.load(trained / "vae.pt")
     x = torch.rand(4, 1, 28, 28)
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(artifact_head(old).statistics(x), old.head.statistics(x),
                                                        strict=True))
+    assert build_base(["--from-artifact", str(trained / "vae.pt"), "--out", str(tmp_path / "base.pth")]) == 0
     out = tmp_path / "refit.pt"
-    assert fit_score([str(trained / "vae.pt"), "--data-dir", str(DATA_DIR), "--keep-head", "--ratio-epochs", "0",
-                      "--train-limit", "2000", "--k", "8", "--no-progress", "--out", str(out)]) == 0
+    assert fit_score([str(trained / "vae.pt"), "--data-dir", str(DATA_DIR), "--score-base", str(tmp_path / "base.pth"),
+                      "--train-limit", "2000", "--k", "8", "--out", str(out)]) == 0
     new, new_meta = export.load(out)
     before, after = (m["anomaly_scores"]["methods"]["fisher"] for m in (meta, new_meta))
-    assert {k: v for k, v in after["fitted_on"].items() if k != "ratio"} == \
-        {k: v for k, v in before["fitted_on"].items() if k != "ratio"}
-    assert after["fitted_on"]["ratio"] is None and after["calibration"]["k"] == 8
+    assert after["fitted_on"] == before["fitted_on"] and after["calibration"]["k"] == 8
     eps = torch.randn(8, 4, 2, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        stats_old, stats_new = old.anomaly_statistics(x, eps), new.anomaly_statistics(x, eps)
-    assert torch.equal(stats_old[:, :5], stats_new[:, :5])  # the same VAE, head and mixture
-    assert torch.equal(stats_new[:, 5], torch.zeros(4))  # no ratio: NoRatio's column
+        assert torch.equal(old.anomaly_statistics(x, eps), new.anomaly_statistics(x, eps))  # same parts
 
 
 def test_a_trained_artifact_carries_its_ratio_and_says_what_it_saw(trained: Path) -> None:
-    """vae-train (tests/conftest.py: --ratio-epochs 1 --ratio-glyphs 480 --ratio-printed 100, 2,000 digits)."""
+    """vae-train around the tiny base (tests/conftest.py: --ratio-epochs 1 --ratio-glyphs 480 --ratio-printed 100,
+    the first 2,000 digits less the reference images)."""
     module, meta = export.load(trained / "vae.pt")
     fitted = meta["anomaly_scores"]["methods"]["fisher"]["fitted_on"]
-    assert fitted["ratio"] == {"digit_images": 2000 - 2000 // 6, "printed_digits": 100, "glyphs": 480, "scripts": 48,
-                               "epochs": 1, "k": 16, "device": "cpu"}
+    assert fitted["ratio"] == {"digit_images": int((reference_split(60_000)[1] < 2000).sum()), "printed_digits": 100,
+                               "glyphs": 480, "scripts": 48, "epochs": 1, "k": 16, "device": "cpu"}
     x = torch.rand(3, 1, 28, 28)
     eps = torch.randn(8, 3, 2, generator=torch.Generator().manual_seed(0))
     noise = module.ratio.noise.expand(16, 3, 32)

@@ -19,7 +19,7 @@ from training.distributed import World
 pytestmark = pytest.mark.slow
 # --device cpu: gloo processes, also on a machine with one GPU (two NCCL ranks would need two)
 ARGS = ["--data-dir", str(DATA_DIR), "--no-download", "--no-progress", "--train-limit", "4000", "--batch-size", "200",
-        "--eval-k", "4", "--eval-limit", "200", "--score-epochs", "0", "--latent-dim", "2", "--hidden", "64",
+        "--eval-k", "4", "--eval-limit", "200", "--no-score", "--latent-dim", "2", "--hidden", "64",
         "--device", "cpu"]
 # The ranks draw other noise (binarisation aside, the reparameterisation's z) for the same rows than one
 # process does, so the losses agree to the noise of a 4,000-image epoch, not to the bit: measured

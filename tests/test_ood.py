@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
 from tests.conftest import DATA_DIR, TEST_DATA
-from training import anomaly, evaluate, fit_score, ood, ood_sets
+from training import anomaly, evaluate, fit_score, ood, ood_sets, score_base
 from training.ood_sets import build_sets, cached_sets, mnist_style
 
 DIGIT = (TEST_DATA / "mnist_test_0_digit_7.png").read_bytes()
@@ -147,11 +147,11 @@ def test_statistic_names_come_from_meta_and_default_to_the_first_fitted_artifact
 
 
 @pytest.mark.slow
-def test_fit_score_can_distil_the_head_from_its_view_average(trained: Path, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_score_base_can_distil_the_head_from_its_view_average(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Two heads (seeds 0 and 1) are trained, then a third with their logits, each averaged over 3 views,
     averaged again as teacher."""
-    out = tmp_path / "distilled.pt"
+    out = tmp_path / "distilled.pth"
     train_head, teachers = anomaly.train_head, []
 
     def recording(*args: Any, **kwargs: Any) -> anomaly.DigitHead:
@@ -159,37 +159,34 @@ def test_fit_score_can_distil_the_head_from_its_view_average(trained: Path, tmp_
         teachers.append((args[3], None if teacher is None else teacher(torch.zeros(2, 1, 28, 28)).shape))
         return train_head(*args, **kwargs)
 
-    monkeypatch.setattr(anomaly, "train_head", recording)
-    assert fit_score.main([str(trained / "deep-tiny.pt"), "--data-dir", str(DATA_DIR), "--epochs", "1",
-                           "--train-limit", "1200", "--k", "8", "--out", str(out), "--no-progress",
-                           "--distil-views", "3", "--distil-teachers", "2", "--ratio-epochs", "0"]) == 0
-    module, meta = fit_score.export.load(out)
-    assert meta["anomaly_scores"]["methods"]["fisher"]["fitted_on"] == {
-        "head_images": 1000, "head_epochs": 1, "reference_images": 200, "seed": 0, "device": "cpu",
+    monkeypatch.setattr(score_base, "train_head", recording)
+    assert score_base.main(["--data-dir", str(DATA_DIR), "--epochs", "1", "--train-limit", "1200", "--out", str(out),
+                            "--no-progress", "--distil-views", "3", "--distil-teachers", "2",
+                            "--ratio-epochs", "0"]) == 0
+    base = score_base.ScoreBase.load(out)
+    assert base.fitted_on == {
+        "head_images": int((anomaly.reference_split(60_000)[1] < 1200).sum()), "head_epochs": 1, "device": "cpu",
         "torch": torch.__version__, "distilled_from_views": 3, "distilled_from_heads": 2, "ratio": None}
     assert teachers == [(0, None), (1, None), (0, (2, 11))]
-    x = torch.rand(3, 1, 28, 28)
-    assert module.anomaly_scores_with_noise(x, torch.randn(8, 3, 8)).isfinite().all()
+    assert base.ratio is None and base.head.statistics(torch.rand(3, 1, 28, 28))[0].isfinite().all()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
-def test_fit_score_refuses_cuda_without_a_gpu(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert fit_score.main([str(trained / "deep-tiny.pt"), "--device", "cuda"]) == 2
+def test_building_a_score_base_refuses_cuda_without_a_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    assert score_base.main(["--device", "cuda"]) == 2
     assert "torch.cuda.is_available() is False" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_fit_score_adds_the_score_to_an_old_artifact(trained: Path, tmp_path: Path) -> None:
     out = tmp_path / "deep-tiny.pt"
-    assert fit_score.main([str(trained / "deep-tiny.pt"), "--data-dir", str(DATA_DIR), "--epochs", "1",
-                           "--train-limit", "1200", "--k", "8", "--out", str(out), "--no-progress",
-                           "--ratio-epochs", "1", "--ratio-glyphs", "96", "--ratio-printed", "40"]) == 0
+    assert fit_score.main([str(trained / "deep-tiny.pt"), "--data-dir", str(DATA_DIR), "--train-limit", "1200",
+                           "--k", "8", "--out", str(out), "--score-base", str(trained / "score-base.pth")]) == 0
     module, meta = fit_score.export.load(out)
     assert meta["anomaly_scores"]["default"] == "fisher"
-    assert meta["anomaly_scores"]["methods"]["fisher"]["fitted_on"] == {
-        "head_images": 1000, "head_epochs": 1, "reference_images": 200, "seed": 0, "device": "cpu",
-        "torch": torch.__version__, "ratio": {"digit_images": 1000, "printed_digits": 40, "glyphs": 96,
-                                              "scripts": 48, "epochs": 1, "k": 16, "device": "cpu"}}
+    fitted = meta["anomaly_scores"]["methods"]["fisher"]["fitted_on"]
+    assert fitted == {**score_base.ScoreBase.load(trained / "score-base.pth").fitted_on, "seed": 0,
+                      "reference_images": int((anomaly.reference_split(60_000)[0] < 1200).sum())}
     x = torch.rand(3, 1, 28, 28)
     eps = torch.randn(8, 3, 8)
     scores = module.anomaly_scores_with_noise(x, eps)
@@ -214,9 +211,10 @@ def test_an_ensemble_teacher_is_the_mean_of_its_teachers_logits() -> None:
 
 
 @pytest.mark.parametrize("option", [["--distil-views", "-1"], ["--distil-teachers", "0"]])
-def test_fit_score_refuses_a_count_below_its_least(option: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+def test_building_a_score_base_refuses_a_count_below_its_least(option: list[str],
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
-        fit_score.main(["model.pt", *option])
+        score_base.main(option)
     assert e.value.code == 2 and option[0] in capsys.readouterr().err
 
 

@@ -120,10 +120,11 @@ def test_no_manifold_for_larger_latents(trained: Path) -> None:
 def test_resume_continues_from_checkpoint(trained: Path, tmp_path: Path) -> None:
     """Stopped after epoch 1 and resumed, a run is the run that never stopped: same batches, same noise
     (the CPU generator's state, and on a GPU the CUDA one's, travel in the checkpoint)."""
-    args = tiny_args(tmp_path / "stopped", "vae")
+    base = ["--score-base", str(trained / "score-base.pth")]
+    args = [*tiny_args(tmp_path / "stopped", "vae"), *base]
     assert train.main(args) == 0
     assert train.main([*args, "--epochs", "2", "--resume"]) == 0
-    assert train.main([*tiny_args(tmp_path / "straight", "vae"), "--epochs", "2"]) == 0
+    assert train.main([*tiny_args(tmp_path / "straight", "vae"), *base, "--epochs", "2"]) == 0
     stopped, straight = (json.loads((tmp_path / run / "vae.metrics.json").read_text())["epochs"]
                          for run in ("stopped", "straight"))
     assert [e["epoch"] for e in stopped] == [1, 2]

@@ -34,7 +34,6 @@ held-out MNIST test images (docs/artifact.md).
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from training.evaluate import calibration
+from training.calibration import calibration
 from training.model import VAEBase
 
 METHOD = "fisher"
@@ -298,8 +297,8 @@ class Tails(nn.Module):
 
 
 class NoRatio(nn.Module):
-    """The `ratio` column of a score fitted without it (`--ratio-epochs 0`, or no fonts to draw its
-    glyphs with): zero for every image, which Fisher's sum then ignores (its tail probability is 1)."""
+    """The `ratio` column of a score whose base was built without it (`vae-build-score-base --ratio-epochs 0`):
+    zero for every image, which Fisher's sum then ignores (its tail probability is 1)."""
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.zeros(x.reshape(-1, 784).shape[0], dtype=x.dtype, device=x.device)
@@ -362,53 +361,6 @@ def with_shared_noise(method: Any, x: Tensor, noise: Tensor, batch_size: int = 5
     return torch.cat([method(xb, noise.expand(k, xb.shape[0], d)) for xb in x.split(batch_size)])
 
 
-@dataclass(frozen=True)
-class RatioOptions:
-    """How the `ratio` statistic's two models are trained (training/density_ratio.py; the shipped ones:
-    the defaults, ~13 minutes on two CPU cores)."""
-
-    epochs: int = 40
-    glyphs: int = 60_000
-    printed: int = 20_000
-
-    def fit(self, digits_x: Tensor, seed: int, progress: bool, device: str | torch.device) -> tuple[nn.Module, dict]:
-        from training.density_ratio import fit_ratio  # draws glyphs with fontTools: only fitting needs it
-
-        return fit_ratio(digits_x, self.epochs, self.glyphs, self.printed, seed, progress=progress, device=device)
-
-
-def fit_ratio_or_none(ratio: RatioOptions | None, digits_x: Tensor, seed: int, progress: bool,
-                      device: str | torch.device) -> tuple[nn.Module | None, dict | None]:
-    """The `ratio` statistic and its `fitted_on` record, or (None, None) where the score goes without it."""
-    return ratio.fit(digits_x, seed, progress, device) if ratio else (None, None)
-
-
-def fit(vae: VAEBase, train_x: Tensor, train_y: Tensor, calib_x: Tensor, k: int, epochs: int, seed: int = 0,
-        reference_share: float = 1 / 6, progress: bool = True, distil_views: int = 0, distil_teachers: int = 1,
-        device: str | torch.device = "cpu", ratio: RatioOptions | None = None) -> tuple[ScoredVAE, dict[str, Any]]:
-    """Train the head on most training digits; take the tail references from the rest (held out from
-    the head, which would otherwise find them too familiar); calibrate both scores on `calib_x`.
-
-    With `distil_views` (17 measured: the image and 16 fixed turns, zooms and shifts), that head
-    then teaches a second one with its logits averaged over those views (`view_average`); the
-    second is kept. With `distil_teachers` N, heads of seeds seed+1 ... seed+N-1 are trained too and
-    the teacher is the mean of the N view averages (the shipped `vae`: 3). Each training image then
-    costs views x teachers teacher passes, so it is meant for a GPU (`device`). The `ratio` statistic's
-    two models are trained on the head's digits too (`RatioOptions`; None: left out, `NoRatio`)."""
-    ref_idx, head_idx = reference_split(train_x.shape[0], seed, reference_share)
-    hx, hy = train_x[head_idx], train_y[head_idx]
-    head = train_head(hx, hy, epochs, seed, progress=progress, device=device)
-    if distil_views:
-        maps = views(distil_views - 1, seed)
-        heads = [head] + [train_head(hx, hy, epochs, seed + i, progress=progress, device=device)
-                          for i in range(1, distil_teachers)]
-        teacher = ensemble([view_average(h.to(device), maps) for h in heads])
-        head = train_head(hx, hy, epochs, seed, progress=progress, teacher=teacher, device=device)
-    fitted_on = recipe(int(head_idx.numel()), epochs, device, distil_views, distil_teachers)
-    glyph_ratio, fitted_on["ratio"] = fit_ratio_or_none(ratio, hx, seed, progress, device)
-    return assemble(vae, head, train_x, train_y, ref_idx, calib_x, k, seed, fitted_on, glyph_ratio)
-
-
 def recipe(head_images: int, epochs: int, device: str | torch.device, distil_views: int = 0, distil_teachers: int = 1,
            distil_epochs: int | None = None, distil_mixup: bool = False, head_channels: int = 32) -> dict[str, Any]:
     """meta.json's `fitted_on`: how the head was trained. The student options (`research/ood_students.py`'s
@@ -428,8 +380,7 @@ def assemble(vae: VAEBase, head: DigitHead, train_x: Tensor, train_y: Tensor, re
     """The VAE, a trained head, the latent mixture and the `ratio` statistic (None: `NoRatio`) made one
     scored module: tails from the reference images `ref_idx` (which the head and the ratio's models must
     not have trained on), both scores calibrated on `calib_x`. Apart from `fit`, for benches that train
-    heads their own way and for refitting a shipped artifact around its own head (`vae-fit-score
-    --keep-head`)."""
+    heads their own way and for fitting a VAE's score around a score base (training/score_base.py)."""
     vae, head = vae.cpu().eval(), head.cpu().eval()
     with torch.no_grad():
         mu = torch.cat([vae.encode(xb)[0] for xb in train_x.split(1000)])
@@ -462,39 +413,12 @@ def calibration_split(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
     return perm[: n // 2], perm[n // 2 :]
 
 
-def attach(vae: VAEBase, meta: dict[str, Any], train_x: Tensor, train_y: Tensor, test_x: Tensor, k: int,
-           epochs: int, seed: int = 0, progress: bool = True, distil_views: int = 0, distil_teachers: int = 1,
-           device: str | torch.device = "cpu", ratio: RatioOptions | None = None) -> tuple[ScoredVAE, dict[str, Any]]:
-    """The VAE with its fitted score, and its meta.json with `anomaly_scores` and the bound's calibration
-    taken from the same held-out half of the test set."""
-    calib, _ = calibration_split(test_x.shape[0], seed)
-    model, block = fit(vae, train_x.cpu(), train_y.cpu(), test_x.cpu()[calib], k, epochs, seed, progress=progress,
-                       distil_views=distil_views, distil_teachers=distil_teachers, device=device, ratio=ratio)
-    return model, with_score(meta, block, test_x.shape[0], seed)
-
-
 def artifact_head(module: torch.jit.ScriptModule) -> DigitHead:
     """The digit head inside a scored artifact, as a trainable module again (its width read off its weights)."""
     state = {k.removeprefix("head."): v for k, v in module.state_dict().items() if k.startswith("head.")}
     head = DigitHead(features=state["classes.weight"].shape[1], channels=state["features.0.weight"].shape[0])
     head.load_state_dict(state)
     return head.eval()
-
-
-def reattach(vae: VAEBase, head: DigitHead, meta: dict[str, Any], train_x: Tensor, train_y: Tensor, test_x: Tensor,
-             k: int, progress: bool = True, device: str | torch.device = "cpu", ratio: RatioOptions | None = None,
-             ) -> tuple[ScoredVAE, dict[str, Any]]:
-    """The score refitted around a head that was fitted before (a GPU-distilled one, which a CPU cannot train
-    again in reasonable time): the same seed, so the same reference images and calibration half; a new
-    `ratio`, mixture and tails. meta.json keeps how the head was trained."""
-    fitted = meta["anomaly_scores"]["methods"][METHOD]["fitted_on"]
-    seed = int(fitted["seed"])
-    ref_idx, head_idx = reference_split(train_x.shape[0], seed)
-    fitted_on = {key: v for key, v in fitted.items() if key not in ("reference_images", "seed", "ratio")}
-    glyph_ratio, fitted_on["ratio"] = fit_ratio_or_none(ratio, train_x[head_idx], seed, progress, device)
-    calib, _ = calibration_split(test_x.shape[0], seed)
-    model, block = assemble(vae, head, train_x, train_y, ref_idx, test_x[calib], k, seed, fitted_on, glyph_ratio)
-    return model, with_score(meta, block, test_x.shape[0], seed)
 
 
 def with_score(meta: dict[str, Any], block: dict[str, Any], n_test: int, seed: int) -> dict[str, Any]:

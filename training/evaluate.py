@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from app.contract import CALIBRATION_PERCENTILES, DEFAULT_ANOMALY_K, META_FILE, calibration_block
+from app.contract import DEFAULT_ANOMALY_K, META_FILE
 from app.devices import NoGpu, resolve_device
+from training.calibration import calibration
 from training.data import DataError, batches, binarize, load_mnist, to_float
 from training.model import loss_function
 
@@ -49,14 +50,6 @@ def test_nll(model: Any, x: Tensor, k: int, device: torch.device, binarized: boo
     if binarized:  # drawn on the CPU: the same fixed draw, so the same figure, on every device
         x = binarize(x.cpu(), torch.Generator().manual_seed(seed))
     return -log_likelihoods(model, x, k, device, progress=progress).mean().item()
-
-
-def calibration(scores: Tensor, k: int, data: str = "MNIST test set, continuous pixels") -> dict[str, Any]:
-    """Quantiles of in-distribution anomaly scores: the service turns a score into a percentile with them."""
-    levels = torch.tensor(CALIBRATION_PERCENTILES, dtype=torch.float64) / 100
-    q = torch.quantile(scores.double(), levels).tolist()
-    return calibration_block(k, data, dict(zip(CALIBRATION_PERCENTILES, q, strict=True)),
-                             float(scores.mean()), float(scores.std()), int(scores.numel()))
 
 
 def evaluate(model: Any, test_x: Tensor, device: torch.device, nll_k: int, binarized: bool, limit: int | None = None,

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from app.contract import DEFAULT_ANOMALY_K, INPUT_SHAPE
 from app.devices import NoGpu, resolve_device
-from training import anomaly, distributed, export, glyph_pool, latent_map, plots
+from training import distributed, export, latent_map, plots, score_base
 from training.data import DataError, binarize, load_mnist, to_float
 from training.evaluate import evaluate
 from training.model import VAEBase, build, loss_function
@@ -53,10 +53,8 @@ class TrainConfig:
     out: Path = Path("models/vae.pt")
     resume: bool = False
     no_progress: bool = False
-    score_epochs: int = 4
-    ratio_epochs: int = anomaly.RatioOptions.epochs
-    ratio_glyphs: int = anomaly.RatioOptions.glyphs
-    ratio_printed: int = anomaly.RatioOptions.printed
+    score_base: Path = score_base.DEFAULT_PATH
+    no_score: bool = False
     world_size: int = 1  # processes the run was trained with (torchrun); --batch-size is their global batch
 
     def recorded(self) -> dict[str, Any]:
@@ -92,9 +90,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--out", type=Path, default=d.out)
     p.add_argument("--resume", action="store_true", help="continue from <out>.ckpt (written every epoch and on Ctrl-C)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
-    p.add_argument("--score-epochs", type=int, default=d.score_epochs,
-                   help="epochs of the anomaly score's digit head (training/anomaly.py); 0: serve the plain bound")
-    add_ratio_options(p, d.ratio_epochs)
+    p.add_argument("--score-base", type=Path, default=d.score_base,
+                   help="the anomaly score's parts that do not depend on the VAE (training/score_base.py; "
+                        "vae-build-score-base makes one): the run fits the rest around them")
+    p.add_argument("--no-score", action="store_true", help="no fitted anomaly score: serve the plain bound")
     return TrainConfig(**vars(p.parse_args(argv)), world_size=int(os.environ.get("WORLD_SIZE", "1")))
 
 
@@ -176,33 +175,13 @@ def save_checkpoint(path: Path, model: VAEBase, opt: torch.optim.Optimizer, sche
     tmp.replace(path)  # atomic: a Ctrl-C during the save never leaves half a checkpoint
 
 
-def add_ratio_options(p: argparse.ArgumentParser, epochs: int) -> None:
-    """The `ratio` statistic's flags, shared with vae-fit-score."""
-    d = anomaly.RatioOptions()
-    p.add_argument("--ratio-epochs", type=int, default=epochs,
-                   help="epochs of the two models of the score's glyphs-to-digits ratio (training/density_ratio.py); "
-                        "0: fit the score without it")
-    p.add_argument("--ratio-glyphs", type=int, default=d.glyphs, help="letters of other scripts its glyph model sees")
-    p.add_argument("--ratio-printed", type=int, default=d.printed, help="printed digits its digit model sees")
-
-
-def ratio_options(epochs: int, glyphs: int, printed: int) -> anomaly.RatioOptions | None:
-    """None (no `ratio`) for 0 epochs; otherwise checks now that its fonts are installed, before any training
-    that would be lost to a missing font package at the end."""
-    if epochs <= 0:
-        return None
-    glyph_pool.check_fonts()
-    return anomaly.RatioOptions(epochs, glyphs, printed)
-
-
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     name = cfg.out.stem
-    try:
-        if cfg.score_epochs > 0:
-            ratio_options(cfg.ratio_epochs, cfg.ratio_glyphs, cfg.ratio_printed)
-    except glyph_pool.MissingFonts as e:
-        print(f"error: {e}; or --ratio-epochs 0 to fit the score without its ratio", file=sys.stderr)
+    try:  # now, not after the training
+        base = None if cfg.no_score else score_base.ScoreBase.load(cfg.score_base)
+    except score_base.MissingScoreBase as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         device = resolve_device(cfg.device, fall_back=False)
@@ -282,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     train_y = data.train_labels[: cfg.train_limit]
-    finish(model, cfg, name, data.sha256, (train_x, train_y), test_x, data.test_labels, history, device)
+    finish(model, cfg, name, data.sha256, (train_x, train_y), test_x, data.test_labels, history, device, base)
     return 0
 
 
@@ -292,10 +271,14 @@ def say(world: distributed.World, message: str) -> None:
 
 
 def finish(model: VAEBase, cfg: TrainConfig, name: str, sha256: dict[str, str], train: tuple[Tensor, Tensor],
-           test_x: Tensor, test_labels: Tensor, history: list[dict[str, Any]], device: torch.device) -> None:
-    """Evaluate, fit the anomaly score, export, verify the export, draw, and write the metrics."""
+           test_x: Tensor, test_labels: Tensor, history: list[dict[str, Any]], device: torch.device,
+           base: score_base.ScoreBase | None) -> None:
+    """Evaluate, fit the anomaly score, export, verify the export, draw, and write the metrics; each phase's
+    time is printed (bench/train_time.py reads them)."""
     model.eval()
     train_x, train_y = train
+    phases: dict[str, float] = {}
+    t0 = time.perf_counter()
     print("evaluating on the test set ...", flush=True)
     metrics = evaluate(model, test_x, device, cfg.eval_k, cfg.binarize == "dynamic", cfg.eval_limit,
                        anomaly_k=DEFAULT_ANOMALY_K, progress=not cfg.no_progress)
@@ -314,13 +297,15 @@ def finish(model: VAEBase, cfg: TrainConfig, name: str, sha256: dict[str, str], 
         "torch_version": torch.__version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    phases["evaluation"] = time.perf_counter() - t0
     served: torch.nn.Module = model
-    if cfg.score_epochs > 0:
-        print("fitting the anomaly score ...", flush=True)
+    if base is not None:
+        t0 = time.perf_counter()
+        print("fitting the anomaly score around its base ...", flush=True)
         calib_x = test_x[: cfg.eval_limit] if cfg.eval_limit else test_x
-        ratio = ratio_options(cfg.ratio_epochs, cfg.ratio_glyphs, cfg.ratio_printed)
-        served, meta = anomaly.attach(model, meta, train_x, train_y, calib_x, DEFAULT_ANOMALY_K, cfg.score_epochs,
-                                      cfg.seed, progress=not cfg.no_progress, ratio=ratio)
+        served, meta = base.attach(model, meta, train_x, train_y, calib_x, DEFAULT_ANOMALY_K)
+        phases["anomaly score"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     # The test set's means, once: for the latent picture, and (2-D models) the page's latent map.
     model = model.cpu()
     mu = latent_map.means(model.encode, test_x.cpu())
@@ -331,6 +316,8 @@ def finish(model: VAEBase, cfg: TrainConfig, name: str, sha256: dict[str, str], 
     if diff > 1e-5:
         raise SystemExit(f"error: exported artifact differs from the eager model by {diff:.2e} (> 1e-5)")
 
+    phases["export and check"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     pictures = cfg.out.with_suffix("")  # models/vae.pt -> models/vae/
     pictures.mkdir(parents=True, exist_ok=True)
     plots.latent_scatter(mu, test_labels, pictures / "latent.png", name)
@@ -339,6 +326,7 @@ def finish(model: VAEBase, cfg: TrainConfig, name: str, sha256: dict[str, str], 
     plots.samples(model, cfg.latent_dim, pictures / "samples.png")
     plots.reconstructions(model, test_x.cpu(), pictures / "reconstructions.png")
     plots.loss_curves(history, pictures / "loss.png", name)
+    phases["pictures"] = time.perf_counter() - t0
 
     seconds = [h["seconds"] for h in history]
     report = {
@@ -354,6 +342,7 @@ def finish(model: VAEBase, cfg: TrainConfig, name: str, sha256: dict[str, str], 
         "pictures": sorted(str(p) for p in pictures.glob("*.png")),
     }
     cfg.out.with_suffix(".metrics.json").write_text(json.dumps(report, indent=2))
+    print("end phase: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()), flush=True)
     print(f"test neg-ELBO {metrics['neg_elbo']:.2f}, test NLL (k={cfg.eval_k}) {metrics['nll']:.2f} nats; "
           f"wrote {cfg.out}, {cfg.out.with_suffix('.metrics.json')} and {pictures}/*.png")
 
