@@ -10,6 +10,6 @@ if [ "${REBUILD_BASE:-0}" = 1 ]; then
   vae-build-score-base --data-dir "$DATA" --distil-views 17 --distil-teachers 3 --device cuda
 fi
 vae-train --data-dir "$DATA" --arch mlp --latent-dim 2 --hidden 512 --epochs 30 --lr 2e-3 --binarize none \
-  --seed 1 --out models/vae-2d.pt "$@"
+  --seed 1 --eval-k 1000 --out models/vae-2d.pt "$@"
 vae-train --data-dir "$DATA" --arch deep --latent-dim 32 --hidden 512 --iw-k 5 --binarize dynamic \
-  --schedule cosine --epochs 300 --seed 1 --out models/vae.pt "$@"
+  --schedule cosine --epochs 300 --seed 1 --eval-k 1000 --out models/vae.pt "$@"
