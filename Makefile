@@ -41,6 +41,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir $(abspath .site)
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/docker-compose -f docker-compose.yml config -q
 	$(BIN)/docker-compose -f docker-compose.yml -f docker-compose.gpu.yml config -q
@@ -66,4 +67,4 @@ docker-smoke:
 	bash scripts/docker-smoke.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache mutants .mutmut-artifacts node_modules
+	rm -rf $(VENV) .pytest_cache .ruff_cache mutants .mutmut-artifacts node_modules .site

@@ -1,7 +1,8 @@
-"""The README's curl examples with their real output, between its `examples` markers.
+"""The curl examples of README.md (one per endpoint) and docs/api.md (all of them) with their real
+output, between each page's `examples` markers.
 
-    python scripts/readme_examples.py --write   # run them against a service, put the output in README.md
-    python scripts/readme_examples.py --check   # run them, exit 1 if README.md says anything else
+    python scripts/readme_examples.py --write   # run them against a service, put the output in both pages
+    python scripts/readme_examples.py --check   # run them, exit 1 if either page says anything else
 
 Needs a service on the bundled models (`make serve`), at localhost:8000 or `--host`; the
 commands are shown with localhost:8000 whatever host ran them. Text must match exactly;
@@ -21,6 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+API_PAGE = REPO / "docs" / "api.md"
 START, END = "<!-- examples:start -->", "<!-- examples:end -->"
 D = "tests/data"
 ENCODE_JSON = ("curl -s -H 'Content-Type: application/json' -d \"{\\\"images\\\": [\\\"$(base64 -w0 "
@@ -63,11 +65,9 @@ EXAMPLES: list[tuple[str, str]] = [
      "bound finds it ordinary):",
      f"curl -s -X POST -H 'Content-Type: image/png' --data-binary @{D}/printed_question_mark.png "
      "'localhost:8000/anomaly-score?method=bound'"),
-    ("The default score puts it at the 75th percentile of MNIST digits, under the p99 threshold: printed, a "
-     "\"?\" is most of a 2, and this one passes for a digit. Printed \"+\", \"x\" and \"A\" (DejaVu Sans, "
-     "Liberation Serif) score at or above the 99.5th percentile, \"T\" at the 96th-100th, printed 2s, 3s, 4s "
-     "and 7s at the 3rd-92nd. How the score does on whole sets of such shapes: "
-     "[docs/benchmarks.md](docs/benchmarks.md#anomaly-detection).",
+    ("The default score puts it under the p99 threshold (its percentile below): printed, a \"?\" is most of "
+     "a 2, and this one passes for a digit. How the score does on whole sets of such shapes: "
+     "[the anomaly score](anomaly-score.md).",
      f"curl -s -X POST -H 'Content-Type: image/png' --data-binary @{D}/printed_question_mark.png "
      "localhost:8000/anomaly-score"),
     ("Why: input as seen, reconstruction and per-pixel -log p(x_i|z) for the question mark and a digit, as a PNG:",
@@ -93,9 +93,21 @@ EXAMPLES: list[tuple[str, str]] = [
 NUMBER = re.compile(r"-?\d+\.\d+(?:[eE][-+]?\d+)?")
 
 
-def run(host: str) -> str:
+# README.md: one example per endpoint, each also in docs/api.md's list above
+FRONT_PAGE = [
+    ("Ready, and with which models:", EXAMPLES[0][1]),
+    ("Encode a PNG to its posterior (the 2-D model keeps the output short):", EXAMPLES[2][1]),
+    ("Decode latents to a PNG grid:", EXAMPLES[5][1]),
+    ("Sample 16 digits (the same seed gives the same images):", EXAMPLES[7][1]),
+    ("Reconstruct a photographed digit on paper:", EXAMPLES[9][1]),
+    ("Score how unusual an image is (its percentile among held-out MNIST digits, and the flag):", EXAMPLES[10][1]),
+    ("The same through the Open Inference Protocol (a PNG as a BYTES tensor):", EXAMPLES[18][1]),
+]
+
+
+def run(host: str, examples: list[tuple[str, str]]) -> str:
     parts = []
-    for title, command in EXAMPLES:
+    for title, command in examples:
         done = subprocess.run(["bash", "-c", command.replace("localhost:8000", host)], cwd=REPO,
                               capture_output=True, text=True, timeout=60)
         output = (done.stdout + done.stderr).rstrip("\n").replace("\r", "")
@@ -103,6 +115,31 @@ def run(host: str) -> str:
             parts.append(title + "\n")
         parts.append(f"```console\n$ {command}\n{output}\n```\n")
     return "\n".join(parts)
+
+
+PRINTS = re.compile(r"On the bundled models it prints `([^`]*)`")
+
+
+def tritonclient_line(host: str, write: bool) -> bool:
+    """docs/api.md's tritonclient block, run as written against `host`: what it prints must be what the page
+    says it prints (with --write, the page is made to say it)."""
+    text = API_PAGE.read_text()
+    code = re.search(r"<!-- tritonclient:start -->\n```python\n(.*?)```", text, re.S)
+    said = PRINTS.search(text)
+    if code is None or said is None:
+        print("docs/api.md lost its tritonclient block or the line that says what it prints", file=sys.stderr)
+        return False
+    done = subprocess.run([sys.executable, "-c", code[1].replace('"localhost:8000"', repr(host))], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    printed = done.stdout.strip()
+    if write:
+        API_PAGE.write_text(text.replace(said[0], f"On the bundled models it prints `{printed}`"))
+        return True
+    if done.returncode == 0 and same(said[1], printed, 1e-4):
+        return True
+    print(f"docs/api.md says the tritonclient block prints {said[1]}; it printed {printed} {done.stderr[-500:]}",
+          file=sys.stderr)
+    return False
 
 
 def block(text: str) -> str:
@@ -125,23 +162,25 @@ def main() -> int:
     mode.add_argument("--check", action="store_true")
     p.add_argument("--host", default="localhost:8000")
     args = p.parse_args()
-    text = README.read_text()
-    fresh = run(args.host)
-    if args.write:
-        README.write_text(text[: text.index(START) + len(START)] + "\n\n" + fresh + "\n" + text[text.index(END):])
-        return 0
-    old = block(text)
-    if same(old, fresh.strip("\n")):
-        print("README examples: as the service answers")
-        return 0
-    for a, b in zip(old.splitlines(), fresh.splitlines(), strict=False):
-        if not same(a, b):
-            print(f"README says:  {a}\nservice says: {b}", file=sys.stderr)
-            break
-    print("README examples differ from the service's answers: python scripts/readme_examples.py --write",
-          file=sys.stderr)
-    return 1
-
+    failed = 0 if tritonclient_line(args.host, write=args.write) else 1
+    for page, examples in ((README, FRONT_PAGE), (API_PAGE, EXAMPLES)):
+        text = page.read_text()
+        fresh = run(args.host, examples)
+        if args.write:
+            page.write_text(text[: text.index(START) + len(START)] + "\n\n" + fresh + "\n" + text[text.index(END):])
+            continue
+        old = block(text)
+        if same(old, fresh.strip("\n")):
+            print(f"{page.relative_to(REPO)} examples: as the service answers")
+            continue
+        for a, b in zip(old.splitlines(), fresh.splitlines(), strict=False):
+            if not same(a, b):
+                print(f"{page.relative_to(REPO)} says: {a}\nservice says: {b}", file=sys.stderr)
+                break
+        print(f"{page.relative_to(REPO)}: examples differ from the service's answers: python "
+              "scripts/readme_examples.py --write", file=sys.stderr)
+        failed = 1
+    return failed
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,5 @@
-"""The README documents every setting, and its table is the one the Settings class produces."""
+"""The docs document every setting, with the table the Settings class produces; their examples are what the
+service answers; the site builds strictly."""
 
 from __future__ import annotations
 
@@ -12,16 +13,17 @@ from scripts.settings_table import table
 from tests.conftest import REPO, vae_serve
 
 
-def test_readme_configuration_table_matches_settings() -> None:
-    readme = (REPO / "README.md").read_text()
+def test_the_configuration_page_table_matches_settings() -> None:
+    page = (REPO / "docs" / "configuration.md").read_text()
     for name in Settings.model_fields:
-        assert f"`VAE_{name.upper()}`" in readme, name
-    assert table() in readme
+        assert f"`VAE_{name.upper()}`" in page, name
+    assert table() in page
 
 
 @pytest.mark.slow
-def test_readme_examples_are_what_the_service_answers() -> None:
-    """The README's curl examples, run against vae-serve on the bundled models (scripts/readme_examples.py)."""
+def test_readme_and_api_page_examples_are_what_the_service_answers() -> None:
+    """The curl examples of README.md and docs/api.md and the tritonclient block's printed line, run against
+    vae-serve on the bundled models (scripts/readme_examples.py)."""
     with vae_serve({"VAE_MODELS_DIR": str(REPO / "models")}) as (base, _):
         done = subprocess.run([sys.executable, "scripts/readme_examples.py", "--check", "--host",
                                base.removeprefix("http://")], cwd=REPO, capture_output=True, text=True, timeout=300)

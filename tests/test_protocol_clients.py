@@ -1,7 +1,7 @@
 """The Open Inference Protocol through clients nobody here wrote, against a real `vae-serve`:
 tritonclient[http] (binary tensors by default, and JSON) and kserve's InferenceRESTClient. Their
 answers must equal the REST endpoints' for the same images: encode to 1e-6, anomaly scores to
-1e-4 for the same seed. The README's tritonclient block is run as it is written."""
+1e-4 for the same seed. docs/api.md's tritonclient block is run as it is written."""
 
 from __future__ import annotations
 
@@ -132,16 +132,18 @@ def test_kserve_rest_client_v2(server: str, rest: dict[str, Any]) -> None:
     asyncio.run(main())
 
 
-def test_readme_tritonclient_block_runs_as_written(server: str, rest: dict[str, Any], monkeypatch) -> None:
-    readme = (REPO / "README.md").read_text()
-    block = re.search(r"<!-- tritonclient:start -->\n```python\n(.*?)```\n<!-- tritonclient:end -->", readme, re.S)
-    assert block, "README lost its tritonclient block"
+def test_the_docs_tritonclient_block_runs_as_written(server: str, rest: dict[str, Any], monkeypatch) -> None:
+    """docs/api.md's block, against the tiny test model (what it prints on the bundled models is checked by
+    scripts/readme_examples.py)."""
+    page = (REPO / "docs" / "api.md").read_text()
+    block = re.search(r"<!-- tritonclient:start -->\n```python\n(.*?)```\n<!-- tritonclient:end -->", page, re.S)
+    assert block, "docs/api.md lost its tritonclient block"
     code = block.group(1).replace('"localhost:8000"', repr(server.removeprefix("http://")))
     monkeypatch.chdir(REPO)
     printed = io.StringIO()
     namespace: dict[str, Any] = {}
     with contextlib.redirect_stdout(printed):
-        exec(compile(code, "README.md (tritonclient block)", "exec"), namespace)
+        exec(compile(code, "docs/api.md (tritonclient block)", "exec"), namespace)
     assert printed.getvalue().startswith("(1, 2) [")  # the tiny test model's latent_dim is 2
     seven = httpx.post(f"{server}/encode", content=(REPO / "tests/data/mnist_test_0_digit_7.png").read_bytes(),
                        headers={"content-type": "image/png"}).json()
