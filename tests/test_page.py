@@ -59,8 +59,8 @@ def browser() -> Iterator[Any]:
 class Page:
     """One browser tab on the page, with everything that went wrong on it."""
 
-    def __init__(self, browser: Any, base: str, viewport: dict[str, int], path: str = "/") -> None:
-        self.tab = browser.new_page(viewport=viewport)
+    def __init__(self, browser: Any, base: str, viewport: dict[str, int], path: str = "/", tab: Any = None) -> None:
+        self.tab = tab or browser.new_page(viewport=viewport)  # a tab given keeps its sessionStorage (an API key)
         self.problems: list[str] = []
         self.requests: list[str] = []
         self.tab.on("console", lambda m: m.type == "error" and self.problems.append(f"console: {m.text}"))
@@ -334,3 +334,26 @@ def test_the_layout_fits_and_is_pictured(browser: Any, base: str, tmp_path: Path
     p.tab.screenshot(path=str(shot), full_page=name == "phone")
     assert Image.open(shot).size[0] == viewport["width"]
     p.close()
+
+
+def test_with_api_keys_the_page_asks_for_one_and_then_works(browser: Any) -> None:
+    """VAE_API_KEYS set: the page's first call gets a 401 and shows the key form (labelled, reachable by
+    keyboard); with the key typed in, everything works as without keys, every call sending it."""
+    with vae_serve({"VAE_MODELS_DIR": str(REPO / "models"), "VAE_API_KEYS": "page-key"}) as (url, _):
+        tab = browser.new_page(viewport=DESKTOP)
+        errors: list[str] = []
+        tab.on("pageerror", lambda e: errors.append(str(e)))
+        tab.goto(url + "/")
+        tab.wait_for_selector("#key-form", state="visible")
+        tab.get_by_label("API key").fill("page-key")
+        tab.keyboard.press("Enter")  # submits the form: the key is kept for the tab, the page reloads
+        tab.wait_for_function("document.getElementById('model').disabled === false")
+        assert errors == []
+        page = Page(browser, url, DESKTOP, tab=tab)  # from here on, any failed call or console error fails
+        assert page.tab.locator("#key-form").is_hidden()
+        sent: list[str | None] = []
+        tab.on("request", lambda r: sent.append(r.headers.get("authorization")) if "/encode" in r.url else None)
+        page.stroke(ONE)
+        assert tab.inner_text("#verdict") == "Looks like an MNIST digit"
+        assert sent and all(h == "Bearer page-key" for h in sent)
+        page.close()
