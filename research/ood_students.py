@@ -26,10 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from app.contract import DEFAULT_ANOMALY_K
-from research.ood_views import ROOT, report, start
-from training import export, latent_map
-from training.anomaly import (
+from anomaly.fit import eager_vae
+from anomaly.score import (
     METHOD,
     DigitHead,
     assemble,
@@ -40,7 +38,9 @@ from training.anomaly import (
     views,
     with_score,
 )
-from training.fit_score import eager_vae
+from app.contract import DEFAULT_ANOMALY_K
+from research.ood_views import ROOT, report, start
+from training import export, latent_map
 
 RECIPE = re.compile(r"^t(\d+)((?:\+(?:mix|e\d+|c\d+))*)$")
 

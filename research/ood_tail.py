@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from anomaly.evaluate import FASHION_DIR, all_scores, detection_metrics, suite
+from anomaly.score import calibration_split
+from anomaly.suite import PEN_STROKES, sheet
 from app.contract import DEFAULT_ANOMALY_K
 from training import export
-from training.anomaly import calibration_split
 from training.data import load_mnist, to_float
-from training.ood import FASHION_DIR, all_scores, detection_metrics, suite
-from training.ood_sets import PEN_STROKES, sheet
 
 ROOT = Path(__file__).resolve().parent.parent
 

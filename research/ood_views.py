@@ -27,9 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from app.contract import DEFAULT_ANOMALY_K
-from training import export
-from training.anomaly import (
+from anomaly.evaluate import FASHION_DIR, detection_metrics, suite
+from anomaly.score import (
     METHOD,
     STATISTICS,
     DigitHead,
@@ -41,9 +40,10 @@ from training.anomaly import (
     views,
     with_shared_noise,
 )
+from anomaly.suite import PEN_STROKES
+from app.contract import DEFAULT_ANOMALY_K
+from training import export
 from training.data import MNIST, load_mnist, to_float
-from training.ood import FASHION_DIR, detection_metrics, suite
-from training.ood_sets import PEN_STROKES
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,7 @@ defaults) and is compared with the original: how far its centre of mass lands fr
 pixel error, whether the artifact's digit head still names the right digit, and the share each
 score flags at the artifact's p99 threshold (the originals' share is the floor: about 1%).
 
-With `--ood`, the pen-stroke sets of the anomaly suite (training/ood_sets.py) are sent the same
+With `--ood`, the pen-stroke sets of the anomaly suite (anomaly/suite.py) are sent the same
 way and scored against the digits sent so: detection end to end, through the same preprocessing
 for both.
 
@@ -27,14 +27,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from anomaly.evaluate import FASHION_DIR, detection_metrics, suite, thresholds
+from anomaly.score import calibration_split, with_shared_noise
+from anomaly.suite import PEN_STROKES
 from app.contract import DEFAULT_ANOMALY_K
 from app.imaging import Preprocess, file_to_gray28
 from research.ood_tail import tail_counts
 from training import export
-from training.anomaly import calibration_split, with_shared_noise
 from training.data import load_mnist, to_float
-from training.ood import FASHION_DIR, detection_metrics, suite, thresholds
-from training.ood_sets import PEN_STROKES
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from training import score_base, train
+from anomaly import base as score_base
+from training import train
 from training.data import MNIST, load_mnist
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ TINY_RUNS = {
     "deep-tiny": ["--arch", "deep", "--latent-dim", "8", "--hidden", "64", "--iw-k", "2", "--binarize", "dynamic",
                   "--no-score"],
 }
-# A score base of its own (training/score_base.py), built from 2,000 digits in seconds: the builder is
+# A score base of its own (anomaly/base.py), built from 2,000 digits in seconds: the builder is
 # tested too, and the tiny model's score is fitted around it as vae-train fits one around the shipped base.
 TINY_BASE = ["--train-limit", "2000", "--epochs", "1", "--ratio-epochs", "1", "--ratio-glyphs", "480",
              "--ratio-printed", "100", "--no-progress"]

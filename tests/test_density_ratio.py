@@ -1,5 +1,5 @@
-"""The `ratio` statistic (training/density_ratio.py) and the images its two models are trained on
-(training/glyph_pool.py): what it computes, which way it points, and that nothing it sees is a set, a
+"""The `ratio` statistic (anomaly/ratio.py) and the images its two models are trained on
+(anomaly/glyph_pool.py): what it computes, which way it points, and that nothing it sees is a set, a
 script or a font face of the evaluation suite."""
 
 from __future__ import annotations
@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import DATA_DIR
-from training import export, glyph_pool, ood_sets
-from training.anomaly import STATISTICS, NoRatio, Tails, artifact_head, reference_split
-from training.density_ratio import GlyphRatio, train_density
-from training.fit_score import main as fit_score
-from training.glyph_pool import (
+from anomaly import glyph_pool
+from anomaly import suite as ood_sets
+from anomaly.base import main as build_base
+from anomaly.fit import main as fit_score
+from anomaly.glyph_pool import (
     OTHER_SCRIPTS,
     SUITE_SCRIPTS,
     MissingFonts,
@@ -24,8 +23,11 @@ from training.glyph_pool import (
     printed_digit_fonts,
     printed_digits,
 )
+from anomaly.ratio import GlyphRatio, train_density
+from anomaly.score import STATISTICS, NoRatio, Tails, artifact_head, reference_split
+from tests.conftest import DATA_DIR
+from training import export
 from training.model import VAE, DeepVAE
-from training.score_base import main as build_base
 from training.train import main as train
 
 # the suite's scripts and the scripts a reader would call their close relatives (a shared ancestor a few

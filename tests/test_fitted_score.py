@@ -1,4 +1,4 @@
-"""The fitted anomaly score (training/anomaly.py): its parts pinned to values computed here, and the
+"""The fitted anomaly score (anomaly/score.py): its parts pinned to values computed here, and the
 service serving it from the artifact (method, calibration, batching, the picture)."""
 
 from __future__ import annotations
@@ -14,13 +14,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app import explain
-from app.imaging import Preprocess, file_to_tensor
-from app.main import create_app
-from app.settings import Settings
-from tests.conftest import REPO, TEST_DATA
-from training import export
-from training.anomaly import (
+from anomaly.score import (
     STATISTICS,
     DigitHead,
     LatentMixture,
@@ -36,6 +30,12 @@ from training.anomaly import (
     view_average,
     views,
 )
+from app import explain
+from app.imaging import Preprocess, file_to_tensor
+from app.main import create_app
+from app.settings import Settings
+from tests.conftest import REPO, TEST_DATA
+from training import export
 
 DIGITS = sorted(TEST_DATA.glob("mnist_test_*_digit_*.png"))
 DIGIT = DIGITS[0].read_bytes()

@@ -1,4 +1,4 @@
-"""The out-of-distribution suite (training/ood_sets.py) and `vae-eval --ood` over it."""
+"""The out-of-distribution suite (anomaly/suite.py) and `vae-eval --ood` over it."""
 
 from __future__ import annotations
 
@@ -11,11 +11,16 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from anomaly import base as score_base
+from anomaly import evaluate as ood
+from anomaly import fit as fit_score
+from anomaly import score as anomaly
+from anomaly import suite as ood_sets
+from anomaly.suite import build_sets, cached_sets, mnist_style
 from app.main import create_app
 from app.settings import Settings
 from tests.conftest import DATA_DIR, TEST_DATA
-from training import anomaly, evaluate, fit_score, ood, ood_sets, score_base
-from training.ood_sets import build_sets, cached_sets, mnist_style
+from training import evaluate
 
 DIGIT = (TEST_DATA / "mnist_test_0_digit_7.png").read_bytes()
 

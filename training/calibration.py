@@ -1,6 +1,6 @@
 """Calibration blocks of meta.json (their format: app/contract.py), from a model's scores on held-out images.
 
-A leaf: training/evaluate.py (the bound's calibration) and training/anomaly.py (the fitted score's)
+A leaf: training/evaluate.py (the bound's calibration) and anomaly/score.py (the fitted score's)
 both use it, and neither imports the other.
 """
 

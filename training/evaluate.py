@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ood", action="store_true", help="anomaly-detection evaluation of every score method on the "
-                   "out-of-distribution suite (training/ood_sets.py) instead of the NLL evaluation")
+                   "out-of-distribution suite (anomaly/suite.py) instead of the NLL evaluation")
     p.add_argument("--ood-k", type=int, default=DEFAULT_ANOMALY_K, help="k of the scores for --ood")
     p.add_argument("--ood-n", type=int, default=2000, help="images per out-of-distribution set")
     p.add_argument("--ood-cache", type=Path, default=Path("data/ood-sets.npz"),
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         model = torch.jit.load(str(path), map_location=device, _extra_files=extra).eval()
         meta = {**json.loads(extra[META_FILE] or "{}"), "name": label}
         if args.ood:
-            from training.ood import evaluate_suite, suite
+            from anomaly.evaluate import evaluate_suite, suite
 
             sets = suite(data.test_images.numpy(), args.fashion_dir, args.ood_cache, args.ood_n, args.seed)
             results += evaluate_suite(model, meta, to_float(data.test_images), sets, args.ood_k, args.seed,
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     if args.ood and args.markdown:
-        from training.ood import flagged_table, markdown
+        from anomaly.evaluate import flagged_table, markdown
 
         print("AUROC\n\n" + markdown(results, "auroc") + "\n\nFPR at 95% TPR\n\n" + markdown(results, "fpr_at_95_tpr")
               + "\n\nShare flagged at the p99 threshold\n\n" + markdown(results, "flagged_at_p99") + "\n\n"

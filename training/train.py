@@ -22,9 +22,11 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from anomaly.base import DEFAULT_PATH as SCORE_BASE
+from anomaly.base import MissingScoreBase, ScoreBase
 from app.contract import DEFAULT_ANOMALY_K, INPUT_SHAPE
 from app.devices import NoGpu, resolve_device
-from training import distributed, export, latent_map, plots, score_base
+from training import distributed, export, latent_map, plots
 from training.data import DataError, binarize, load_mnist, to_float
 from training.evaluate import evaluate
 from training.model import VAEBase, build, loss_function
@@ -53,7 +55,7 @@ class TrainConfig:
     out: Path = Path("models/vae.pt")
     resume: bool = False
     no_progress: bool = False
-    score_base: Path = score_base.DEFAULT_PATH
+    score_base: Path = SCORE_BASE
     no_score: bool = False
     world_size: int = 1  # processes the run was trained with (torchrun); --batch-size is their global batch
 
@@ -92,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--resume", action="store_true", help="continue from <out>.ckpt (written every epoch and on Ctrl-C)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
     p.add_argument("--score-base", type=Path, default=d.score_base,
-                   help="the anomaly score's parts that do not depend on the VAE (training/score_base.py; "
+                   help="the anomaly score's parts that do not depend on the VAE (anomaly/base.py; "
                         "vae-build-score-base makes one): the run fits the rest around them")
     p.add_argument("--no-score", action="store_true", help="no fitted anomaly score: serve the plain bound")
     return TrainConfig(**vars(p.parse_args(argv)), world_size=int(os.environ.get("WORLD_SIZE", "1")))
@@ -180,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     name = cfg.out.stem
     try:  # now, not after the training
-        base = None if cfg.no_score else score_base.ScoreBase.load(cfg.score_base)
-    except score_base.MissingScoreBase as e:
+        base = None if cfg.no_score else ScoreBase.load(cfg.score_base)
+    except MissingScoreBase as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
@@ -273,7 +275,7 @@ def say(world: distributed.World, message: str) -> None:
 
 def finish(model: VAEBase, cfg: TrainConfig, name: str, sha256: dict[str, str], train: tuple[Tensor, Tensor],
            test_x: Tensor, test_labels: Tensor, history: list[dict[str, Any]], device: torch.device,
-           base: score_base.ScoreBase | None) -> None:
+           base: ScoreBase | None) -> None:
     """Evaluate, fit the anomaly score, export, verify the export, draw, and write the metrics; each phase's
     time is printed (bench/train_time.py reads them)."""
     model.eval()

@@ -18,7 +18,7 @@ and noise but not things drawn with a pen. Six statistics each see a different f
   nearest digit's (Lee et al. 2018), the one of the three that printed digits pass. No letter,
   symbol, scribble or doodle is ever shown to it;
 - `ratio`: -log p_digits(x) + log p_glyphs(x), two more VAEs, one of digits (handwritten and printed),
-  one of letters of 48 scripts the evaluation suite does not use (training/density_ratio.py): the
+  one of letters of 48 scripts the evaluation suite does not use (anomaly/ratio.py): the
   likelihood with the simplicity of pen strokes divided out, which sees the closed pentagons and the
   hooked letters that the head takes for a 0 or a 7.
 
@@ -380,7 +380,7 @@ def assemble(vae: VAEBase, head: DigitHead, train_x: Tensor, train_y: Tensor, re
     """The VAE, a trained head, the latent mixture and the `ratio` statistic (None: `NoRatio`) made one
     scored module: tails from the reference images `ref_idx` (which the head and the ratio's models must
     not have trained on), both scores calibrated on `calib_x`. Apart from `fit`, for benches that train
-    heads their own way and for fitting a VAE's score around a score base (training/score_base.py)."""
+    heads their own way and for fitting a VAE's score around a score base (anomaly/base.py)."""
     vae, head = vae.cpu().eval(), head.cpu().eval()
     with torch.no_grad():
         mu = torch.cat([vae.encode(xb)[0] for xb in train_x.split(1000)])

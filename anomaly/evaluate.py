@@ -2,8 +2,8 @@
 
 The scores are exactly the service's: the artifact's own methods with one shared draw of noise
 per seed (app/inference.py). In-distribution: the half of the MNIST test set that no score was
-fitted or calibrated on (training/anomaly.py `calibration_split`). Out: the suite of
-training/ood_sets.py. Reported per model, method and set: AUROC and the false-positive rate at
+fitted or calibrated on (anomaly/score.py `calibration_split`). Out: the suite of
+anomaly/suite.py. Reported per model, method and set: AUROC and the false-positive rate at
 95% true-positive rate (anomalies are the positives), and the share flagged at the artifact's
 own p99 threshold: of the unseen MNIST half (should be ~1%), of each OOD set, and of digits
 printed in fonts (not anomalies: should stay low).
@@ -28,10 +28,10 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from torch import Tensor
 from tqdm import tqdm
 
+from anomaly.score import calibration_split
+from anomaly.suite import OodSet, build_sets, cached_sets, sheet
 from app.contract import BOUND, score_methods
-from training.anomaly import calibration_split
 from training.data import DataError, parse_idx, read_bytes, to_float
-from training.ood_sets import OodSet, build_sets, cached_sets, sheet
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 SEEN = {"mnist-rot90", "mnist-mirror"}  # broken the way the digit head's negatives are: not unseen
@@ -98,7 +98,7 @@ def all_scores(model: Any, meta: dict[str, Any], x: Tensor, k: int, seed: int = 
 
 def fisher_table(model: Any, stats: Tensor) -> Tensor:
     """What a fitted artifact's `anomaly_scores_with_noise` returns, from its `anomaly_statistics`: the
-    bound, and -sum of the statistics' log tail probabilities (training/anomaly.py's ScoredVAE). Both
+    bound, and -sum of the statistics' log tail probabilities (anomaly/score.py's ScoredVAE). Both
     methods run the whole model, k decoder passes each, so scoring from one halves the suite's time;
     `all_scores` takes this path only once it gave the artifact's own answer bit for bit."""
     return torch.stack([stats[:, 0], -model.tails(stats).sum(dim=1)], dim=1)

@@ -1,8 +1,8 @@
 """The part of the default anomaly score that does not depend on the VAE it scores, built once and shipped.
 
-The score (training/anomaly.py) combines six statistics. Two of its parts are the same whatever VAE
+The score (anomaly/score.py) combines six statistics. Two of its parts are the same whatever VAE
 they are attached to: the digit head (a CNN that names the digit, or a broken one) and the
-glyphs-to-digits likelihood ratio's two models (training/density_ratio.py). Both train on MNIST
+glyphs-to-digits likelihood ratio's two models (anomaly/ratio.py). Both train on MNIST
 and on glyphs drawn from Debian's fonts, for about 15 minutes on two cores. So they are trained
 once, saved as a versioned file beside the models (`models/score-base-v1.pth`, this repository
 ships one) and reused by `vae-train` and `vae-fit-score`, which then fit only what depends on the
@@ -26,9 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from app.devices import NoGpu, resolve_device
-from training import export
-from training.anomaly import (
+from anomaly.ratio import HIDDEN, LATENT, GlyphRatio
+from anomaly.score import (
     METHOD,
     DigitHead,
     ScoredVAE,
@@ -43,8 +42,9 @@ from training.anomaly import (
     views,
     with_score,
 )
+from app.devices import NoGpu, resolve_device
+from training import export
 from training.data import DataError, load_mnist, to_float
-from training.density_ratio import HIDDEN, LATENT, GlyphRatio
 from training.model import DeepVAE, VAEBase
 
 FORMAT = "mnist-vae-score-base"
@@ -157,7 +157,7 @@ def build(train_x: Tensor, train_y: Tensor, epochs: int, seed: int, ratio_epochs
     fitted_on = recipe(int(head_idx.numel()), epochs, device, distil_views, distil_teachers)
     ratio, fitted_on["ratio"] = None, None
     if ratio_epochs > 0:
-        from training.density_ratio import fit_ratio  # draws glyphs with fontTools from Debian's fonts
+        from anomaly.ratio import fit_ratio  # draws glyphs with fontTools from Debian's fonts
 
         ratio, fitted_on["ratio"] = fit_ratio(hx, ratio_epochs, glyphs, printed, seed, progress=progress,
                                               device=device)
@@ -165,7 +165,7 @@ def build(train_x: Tensor, train_y: Tensor, epochs: int, seed: int, ratio_epochs
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.glyph_pool import MissingFonts, check_fonts
+    from anomaly.glyph_pool import MissingFonts, check_fonts
 
     p = argparse.ArgumentParser(prog=BUILD, description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=DEFAULT_PATH)
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --distil-views: the teacher is N heads (seeds SEED..SEED+N-1), their view averages "
                         "averaged")
     p.add_argument("--ratio-epochs", type=int, default=40,
-                   help="epochs of the ratio's two models (training/density_ratio.py); 0: a base without the ratio")
+                   help="epochs of the ratio's two models (anomaly/ratio.py); 0: a base without the ratio")
     p.add_argument("--ratio-glyphs", type=int, default=60_000, help="letters of other scripts its glyph model sees")
     p.add_argument("--ratio-printed", type=int, default=20_000, help="printed digits its digit model sees")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="where the parts train")

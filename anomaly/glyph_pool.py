@@ -1,4 +1,4 @@
-"""Training images for the density-ratio statistic (training/density_ratio.py): glyphs of scripts the OOD
+"""Training images for the density-ratio statistic (anomaly/ratio.py): glyphs of scripts the OOD
 suite does not use, and digits printed in the font faces it does not use.
 
 Both are drawn exactly as the suite's glyph sets are (`ood_sets.render_glyphs`: random weight, slant and
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.ood_sets import DIGITS, FONT_DIRS, FONT_FILES, SCRIPT_FONTS, render_glyphs
+from anomaly.suite import DIGITS, FONT_DIRS, FONT_FILES, SCRIPT_FONTS, render_glyphs
 
 NOTO = "truetype/noto"
 # Noto Sans families, one per script; their Regular and Bold faces are used where installed.

@@ -7,7 +7,7 @@ general-domain model cancels what the two share (thin strokes on black, few of t
 box) and leaves the shape: Schirrmeister et al. (2020) with a general model of natural images, Ren et
 al. (2019) with a background model. Here both are the served VAE's architecture, trained from scratch:
 
-- `digits`: MNIST training digits and digits printed in fonts (training/glyph_pool.py), so that a
+- `digits`: MNIST training digits and digits printed in fonts (anomaly/glyph_pool.py), so that a
   printed 7 is a digit to it and the font's crisp edges do not count as evidence against a digit;
 - `glyphs`: letters of 48 scripts the OOD suite does not use, printed the same way.
 
@@ -27,8 +27,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from anomaly.glyph_pool import OTHER_SCRIPTS, other_script_glyphs, printed_digits
 from training.data import binarize
-from training.glyph_pool import OTHER_SCRIPTS, other_script_glyphs, printed_digits
 from training.model import DeepVAE, VAEBase, loss_function
 
 LATENT, HIDDEN = 32, 512  # the shipped `vae`'s architecture

@@ -1,7 +1,7 @@
-"""`vae-fit-score MODEL.pt`: fit the default anomaly score (training/anomaly.py) into an existing artifact.
+"""`vae-fit-score MODEL.pt`: fit the default anomaly score (anomaly/score.py) into an existing artifact.
 
 vae-train does this at the end of every run; this command does it for an artifact that was exported
-before, from the artifact, the score base (training/score_base.py) and the data, without retraining the
+before, from the artifact, the score base (anomaly/base.py) and the data, without retraining the
 VAE: the latent mixture, the tails and the calibration, in about a minute on a CPU.
 """
 
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
+from anomaly.base import DEFAULT_PATH, MissingScoreBase, ScoreBase
 from app.contract import DEFAULT_ANOMALY_K
-from training import export, latent_map, score_base
+from training import export, latent_map
 from training.data import DataError, load_mnist, to_float
 from training.model import VAEBase, build
 
@@ -33,16 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="vae-fit-score", description=__doc__.splitlines()[0])
     p.add_argument("model", type=Path)
     p.add_argument("--data-dir", type=Path, default=Path("data/mnist"))
-    p.add_argument("--score-base", type=Path, default=score_base.DEFAULT_PATH,
+    p.add_argument("--score-base", type=Path, default=DEFAULT_PATH,
                    help="the score's parts that do not depend on the VAE (vae-build-score-base makes one)")
     p.add_argument("--k", type=int, default=DEFAULT_ANOMALY_K, help="importance samples of the bound")
     p.add_argument("--train-limit", type=int, default=None, help="fit on the first N training images only (smoke runs)")
     p.add_argument("--out", type=Path, default=None, help="where to write (default: replace MODEL)")
     args = p.parse_args(argv)
     try:
-        base = score_base.ScoreBase.load(args.score_base)
+        base = ScoreBase.load(args.score_base)
         data = load_mnist(args.data_dir, allow_download=False)
-    except (score_base.MissingScoreBase, DataError) as e:
+    except (MissingScoreBase, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     module, meta = export.load(args.model)
