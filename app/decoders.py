@@ -26,7 +26,7 @@ from collections.abc import Callable
 import numpy as np
 import pebble
 
-from app.exceptions import ComputeTimeout, UndecodableImage
+from app.exceptions import ComputeTimeout, ImageTooLarge, UndecodableImage
 from app.preprocess import Preprocess, files_to_grays
 
 Decode = Callable[[list[bytes], int, Preprocess], np.ndarray]
@@ -46,7 +46,7 @@ def memory_budget(max_pixels: int) -> int:
 
 def _limit_memory(budget: int) -> None:
     """In each decoder process, once: its address space may grow by `budget` bytes beyond what the
-    fork server's imports already map (torch's libraries alone map gigabytes it never touches)."""
+    fork server's imports (Pillow, numpy and its BLAS) already map."""
     with open("/proc/self/statm") as f:
         mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
     limit = mapped + budget
@@ -81,6 +81,9 @@ class DecoderPool:
             raise ComputeTimeout(f"images not decoded within {self.timeout_s:g} s (VAE_REQUEST_TIMEOUT_S)") from None
         except pebble.ProcessExpired as e:  # killed from outside, or a crash in a C decoder
             raise UndecodableImage(f"the decoder process ended ({e}) on this image") from e
+        except MemoryError as e:  # over the process's budget anywhere in preprocessing, not only in Pillow
+            raise ImageTooLarge("preprocessing this image needs more memory than a decoder process may use "
+                                "(VAE_MAX_IMAGE_PIXELS sets both)") from e
 
     def close(self) -> None:
         """Stop every process now, running decodes included: nothing waits for a bomb to finish."""

@@ -19,7 +19,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI
 
-from app import draining, errors, tuning
+from app import draining, errors, supervisor, tuning
 from app.access import AccessMiddleware, AccessRules
 from app.api.routes import docs, model, ops, page, v2
 from app.artifacts import ModelLoadError, load_models, warm_up
@@ -65,6 +65,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.image_reader = reader
     tuning.freeze_startup_objects()
     app.state.ready = True
+    supervisor.mark_ready()
     try:
         with draining.drain_on_sigterm(app.state.drain, settings.drain_delay_s):
             yield

@@ -11,7 +11,8 @@ What it tells the world:
   app/draining.py says); 3, uvicorn's status for a failed start-up, when no worker can
   start: an orchestrator restarts the pod, and the log says why;
 - a status file (VAE_SUPERVISOR_STATUS, set for the workers) that /readyz adds to its
-  answer: how many workers are configured and running, and which are failing;
+  answer: how many workers are configured, running and ready (each worker says so through
+  `mark_ready`), and which are failing to start;
 - the Prometheus files of a dead worker are marked dead (prometheus-client's
   multiprocess mode), so that its in-flight gauge no longer counts.
 
@@ -59,9 +60,10 @@ def serve(config: uvicorn.Config, sockets: list[socket.socket]) -> None:
 class Worker:
     index: int
     process: BaseProcess | None = None
-    failed_starts: int = 0  # in a row; 0 once a start did not end in a start-up failure
+    failed_starts: int = 0  # in a row; back to 0 once a start reaches ready
     start_at: float = 0.0  # monotonic time of the next start while no process runs
     last_exit: int | None = None
+    ready: bool = False  # its current process has said so (mark_ready)
 
 
 class Supervisor:
@@ -91,6 +93,9 @@ class Supervisor:
                 if worker.process.exitcode is not None:
                     self._ended(worker)
                     changed = True
+            for worker in running:
+                if worker.process is not None and not worker.ready and self._says_ready(worker.process):
+                    worker.ready, worker.failed_starts, changed = True, 0, True
             if not self.received:
                 for worker in self.workers:
                     if worker.process is None and time.monotonic() >= worker.start_at:
@@ -108,12 +113,17 @@ class Supervisor:
     def _start(self, worker: Worker, sockets: list[socket.socket]) -> None:
         worker.process = _spawn.Process(target=serve, args=(self.config, sockets), name=f"worker-{worker.index}")
         worker.process.start()
+        worker.ready = False
+
+    def _says_ready(self, process: BaseProcess) -> bool:
+        return (self.status_file.parent / f"ready-{process.pid}").exists()
 
     def _ended(self, worker: Worker) -> None:
         process = worker.process
         assert process is not None and process.pid is not None
         process.join()
-        worker.process, worker.last_exit = None, process.exitcode
+        worker.process, worker.last_exit, worker.ready = None, process.exitcode, False
+        (self.status_file.parent / f"ready-{process.pid}").unlink(missing_ok=True)
         if multiprocess_dir() is not None:
             multiprocess.mark_process_dead(process.pid)
         if self.received:
@@ -145,7 +155,8 @@ class Supervisor:
     def _write_status(self) -> None:
         status = {
             "configured": len(self.workers),
-            "running": sum(w.process is not None for w in self.workers),
+            "running": sum(w.process is not None for w in self.workers),  # started, or starting
+            "ready": sum(w.ready for w in self.workers),
             # whose last start failed, while it waits for its next try or tries again
             "failing": [{"worker": w.index, "exit_code": w.last_exit, "failed_starts": w.failed_starts}
                         for w in self.workers if w.failed_starts],
@@ -153,6 +164,14 @@ class Supervisor:
         temporary = self.status_file.with_suffix(".tmp")
         temporary.write_text(json.dumps(status))
         temporary.replace(self.status_file)  # readers never see half a file
+
+
+def mark_ready() -> None:
+    """Called by a worker's app once its models are loaded: the supervisor counts it ready (and a worker
+    that failed to start before, as recovered). Nothing to do when not run by this supervisor."""
+    path = os.environ.get(STATUS_ENV)
+    if path:
+        (Path(path).parent / f"ready-{os.getpid()}").touch()
 
 
 def status() -> dict | None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from app.decoders import DecoderPool, default_processes
-from app.exceptions import ComputeTimeout
+from app.exceptions import ComputeTimeout, ImageTooLarge
 from app.imaging import file_to_tensor
 from app.inputs import ImageReader
 from app.preprocess import Preprocess
@@ -69,11 +69,11 @@ def test_a_decode_past_its_deadline_is_a_504_and_its_process_is_replaced() -> No
     assert next_one < 10.0
 
 
-def test_a_decode_that_needs_more_memory_than_its_budget_fails_in_its_own_process() -> None:
+def test_a_decode_that_needs_more_memory_than_its_budget_is_a_413_in_its_own_process() -> None:
     pool = DecoderPool(10**6, timeout_s=30, processes=1, decode=pid_or_hang)
 
     async def main() -> None:
-        with pytest.raises(MemoryError):
+        with pytest.raises(ImageTooLarge):
             await pool.decode([b"allocate"], Preprocess())
         await pool.decode([b"pid"], Preprocess())  # and the process still serves
 

@@ -200,6 +200,7 @@ def test_a_dead_workers_metrics_are_cleared_and_a_worker_that_cannot_restart_lea
                 break
             time.sleep(0.5)
         assert ready["workers"]["configured"] == 2 and ready["workers"]["failing"][0]["exit_code"] == 3
+        assert ready["workers"]["ready"] == 1  # the healthy one; the failing one is retried, never ready
         for _ in range(10):  # the healthy worker keeps serving
             assert httpx.post(f"{base}/encode", content=DIGIT, headers=PNG).status_code == 200
         metrics = httpx.get(f"{base}/metrics").text
