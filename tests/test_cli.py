@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -18,6 +19,16 @@ from app.tuning import thread_counts
 from tests.conftest import REPO, TEST_DATA, vae_serve
 
 DIGIT = (TEST_DATA / "mnist_test_0_digit_7.png").read_bytes()
+
+
+@pytest.fixture(autouse=True)
+def environment_restored() -> Iterator[None]:
+    """vae-serve writes its settings into the environment for its workers (VAE_ALLOWED_HOSTS among
+    them): what cli.main writes here must not reach the tests that follow."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_workers_share_the_cores(monkeypatch) -> None:
