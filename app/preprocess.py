@@ -121,7 +121,7 @@ def _decode_pillow(data: bytes, max_pixels: int) -> np.ndarray:
     """Pillow's decoders, with the pixel limit checked by Pillow itself as it opens each image: some
     plugins decode while they open (an ICO's embedded PNG), and an image inside another (ICO, ICNS,
     MPO) is opened the same way, so a check after `Image.open` would come too late."""
-    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow warns above it; the warning is an error here
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels  # Pillow warns above it: an error here
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -144,6 +144,8 @@ def _decode_pillow(data: bytes, max_pixels: int) -> np.ndarray:
                             "(VAE_MAX_IMAGE_PIXELS sets both)") from e
     except (OSError, SyntaxError, ValueError, EOFError, RecursionError, struct.error) as e:
         raise UndecodableImage(f"{type(e).__name__}: {e}") from e
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous  # a process-wide setting: Pillow elsewhere keeps its own
 
 
 def check_pixels(width: int, height: int, max_pixels: int) -> None:
