@@ -66,7 +66,8 @@ def test_slow_uploads_beyond_the_in_flight_limit_do_not_stop_fast_requests(serve
     slow = []
     for _ in range(12):  # three times VAE_MAX_IN_FLIGHT
         s = connect(server)
-        s.sendall(b"POST /encode HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\nx")
+        s.sendall(b"POST /encode HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                  b"Content-Length: 100000\r\n\r\nx")
         slow.append(s)
     time.sleep(0.3)
     with ThreadPoolExecutor(3) as pool:  # fewer than VAE_MAX_IN_FLIGHT: none is refused for load
@@ -82,7 +83,7 @@ def test_slow_uploads_beyond_the_in_flight_limit_do_not_stop_fast_requests(serve
 
 def test_a_head_that_never_finishes_is_cut_off(server: str) -> None:
     s = connect(server)
-    s.sendall(b"POST /encode HTTP/1.1\r\nHost: t\r\n")  # and never the rest
+    s.sendall(b"POST /encode HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the rest
     data, took = answer(s, within=5)
     assert data.startswith(b"HTTP/1.1 408 Request Timeout") and b"VAE_HEADER_TIMEOUT_S" in data
     assert 0.8 < took < 3
@@ -90,11 +91,11 @@ def test_a_head_that_never_finishes_is_cut_off(server: str) -> None:
 
 def test_an_oversized_head_is_refused(server: str) -> None:
     s = connect(server)
-    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 10_000 + b"\r\n\r\n")
+    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 10_000 + b"\r\n\r\n")
     data, _ = answer(s, within=5)
     assert data.startswith(b"HTTP/1.1 431 ") and b"VAE_MAX_HEADER_BYTES" in data
     s = connect(server)  # the same head, trickled in pieces, is refused as soon as it is too large
-    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: ")
+    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ")
     for _ in range(5):
         s.sendall(b"a" * 1000)
         time.sleep(0.05)
