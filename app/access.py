@@ -45,7 +45,8 @@ class AccessRules:
 
     @classmethod
     def parse(cls, hosts: str, origins: str, keys: Iterable[str], open_ops: bool = True) -> AccessRules:
-        return cls(_split(hosts) or ("*",), _split(origins), tuple(k.encode() for k in keys if k), open_ops)
+        """From the settings' text; `keys` as Settings.api_key_list gives them (stripped, none empty)."""
+        return cls(_split(hosts) or ("*",), _split(origins), tuple(k.encode() for k in keys), open_ops)
 
     def needs_key(self, path: str) -> bool:
         if not self.keys or path in PAGE_PATHS or path.startswith(PAGE_PREFIXES):

@@ -47,14 +47,18 @@ def is_fast_png(data: bytes, header: PngHeader | None) -> bool:
 
 
 def _fast_png(data: bytes, header: PngHeader | None) -> np.ndarray | None:
-    """8-bit grayscale 28x28 PNG (what MNIST tooling writes) decoded by libpng via torchvision.
+    """The pixels of a PNG that `is_fast_png` admits, decoded by libpng; None for any other file."""
+    return _libpng_gray(data) if is_fast_png(data, header) else None
+
+
+def _libpng_gray(data: bytes) -> np.ndarray | None:
+    """8-bit grayscale 28x28 PNG (what MNIST tooling writes) decoded by libpng via torchvision, for a
+    file already found to be one (`is_fast_png`).
 
     The op is called directly: torchvision's Python wrapper adds a deprecation warning
     and usage logging that cost as much as the decode itself. It applies a PNG's EXIF
     orientation, as the Pillow path does for every format (about 1 us more).
     """
-    if not is_fast_png(data, header):
-        return None
     try:
         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         return _decode_png(encoded, ImageReadMode.GRAY.value, True).numpy()[0]
@@ -65,6 +69,11 @@ def _fast_png(data: bytes, header: PngHeader | None) -> np.ndarray | None:
 def gray28(data: bytes, header: PngHeader | None, max_pixels: int, prep: Preprocess) -> np.ndarray:
     """preprocess.gray28, with libpng decoding the small grey PNGs it can."""
     return preprocess.gray28(data, header, max_pixels, prep, _fast_png(data, header))
+
+
+def fast_gray28(data: bytes, header: PngHeader | None, max_pixels: int, prep: Preprocess) -> np.ndarray:
+    """`gray28` for a file the caller already found `is_fast_png`: its chunks are not walked again."""
+    return preprocess.gray28(data, header, max_pixels, prep, _libpng_gray(data))
 
 
 def file_to_gray28(data: bytes, max_pixels: int, prep: Preprocess) -> np.ndarray:

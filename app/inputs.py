@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-from typing import TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -28,12 +29,13 @@ from app.exceptions import (
     ServiceError,
     UnsupportedMediaType,
 )
-from app.imaging import gray28, grays_to_tensor, is_fast_png, pixels_to_tensor
+from app.imaging import fast_gray28, grays_to_tensor, is_fast_png, pixels_to_tensor
 from app.inference import Limits
 from app.preprocess import Preprocess, check_pixels, png_header
 from app.schemas import ImagesIn
 
 Body = TypeVar("Body", bound=BaseModel)
+Parsed = TypeVar("Parsed")
 
 
 # JSON bodies up to this size are parsed on the event loop (a 28x28 `pixels` image is 2-10 KB, its
@@ -47,6 +49,13 @@ def max_json_values(rows: int, values_per_row: int) -> int:
     return rows * (values_per_row + 1) + 64
 
 
+async def off_the_loop_if_large(parse: Callable[..., Parsed], body: bytes, *args: Any) -> Parsed:
+    """`parse(body, *args)`: on the event loop for a small body, on a thread for a large one."""
+    if len(body) <= JSON_INLINE_BYTES:
+        return parse(body, *args)
+    return await asyncio.to_thread(parse, body, *args)
+
+
 async def parse_body(model: type[Body], body: bytes, max_values: int, too_many: str) -> Body:
     """A JSON request body into `model`: 400 when it is not JSON (or nested deeper than the parser's
     limit of 200), 422 when it does not fit, 413 when it holds more than `max_values` values.
@@ -57,12 +66,10 @@ async def parse_body(model: type[Body], body: bytes, max_values: int, too_many: 
     over the batch limit (seconds of a blocked event loop)."""
     if body.count(b",") >= max_values:
         raise BatchTooLarge(f"the JSON body holds more than {max_values} values: {too_many}")
-    if len(body) <= JSON_INLINE_BYTES:
-        return validate_json(model, body)
-    return await asyncio.to_thread(validate_json, model, body)
+    return await off_the_loop_if_large(validate_json, body, model)
 
 
-def validate_json(model: type[Body], body: bytes) -> Body:
+def validate_json(body: bytes, model: type[Body]) -> Body:
     """pydantic-core's parser (jiter), straight into the model: no intermediate Python objects, and a
     nesting limit (an array 100,000 deep is a 400, where the stdlib's parser hit a RecursionError)."""
     try:
@@ -91,7 +98,7 @@ class ImageReader:
         self.max_pixels = max_pixels
         self.decoders = DecoderPool(max_pixels, timeout_s, processes)
         self.small = LoopTurnGroup(lambda blobs, headers, prep: grays_to_tensor(
-            [gray28(b, h, max_pixels, prep) for b, h in zip(blobs, headers, strict=True)]))
+            [fast_gray28(b, h, max_pixels, prep) for b, h in zip(blobs, headers, strict=True)]))
 
     async def __call__(self, blobs: list[bytes], prep: Preprocess) -> torch.Tensor:
         headers = [png_header(b) for b in blobs]  # read once: routing, then the pixel limit and the decoder

@@ -7,7 +7,6 @@ binary tensor data extension (app/protocol/codec.py). Errors take the protocol's
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -15,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 
 from app.api.deps import engines_of, not_ready, operation_id
 from app.inference import Engine
-from app.inputs import JSON_INLINE_BYTES, max_json_values
+from app.inputs import max_json_values, off_the_loop_if_large
 from app.protocol import catalog, codec
 from app.schemas import PROTOCOL_ERRORS, PROTOCOL_INFER_BODY, PROTOCOL_INFER_RESPONSE
 
@@ -69,12 +68,9 @@ async def model_ready(request: Request) -> dict[str, Any]:
 
 async def infer(request: Request) -> Response:
     name, engine, capability = _model(request)
-    body, header_length = await request.body(), request.headers.get(codec.HEADER_LENGTH)
-    max_values = max_json_values(engine.limits.max_batch, 28 * 28)
-    if len(body) <= JSON_INLINE_BYTES:
-        inference, tensors = codec.read_request(body, header_length, max_values)
-    else:  # on a thread, as app/inputs.py's parse_body does: the event loop keeps answering meanwhile
-        inference, tensors = await asyncio.to_thread(codec.read_request, body, header_length, max_values)
+    inference, tensors = await off_the_loop_if_large(codec.read_request, await request.body(),
+                                                     request.headers.get(codec.HEADER_LENGTH),
+                                                     max_json_values(engine.limits.max_batch, 28 * 28))
     outputs, parameters = await capability.run(engine, tensors, inference.parameters, request.app.state.image_reader)
     body, header_length = codec.write_response(name, catalog.VERSION, inference, outputs, parameters)
     if header_length is None:
