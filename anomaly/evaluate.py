@@ -1,7 +1,8 @@
 """How well each anomaly score separates MNIST digits from what is not one: `vae-eval --ood MODEL.pt ...`.
 
 The scores are exactly the service's: the artifact's own methods with one shared draw of noise
-per seed (app/inference.py). In-distribution: the half of the MNIST test set that no score was
+per seed (app/inference.py), on every image as the service preprocesses a 28x28 image file
+(`as_served`). In-distribution: the half of the MNIST test set that no score was
 fitted or calibrated on (anomaly/score.py `calibration_split`). Out: the suite of
 anomaly/suite.py. Reported per model, method and set: AUROC and the false-positive rate at
 95% true-positive rate (anomalies are the positives), and the share flagged at the artifact's
@@ -28,7 +29,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from torch import Tensor
 from tqdm import tqdm
 
-from anomaly.score import calibration_split
+from anomaly.score import as_served, calibration_split
 from anomaly.suite import OodSet, build_sets, cached_sets, sheet
 from app.contract import BOUND, score_methods
 from training.data import DataError, parse_idx, read_bytes, to_float
@@ -82,8 +83,8 @@ def all_scores(model: Any, meta: dict[str, Any], x: Tensor, k: int, seed: int = 
                 table = fisher_table(model, stats)
             else:
                 table = model.anomaly_scores_with_noise(xb, eps)  # column 0 is the bound (the contract)
-                one_pass = one_pass is None and hasattr(model, "tails") and torch.equal(fisher_table(model, stats),
-                                                                                         table)
+                one_pass = (one_pass is None and hasattr(model, "tails") and not searches_poses(model)
+                            and torch.equal(fisher_table(model, stats), table))
             cols = {BOUND: table[:, 0]}
             cols.update({n: table[:, m["column"]] for n, m in methods.items() if m["column"] is not None})
             cols.update({f"{name} (alone)": stats[:, j] for j, name in enumerate(statistics(meta)) if j > 0})
@@ -94,6 +95,12 @@ def all_scores(model: Any, meta: dict[str, Any], x: Tensor, k: int, seed: int = 
     scores = {n: torch.cat(v) for n, v in out.items()}
     scores["bound - complexity (Serra)"] = scores[BOUND] - png_bits(x) * math.log(2)
     return scores
+
+
+def searches_poses(model: Any) -> bool:
+    """Whether the artifact's score turns the images above its gate (anomaly/score.py's ScoredVAE): its
+    scores then cannot be had from one pass of the statistics."""
+    return hasattr(model, "poses") and model.poses.shape[0] > 0
 
 
 def fisher_table(model: Any, stats: Tensor) -> Tensor:
@@ -125,12 +132,13 @@ def evaluate_suite(model: Any, meta: dict[str, Any], mnist_test: Tensor, sets: d
                    seed: int = 0, pictures: Path | None = None) -> list[dict[str, Any]]:
     """One row per (method, set): AUROC, FPR@95%TPR and share flagged at the artifact's p99 threshold."""
     _, held_out = calibration_split(mnist_test.shape[0], seed)
-    x_in = mnist_test[held_out]
+    x_in = as_served(mnist_test[held_out])
     s_in = all_scores(model, meta, x_in, k, seed)
     thr = thresholds(meta)
     rows = []
-    # torch.tensor copies: the cached sets are read-only arrays, which torch.from_numpy warns about
-    s_sets = {name: all_scores(model, meta, to_float(torch.tensor(s.images)), k, seed)
+    # every set as the service scores a 28x28 image file of it (as_served); torch.tensor copies: the cached
+    # sets are read-only arrays, which torch.from_numpy warns about
+    s_sets = {name: all_scores(model, meta, as_served(to_float(torch.tensor(s.images))), k, seed)
               for name, s in tqdm(sets.items(), desc=f"{meta['name']}: scoring the sets", unit="set", disable=None)}
     for method, inlier in s_in.items():
         t = thr.get(method)
@@ -179,7 +187,8 @@ def suite(mnist_test_u8: np.ndarray, fashion_dir: Path, cache: Path, n: int = 20
     except DataError as e:
         print(f"warning: {e}; the fashion set is left out", file=sys.stderr)
         fashion = None
-    return cached_sets(cache, lambda: build_sets(mnist_test_u8, fashion, n, seed))
+    _, held_out = calibration_split(len(mnist_test_u8), seed)
+    return cached_sets(cache, lambda: build_sets(mnist_test_u8, fashion, n, seed, held_out.numpy()))
 
 
 def markdown(rows: list[dict[str, Any]], field: str) -> str:

@@ -15,7 +15,7 @@ import torch
 
 from anomaly.base import DEFAULT_PATH, MissingScoreBase, ScoreBase
 from app.contract import DEFAULT_ANOMALY_K
-from training import export, latent_map
+from training import export, latent_map, neighbours
 from training.data import DataError, load_mnist, to_float
 from training.model import VAEBase, build
 
@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     model, meta = base.attach(vae, meta, train_x, train_y, test_x, args.k)
     out = args.out or args.model
     lmap = latent_map.build(vae.encode, to_float(data.test_images), data.test_labels) if vae.latent_dim == 2 else None
-    export.save(export.script(model), out, meta, lmap)
+    index = neighbours.build(vae.encode, data.train_images, data.train_labels)
+    export.save(export.script(model), out, meta, lmap, index)
     reloaded, _ = export.load(out)
     diff = export.parity(model, reloaded, to_float(data.test_images[:256]))
     print(f"wrote {out} (parity {diff:.1e}); calibration p50/p99: "

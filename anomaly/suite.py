@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from app.preprocess import centred_by_mass
+from app.preprocess import Preprocess, centred_by_mass, gray28
 
-CACHE_VERSION = 4  # 4: the labels
+CACHE_VERSION = 5  # 4: the labels; 5: ordinary variations of held-out digits
 # the sets of non-digits drawn with a pen: the ones the issue's near-OOD targets are about
 PEN_STROKES = ("letters-upper", "letters-lower", "greek-cyrillic", "symbols", "other-scripts", "scribbles", "doodles")
 CANVAS = 160  # glyphs and doodles are drawn this large, then fitted like MNIST
@@ -64,7 +64,8 @@ DIGITS = "0123456789"
 class OodSet:
     images: np.ndarray  # uint8 [N, 28, 28], white ink on black
     about: str
-    kind: str  # "far", "near", "transformed" (MNIST moved out of shape) or "digits" (in-distribution, unseen style)
+    kind: str  # "far", "near", "transformed" (MNIST moved out of shape), "digits" (in-distribution, unseen style)
+    #            or "variation" (held-out MNIST digits written differently: not anomalies either)
     labels: np.ndarray | None = None  # str [N]: what each image is where the set draws it (a character, a shape)
 
 
@@ -256,11 +257,71 @@ def digit_pairs(mnist: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarr
     return out
 
 
+# --- ordinary variation of handwriting ---------------------------------------------------
+
+PAGE = 280  # the variations "on a page" are drawn at 10x and go through the service's preprocessing
+
+
+def shifted(digits: np.ndarray, rng: np.random.Generator, most: int = 4) -> np.ndarray:
+    """Each digit moved by up to `most` px each way (never by nothing), as far as its margin allows: a
+    digit cut out of a page by hand, or a canvas scaled down without centring, is not centred by mass."""
+    out = np.zeros_like(digits)
+    for i, d in enumerate(digits):
+        ys, xs = np.nonzero(d)
+        while True:
+            dy, dx = (int(v) for v in rng.integers(-most, most + 1, size=2))
+            dy = int(np.clip(dy, -ys.min(), 27 - ys.max())) if len(ys) else 0
+            dx = int(np.clip(dx, -xs.min(), 27 - xs.max())) if len(xs) else 0
+            if dy or dx or not len(ys):
+                break
+        out[i] = np.roll(d, (dy, dx), axis=(0, 1))  # no ink wraps: the shift stays within the margin
+    return out
+
+
+def bolder(images: np.ndarray, r: int) -> np.ndarray:
+    """A (2r+1)x(2r+1) maximum filter: every stroke r px wider on each side, a marker instead of a pen."""
+    h, w = images.shape[1:]
+    padded = np.pad(images, ((0, 0), (r, r), (r, r)))
+    return np.max([padded[:, dy : dy + h, dx : dx + w] for dy in range(2 * r + 1) for dx in range(2 * r + 1)], axis=0)
+
+
+def turned(digits: np.ndarray, degrees: float) -> np.ndarray:
+    """Each digit turned about the canvas's centre (positive: anticlockwise), bilinear, as Pillow turns."""
+    return np.stack([np.asarray(Image.fromarray(d).rotate(degrees, resample=Image.Resampling.BILINEAR))
+                     for d in digits])
+
+
+def on_a_page(digits: np.ndarray, bold: int = 0) -> np.ndarray:
+    """Each digit drawn 10x as large (280x280, bilinear), strokes widened by `bold` px each side, then put
+    through the service's own preprocessing for an image that size (app/preprocess.py: crop, fit, centre)."""
+    prep = Preprocess()
+    out = np.zeros_like(digits)
+    for i, d in enumerate(digits):
+        page = np.asarray(Image.fromarray(d).resize((PAGE, PAGE), Image.Resampling.BILINEAR))
+        page = bolder(page[None], bold)[0] if bold else page
+        out[i] = gray28(b"page", None, PAGE * PAGE, prep, page)
+    return out
+
+
+def variation_sets(digits: np.ndarray, rng: np.random.Generator) -> dict[str, OodSet]:
+    """Held-out MNIST digits written the ways handwriting varies: moved, bolder, turned. None of them is
+    an anomaly; docs/anomaly-score.md#ordinary-variation sets a ceiling on the share of each flagged."""
+    sets = {"shifted": OodSet(shifted(digits, rng), "held-out digits moved up to 4 px each way", "variation"),
+            "bold": OodSet(bolder(digits, 1), "held-out digits with 3x3-wider strokes, 28x28", "variation"),
+            "bold-page": OodSet(on_a_page(digits, bold=10), "held-out digits with 21x21-wider strokes on a "
+                                "280x280 page", "variation")}
+    for degrees in (15, -15, 30, -30):
+        sets[f"turned{degrees:+d}"] = OodSet(turned(digits, degrees), f"held-out digits turned {degrees:+d} degrees "
+                                             "(positive: anticlockwise)", "variation")
+    return sets
+
+
 # --- the suite --------------------------------------------------------------------------
 
 def build_sets(mnist_test: np.ndarray, fashion_test: np.ndarray | None, n: int = 2000,
-               seed: int = 0) -> dict[str, OodSet]:
-    """Every set, n images each (MNIST-derived sets from `mnist_test`, uint8 [N, 28, 28])."""
+               seed: int = 0, held_out: np.ndarray | None = None) -> dict[str, OodSet]:
+    """Every set, n images each (MNIST-derived sets from `mnist_test`, uint8 [N, 28, 28]; the variations
+    from its `held_out` indices, the digits no score was fitted or calibrated on; without them, none)."""
     rng = np.random.default_rng(seed)
     fonts = available_fonts()
     pick = rng.permutation(len(mnist_test))[:n]
@@ -297,6 +358,8 @@ def build_sets(mnist_test: np.ndarray, fashion_test: np.ndarray | None, n: int =
     images, labels = render_glyphs(DIGITS, fonts, n, rng)
     sets["font-digits"] = OodSet(images, "digits 0-9 printed in 19 fonts: NOT anomalies, the share flagged should "
                                  "stay low", "digits", labels)
+    if held_out is not None:
+        sets |= variation_sets(mnist_test[held_out[:n]], rng)
     return sets
 
 

@@ -20,19 +20,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from app.contract import (
     BOUND,
     DEFAULT_ANOMALY_K,
+    DIGITS_METHOD,
     INPUT_SHAPE,
     LATENT_MAP_FILE,
     META_FILE,
     METHODS,
+    NEIGHBOURS_FILE,
     REQUIRED_META,
     SCORES_METHOD,
     latent_map,
     score_methods,
 )
+from app.neighbours import NeighbourIndex
 
 log = logging.getLogger("app.artifacts")
 warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated", category=FutureWarning)
@@ -113,6 +117,8 @@ class ServedModel:
     scores: dict[str, ScoreMethod] = field(default_factory=lambda: {BOUND: ScoreMethod(BOUND, None)})
     default_score: str = BOUND
     latent_map: LatentMap | None = None
+    digits: tuple[Tensor, Tensor] | None = None  # each digit's latent Gaussian: means [10, D], scale_tril [10, D, D]
+    index: NeighbourIndex | None = None  # the training digits' posterior means, for POST /similar
     load_seconds: float = 0.0  # reading, checking and warming it up: vae_model_load_seconds
 
     @property
@@ -126,12 +132,14 @@ class ServedModel:
                                   "methods": {n: {"about": m.about, "calibration_k": m.k,
                                                   "calibrated": bool(m.calibration)}
                                               for n, m in self.scores.items()}},
-                "latent_map": f"/models/{self.name}/latent-map" if self.latent_map else None}
+                "latent_map": f"/models/{self.name}/latent-map" if self.latent_map else None,
+                "capabilities": {"sample_digit": self.digits is not None,
+                                 "similar": None if self.index is None else {"digits": len(self.index)}}}
 
 
 def load_model(path: Path, device: torch.device) -> ServedModel:
     start = time.perf_counter()
-    extra = {META_FILE: "", LATENT_MAP_FILE: ""}  # a file the archive lacks reads back as b""
+    extra = {META_FILE: "", LATENT_MAP_FILE: "", NEIGHBOURS_FILE: ""}  # a file the archive lacks reads back as b""
     try:
         module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
     except Exception as e:  # torch raises RuntimeError/ValueError/OSError variously for bad archives
@@ -160,12 +168,21 @@ def load_model(path: Path, device: torch.device) -> ServedModel:
             lmap = LatentMap.of(latent_map(json.loads(extra[LATENT_MAP_FILE]), meta["latent_dim"]))
         except ValueError as e:  # JSONDecodeError included
             raise ModelLoadError(f"{path}: {LATENT_MAP_FILE}: {e}") from e
+    index = None
+    if extra[NEIGHBOURS_FILE]:
+        try:
+            index = NeighbourIndex.read(extra[NEIGHBOURS_FILE], meta["latent_dim"], device)
+        except ValueError as e:
+            raise ModelLoadError(f"{path}: {NEIGHBOURS_FILE}: {e}") from e
     for p in module.parameters():
         p.requires_grad_(False)
     module.eval()
     scores = {n: ScoreMethod(n, m["column"], m["points"], m["k"], m["about"]) for n, m in methods.items()}
-    model = ServedModel(meta["name"], path, module, meta, device, meta["latent_dim"], scores, default_score, lmap)
+    model = ServedModel(meta["name"], path, module, meta, device, meta["latent_dim"], scores, default_score, lmap,
+                        index=index)
     check_contract(model)
+    if hasattr(module, DIGITS_METHOD):
+        model.digits = digit_gaussians(model)
     model.load_seconds = time.perf_counter() - start
     return model
 
@@ -194,6 +211,26 @@ def check_contract(model: ServedModel) -> None:
         if out.dim() != 2 or out.shape[0] != 2 or out.shape[1] <= max(columns):
             raise ModelLoadError(f"{path}: {SCORES_METHOD} returned {tuple(out.shape)}; meta.json names column "
                                  f"{max(columns)}")
+
+
+@torch.no_grad()
+def digit_gaussians(model: ServedModel) -> tuple[Tensor, Tensor]:
+    """The artifact's per-digit latent Gaussians, checked: ten finite means of latent_dim values, and
+    lower-triangular factors with a positive diagonal (a covariance's Cholesky factor)."""
+    d, path = model.latent_dim, model.path
+    try:
+        means, trils = model.module.digit_gaussians()
+    except Exception as e:
+        raise ModelLoadError(f"{path}: {DIGITS_METHOD} failed ({str(e).splitlines()[0]})") from e
+    if tuple(means.shape) != (10, d) or tuple(trils.shape) != (10, d, d):
+        raise ModelLoadError(f"{path}: {DIGITS_METHOD} returned {tuple(means.shape)} and {tuple(trils.shape)}; "
+                             f"expected (10, {d}) and (10, {d}, {d})")
+    diagonal = trils.diagonal(dim1=1, dim2=2)
+    if not (bool(means.isfinite().all()) and bool(trils.isfinite().all()) and bool((diagonal > 0).all())
+            and bool((trils.triu(1) == 0).all())):
+        raise ModelLoadError(f"{path}: {DIGITS_METHOD} must return finite means and lower-triangular factors with "
+                             "a positive diagonal")
+    return means.float(), trils.float()
 
 
 @torch.no_grad()

@@ -7,9 +7,13 @@ module), the service reads them with it, and the service never imports the train
 
 from __future__ import annotations
 
+import io
 import itertools
 import math
+import zipfile
 from typing import Any
+
+import numpy as np
 
 META_FILE = "meta.json"  # TorchScript extra file holding the self-description
 # Optional extra file of 2-D models: the test set's posterior means, for the page's latent map (latent_map()).
@@ -25,10 +29,16 @@ METHODS: dict[str, str] = {
 }
 # Optional: an artifact that has it serves the anomaly scores meta.json's `anomaly_scores` names.
 SCORES_METHOD = "anomaly_scores_with_noise"
+# Optional: an artifact that has it serves GET /sample?digit=D.
+DIGITS_METHOD = "digit_gaussians"
 OPTIONAL_METHODS: dict[str, str] = {
     SCORES_METHOD: "(x: [B,1,28,28], eps: [k,B,D]) -> [B, M] anomaly scores, one column per method in "
                    "meta.json's anomaly_scores; column 0 is the bound, -log_likelihood_with_noise",
+    DIGITS_METHOD: "() -> (means: [10,D], scale_tril: [10,D,D]): each digit's Gaussian over the posterior "
+                   "mean (lower-triangular Cholesky factors of the covariances), for GET /sample?digit=",
 }
+# Optional extra file: the MNIST training set's posterior means, labels and images, for POST /similar.
+NEIGHBOURS_FILE = "neighbours.npz"
 BOUND = "bound"  # the score every artifact has: -log p(x), IWAE bound
 # meta.json keys: the service refuses an artifact without the required ones; the rest are shown by GET /models.
 REQUIRED_META: dict[str, type] = {"name": str, "latent_dim": int}
@@ -49,8 +59,16 @@ def calibration_block(k: int, data: str, quantiles: dict[float, float], mean: fl
                       n: int) -> dict[str, Any]:
     """meta.json's `anomaly_calibration`, written by the training program."""
     return {"k": k, "n": n, "data": data,
-            "quantiles": {quantile_key(p): round(float(v), 4) for p, v in sorted(quantiles.items())},
+            "quantiles": {quantile_key(p): round_up(float(v)) for p, v in sorted(quantiles.items())},
             "mean": round(mean, 4), "std": round(std, 4)}
+
+
+def round_up(value: float, decimals: int = 4) -> float:
+    """`value` to `decimals` places, never below it: a threshold stored a hair under a quantile would flag
+    the images scoring exactly there, and a score can have many (the fitted score's pose search clamps
+    the images it rescues at its gate, which can be the 99th percentile itself)."""
+    scale = 10**decimals
+    return math.ceil(value * scale) / scale if math.isfinite(value) else value
 
 
 def calibration_points(meta: dict[str, Any]) -> tuple[list[tuple[float, float]], int | None]:
@@ -143,3 +161,32 @@ def latent_map(block: Any, latent_dim: int) -> dict[str, Any]:
 
 def _finite(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def neighbours_file(mu: np.ndarray, labels: np.ndarray, images: np.ndarray, data: str) -> bytes:
+    """`neighbours.npz`, written by the training program: `mu` float32 [N, D] posterior means, `labels` uint8
+    [N] digits, `images` uint8 [N, 28, 28] (white on black), `data` what they are. Compressed: the images
+    shrink 6x, the means hardly at all."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, mu=mu.astype(np.float32), labels=labels.astype(np.uint8),
+                        images=images.astype(np.uint8), data=np.array(data))
+    return buf.getvalue()
+
+
+def neighbours(data: bytes, latent_dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`neighbours.npz` read back and checked: (mu, labels, images); ValueError says what is wrong."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as f:
+            mu, labels, images = f["mu"], f["labels"], f["images"]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+        raise ValueError(f"not an .npz with mu, labels and images ({e})") from e
+    n = len(mu)
+    if mu.dtype != np.float32 or mu.shape != (n, latent_dim) or n == 0:
+        raise ValueError(f"mu must be float32 [N, {latent_dim}], N >= 1; got {mu.dtype} {list(mu.shape)}")
+    if not np.isfinite(mu).all():
+        raise ValueError("mu must be finite")
+    if labels.dtype != np.uint8 or labels.shape != (n,) or labels.max() > 9:
+        raise ValueError(f"labels must be uint8 [{n}] digits 0-9")
+    if images.dtype != np.uint8 or images.shape != (n, 28, 28):
+        raise ValueError(f"images must be uint8 [{n}, 28, 28]")
+    return mu, labels, images

@@ -51,6 +51,12 @@ class UnknownScoreMethod(InvalidInput):
     error = "unknown score method"
 
 
+class NotCarried(InvalidInput):
+    """The model's artifact lacks what the request needs (per-digit Gaussians, a neighbour index)."""
+
+    error = "not available for this model"
+
+
 class LimitExceeded(ServiceError):
     """Over one of the VAE_MAX_* limits: the same request, smaller, would be served."""
 

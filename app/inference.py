@@ -19,8 +19,16 @@ from torch import Tensor
 
 from app.artifacts import ServedModel
 from app.batching import Batcher, ComputeThread
-from app.exceptions import BatchTooLarge, InvalidInput, TooManySamples, UnknownScoreMethod, WrongLatentSize
+from app.exceptions import (
+    BatchTooLarge,
+    InvalidInput,
+    NotCarried,
+    TooManySamples,
+    UnknownScoreMethod,
+    WrongLatentSize,
+)
 from app.metrics import Metrics
+from app.neighbours import Neighbours
 from app.settings import Settings
 
 
@@ -33,10 +41,12 @@ class Limits:
     max_k: int = 1000
     default_k: int | None = None  # None: each model's calibration k
     default_threshold_percentile: float = 99.0
+    max_neighbours: int = 100
 
     @classmethod
     def from_settings(cls, s: Settings) -> Limits:
-        return cls(s.max_batch, s.max_samples, s.max_k, s.default_k, s.default_threshold_percentile)
+        return cls(s.max_batch, s.max_samples, s.max_k, s.default_k, s.default_threshold_percentile,
+                   s.max_neighbours)
 
     def check_batch(self, n: int, what: str = "images") -> None:
         if n > self.max_batch:
@@ -96,6 +106,7 @@ class Engine:
         self._encode = self._batcher(m.encode, (0,), "encode")
         self._decode = self._batcher(m.decode, (0,), "decode")
         self._forward = self._batcher(m.forward, (0,), "forward")
+        self._nearest = self._batcher(self._encode_and_search, (0,), "similar") if model.index is not None else None
         # One batcher per k: only requests with the same number of samples can share a pass.
         self._ll: dict[int, Batcher] = {}
         self._scores: dict[int, Batcher] = {}
@@ -161,18 +172,67 @@ class Engine:
             if z.ndim != 2 or z.shape[1] != d:
                 raise WrongLatentSize(f"z has shape {list(z.shape)}; model {self.model.name!r} takes [n, {d}]")
             return await self._decode(z.float())
-        for i, row in enumerate(z):
-            if len(row) != d:
-                raise WrongLatentSize(f"z[{i}] has {len(row)} values; model {self.model.name!r} has latent_dim={d}")
-        return await self._decode(torch.tensor(z, dtype=torch.float32))
+        return await self._decode(self._latents(z))
 
-    async def sample(self, n: int, seed: int | None, temperature: float) -> Sample:
-        """n images from z ~ N(0, T² I); the same seed gives the same z on every machine."""
+    async def sample(self, n: int, seed: int | None, temperature: float | None = None,
+                     digit: int | None = None) -> Sample:
+        """n images from z ~ N(0, T² I), or with `digit` from that digit's Gaussian N(m, T² LLᵀ) in the
+        artifact (`digit_gaussians`); the same seed gives the same z on every machine. T defaults to 1, and
+        to DIGIT_TEMPERATURE for a digit."""
         if n > self.limits.max_samples:
             raise TooManySamples(f"n={n}; the limit is {self.limits.max_samples} (VAE_MAX_SAMPLES)")
         seed = new_seed() if seed is None else seed
+        if temperature is None:
+            temperature = 1.0 if digit is None else DIGIT_TEMPERATURE
         z = torch.randn(n, self.model.latent_dim, generator=torch.Generator().manual_seed(seed)) * temperature
+        if digit is not None:
+            if self.model.digits is None:
+                raise NotCarried(f"model {self.model.name!r} carries no per-digit latent Gaussians (an artifact "
+                                 "with the fitted anomaly score does: vae-fit-score); sample without digit=")
+            means, trils = self.model.digits
+            z = means[digit] + z @ trils[digit].T
         return Sample(seed, z, await self._decode(z))
+
+    async def interpolate(self, ends: Tensor | list[list[float]], steps: int, path: str) -> tuple[Tensor, Tensor]:
+        """The decoded path between two images' posterior means (`ends`: [2,1,28,28]) or two latent
+        vectors: `steps` points, the first and last being the two ends (for images: their reconstructions)."""
+        if steps > self.limits.max_samples:
+            raise TooManySamples(f"steps={steps}; the limit is {self.limits.max_samples} (VAE_MAX_SAMPLES)")
+        if isinstance(ends, Tensor):
+            if ends.shape[0] != 2:
+                raise InvalidInput(f"send exactly two images to interpolate between; got {ends.shape[0]}")
+            z_ends = (await self._encode(ends))[0].float()
+        else:
+            if len(ends) != 2:
+                raise InvalidInput(f"send exactly two latent vectors in z; got {len(ends)}")
+            z_ends = self._latents(ends)
+        z = path_between(z_ends[0], z_ends[1], steps, path)
+        return z, await self._decode(z)
+
+    async def similar(self, x: Tensor, k: int) -> Neighbours:
+        """The k MNIST training digits nearest to each image's posterior mean (the artifact's index)."""
+        if self._nearest is None:
+            raise NotCarried(f"model {self.model.name!r} carries no neighbour index (add one: vae-index "
+                             f"{self.model.path.name})")
+        if k > self.limits.max_neighbours:
+            raise InvalidInput(f"k={k}; the limit is {self.limits.max_neighbours} (VAE_MAX_NEIGHBOURS)",
+                               error="k too large")
+        index, distance = await self._nearest(x)
+        return Neighbours(index[:, :k], distance[:, :k])
+
+    def _encode_and_search(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """One pass for a batch of /similar requests: encode, then search for as many neighbours as any
+        request may ask for (each takes its k)."""
+        assert self.model.index is not None
+        found = self.model.index.search(self.model.module.encode(x)[0], self.limits.max_neighbours)
+        return found.index, found.distance
+
+    def _latents(self, z: list[list[float]]) -> Tensor:
+        d = self.model.latent_dim
+        for i, row in enumerate(z):
+            if len(row) != d:
+                raise WrongLatentSize(f"z[{i}] has {len(row)} values; model {self.model.name!r} has latent_dim={d}")
+        return torch.tensor(z, dtype=torch.float32)
 
     async def reconstruct(self, x: Tensor) -> Tensor:
         recon, _, _ = await self._forward(x)  # eval mode: z = mu, deterministic
@@ -227,5 +287,30 @@ class Engine:
             b.close()
 
 
+# A digit's Gaussian is fitted to its training digits' posterior means, but those lie in a curved cluster
+# that no Gaussian follows closely: at T = 1, 82% of `vae`'s sampled 8s are 8s to its digit head (78% to a
+# 1-NN on MNIST's pixels), at 0.8 every digit's samples are named as that digit 93-100% of the time
+# (python -m bench.latent_space; docs/performance.md#samples-of-a-chosen-digit).
+DIGIT_TEMPERATURE = 0.8
+
+
 def new_seed() -> int:
     return secrets.randbits(63)
+
+
+def path_between(a: Tensor, b: Tensor, steps: int, path: str) -> Tensor:
+    """`steps` points from a to b [D], both included: evenly spaced on the line, or on the great-circle
+    arc (slerp, Shoemake 1985; for latent spaces, White 2016). In many dimensions codes lie in a shell
+    away from the origin (under N(0, I) almost all mass is near radius sqrt(D)): a straight line between
+    two of them cuts inside it, where the decoder saw few codes, while the arc keeps the norm between the
+    ends' (docs/api.md has a picture). Two points at an angle too small (or too close to opposite) for
+    the arc to be well defined get the line."""
+    t = torch.linspace(0, 1, steps, dtype=torch.float64)[:, None]
+    a64, b64 = a.double(), b.double()
+    na, nb = a64.norm(), b64.norm()
+    if path == "slerp" and na > 0 and nb > 0:
+        omega = torch.arccos((a64 @ b64 / (na * nb)).clamp(-1, 1))
+        if 1e-6 < float(torch.sin(omega)):
+            so = torch.sin(omega)
+            return (torch.sin((1 - t) * omega) / so * a64 + torch.sin(t * omega) / so * b64).float()
+    return ((1 - t) * a64 + t * b64).float()

@@ -32,7 +32,7 @@ from app.exceptions import (
 from app.imaging import fast_gray28, grays_to_tensor, is_fast_png, pixels_to_tensor
 from app.inference import Limits
 from app.preprocess import Preprocess, check_pixels, png_header
-from app.schemas import ImagesIn
+from app.schemas import ImagesIn, InterpolateIn
 
 Body = TypeVar("Body", bound=BaseModel)
 Parsed = TypeVar("Parsed")
@@ -126,17 +126,37 @@ async def read_images(request: Request, limits: Limits, reader: ImageReader, pre
                                 f"more than {limits.max_batch} images of 28x28 pixels (VAE_MAX_BATCH)")
         if (body.images is None) == (body.pixels is None):
             raise InvalidInput("give exactly one of 'images' (base64 files) or 'pixels'")
-        if body.pixels is not None:
-            limits.check_batch(len(body.pixels))
-            return torch.cat([pixels_to_tensor(p) for p in body.pixels]).unsqueeze(1)
-        assert body.images is not None
-        limits.check_batch(len(body.images))
-        return await reader([_b64(s, i) for i, s in enumerate(body.images)], prep)
+        return await json_images(body, limits, reader, prep)
     if ctype.startswith("image/") or ctype == "application/octet-stream":
         return await reader([await request.body()], prep)
     raise UnsupportedMediaType(f"got {ctype or 'no Content-Type'}; send image/* or application/octet-stream (raw "
                                "bytes), multipart/form-data with field 'file', or application/json with 'images' "
                                "or 'pixels'")
+
+
+async def json_images(body: ImagesIn, limits: Limits, reader: ImageReader, prep: Preprocess) -> torch.Tensor:
+    """The images of a JSON body that holds `images` or `pixels`."""
+    if body.pixels is not None:
+        limits.check_batch(len(body.pixels))
+        return torch.cat([pixels_to_tensor(p) for p in body.pixels]).unsqueeze(1)
+    assert body.images is not None
+    limits.check_batch(len(body.images))
+    return await reader([_b64(s, i) for i, s in enumerate(body.images)], prep)
+
+
+async def read_ends(request: Request, limits: Limits, reader: ImageReader, prep: Preprocess
+                    ) -> torch.Tensor | list[list[float]]:
+    """POST /interpolate's two ends: images in any form `read_images` takes, or JSON `z` (two latent vectors,
+    returned as they are; the Engine checks their count and length, and the images' count)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        return await read_images(request, limits, reader, prep)
+    body = await parse_body(InterpolateIn, await request.body(), max_json_values(limits.max_batch, 28 * 28),
+                            f"more than {limits.max_batch} images of 28x28 pixels (VAE_MAX_BATCH)")
+    if sum(v is not None for v in (body.images, body.pixels, body.z)) != 1:
+        raise InvalidInput("give exactly one of 'images' (two base64 files), 'pixels' (two 28x28 arrays) or 'z' "
+                           "(two latent vectors)")
+    return body.z if body.z is not None else await json_images(body, limits, reader, prep)
 
 
 async def _multipart(request: Request, limits: Limits) -> list[bytes]:

@@ -30,7 +30,8 @@ class QueryModel(BaseModel):
 
 class ImageQuery(QueryModel):
     invert: Literal["auto", "true", "false"] = Field("auto", description="auto: invert light-background images")
-    fit: bool = Field(True, description="scale to fit 28x28 keeping aspect ratio, pad with black")
+    fit: bool = Field(True, description="as MNIST was made: fit a larger image into 20x20 keeping its aspect "
+                      "ratio, centre any image by mass, thin bold strokes; false: a 28x28 image as it is")
 
     @field_validator("invert", mode="before")
     @classmethod
@@ -63,12 +64,28 @@ class DecodeQuery(QueryModel):
 class SampleQuery(DecodeQuery):
     n: int = Field(16, ge=1, description="number of images")
     seed: int | None = Field(None, ge=0, lt=MAX_SEED, description="same seed, same images")
-    temperature: float = Field(1.0, gt=0, le=10, allow_inf_nan=False, description="z ~ N(0, T² I)")
+    temperature: float | None = Field(None, gt=0, le=10, allow_inf_nan=False,
+                                      description="z ~ N(0, T² I); default 1, or 0.8 with digit")
+    digit: int | None = Field(None, ge=0, le=9, description="draw this digit: z from its Gaussian in the model's "
+                              "latent mixture, N(m, T² Σ), instead of N(0, T² I)")
 
 
 class ReconstructQuery(ImageQuery):
     fmt: AnyFormat = None
     encoding: Encoding = "pixels"
+
+
+class InterpolateQuery(ImageQuery):
+    fmt: AnyFormat = None
+    encoding: Encoding = "pixels"
+    steps: int = Field(8, ge=2, description="points on the path, both ends included (at most VAE_MAX_SAMPLES)")
+    path: Literal["slerp", "linear"] = Field("slerp", description="slerp: along the great-circle arc, which keeps "
+                                             "the norm where N(0, I) has its mass; linear: the straight line")
+
+
+class SimilarQuery(ImageQuery):
+    fmt: AnyFormat = None
+    k: int = Field(8, ge=1, description="how many neighbours (at most VAE_MAX_NEIGHBOURS)")
 
 
 class AnomalyQuery(ImageQuery):

@@ -21,6 +21,7 @@ from app.explain import anomaly_picture
 from app.formats import MEDIA, Format
 from app.imaging import to_png
 from app.inference import Sample, Scores
+from app.neighbours import NeighbourIndex, Neighbours
 
 
 class JsonResponse(JSONResponse):
@@ -72,6 +73,30 @@ def encoded(model: str, latent_dim: int, mu: Tensor, logvar: Tensor) -> JsonResp
 def sampled(fmt: Format, encoding: str, model: str, sample: Sample) -> Response:
     payload = {"model": model, "seed": sample.seed, "z": sample.z.tolist()}
     return images(fmt, encoding, sample.images, payload, headers={"X-Seed": str(sample.seed)})
+
+
+def interpolated(fmt: Format, encoding: str, model: str, path: str, z: Tensor, imgs: Tensor) -> Response:
+    """PNG: one strip, first to last; JSON: the path's latents and images."""
+    return images(fmt, encoding, imgs, {"model": model, "path": path, "z": z.tolist()}, nrow=imgs.shape[0])
+
+
+def neighbours(fmt: Format, model: str, x: Tensor, found: Neighbours, index: NeighbourIndex) -> Response:
+    """PNG: a row per image, the image (as the model saw it) then its neighbours, nearest first; JSON: their
+    rows of the training set, digits and distances."""
+    rows = found.index.cpu().numpy()
+    if fmt == "png":
+        tiles = np.concatenate([x[:, None].cpu().numpy(),
+                                index.images[rows][:, :, None].astype(np.float32) / 255], axis=1)
+        return PngResponse(to_png(torch.from_numpy(tiles.reshape(-1, 1, 28, 28)), rows.shape[1] + 1))
+    labels = index.labels[rows].tolist()
+    found_lists = [[{"index": i, "label": y, "distance": d} for i, y, d in zip(r, ys, ds, strict=True)]
+                   for r, ys, ds in zip(rows.tolist(), labels, found.distance.tolist(), strict=True)]
+    out: dict[str, Any] = {"model": model, "k": rows.shape[1]}
+    if len(found_lists) == 1:
+        out["neighbours"] = found_lists[0]
+    else:
+        out["results"] = [{"neighbours": f} for f in found_lists]
+    return JsonResponse(out)
 
 
 def reconstructed(fmt: Format, encoding: str, model: str, x: Tensor, recon: Tensor) -> Response:

@@ -113,6 +113,40 @@ class DecodeIn(BaseModel):
         min_length=1, description="latent vectors, each of the model's latent_dim", examples=[[[0.0, 0.0]]])
 
 
+class InterpolateIn(ImagesIn):
+    """JSON body of POST /interpolate: the two ends, as two images (base64 files or pixel arrays) or as two
+    latent vectors."""
+
+    z: list[Annotated[list[LatentValue], Field(min_length=1)]] | None = Field(
+        None, min_length=2, max_length=2, description="two latent vectors, each of the model's latent_dim")
+
+
+class InterpolateOut(BaseModel):
+    model: str
+    path: str = Field(description="slerp or linear")
+    z: list[list[float]] = Field(description="the points on the path, first to last")
+    images: list[list[list[float]]] | None = Field(None, description="28x28 pixel arrays (encoding=pixels)")
+    png_base64: list[str] | None = Field(None, description="one PNG per point (encoding=base64)")
+
+
+class Neighbour(BaseModel):
+    index: int = Field(description="row of the MNIST training set (0-59999), as torchvision's MNIST(train=True) "
+                       "and the IDX file order it")
+    label: int = Field(description="its digit")
+    distance: float = Field(description="Euclidean distance between the posterior means, latent units")
+
+
+class Neighbours(BaseModel):
+    neighbours: list[Neighbour]
+
+
+class SimilarOut(BaseModel):
+    model: str
+    k: int
+    neighbours: list[Neighbour] | None = Field(None, description="nearest first (one image sent)")
+    results: list[Neighbours] | None = Field(None, description="one entry per image when a batch was sent")
+
+
 class ImagesOut(BaseModel):
     model: str
     images: list[list[list[float]]] | None = Field(None, description="28x28 pixel arrays (encoding=pixels)")

@@ -45,6 +45,7 @@ class Settings(BaseSettings):
                                   "gives none; unset: each model's calibration k (64 for the bundled models), the "
                                   "only k at which percentiles mean what they say")
     max_k: int = Field(1000, ge=1, description="largest k a request may ask for")
+    max_neighbours: int = Field(100, ge=1, description="largest k for /similar (422 above)")
     default_threshold_percentile: float = Field(
         99.0, gt=0, lt=100, description="an image scoring above this percentile of the calibration set is an anomaly")
 

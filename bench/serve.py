@@ -45,12 +45,12 @@ def lua_script(folder: Path, method: str, body: Path | None, content_type: str |
     return path
 
 
-def multipart_body(folder: Path) -> Path:
+def multipart_body(folder: Path, files: int = 1) -> Path:
     png = DIGIT.read_bytes()
-    body = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"d.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{BOUNDARY}--\r\n".encode()
-    path = folder / "multipart.bin"
-    path.write_bytes(body)
+    part = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"d.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + png + b"\r\n"
+    path = folder / f"multipart-{files}.bin"
+    path.write_bytes(part * files + f"--{BOUNDARY}--\r\n".encode())
     return path
 
 
@@ -179,6 +179,10 @@ def run(batching: str, duration: int, concurrency: list[int], only: list[str] | 
             "POST /anomaly-score?method=bound": (f"{base}/anomaly-score?method=bound", png),
             "POST /anomaly-score?format=png": (f"{base}/anomaly-score?format=png", png),
             "GET /sample?n=16 (PNG)": (f"{base}/sample?n=16", lua_script(folder, "GET", None, None)),
+            "GET /sample?n=16&digit=3 (PNG)": (f"{base}/sample?n=16&digit=3", lua_script(folder, "GET", None, None)),
+            "POST /similar?k=8 (JSON)": (f"{base}/similar?k=8", png),
+            "POST /interpolate (2 files, PNG)": (f"{base}/interpolate", lua_script(
+                folder, "POST", multipart_body(folder, files=2), f"multipart/form-data; boundary={BOUNDARY}")),
             **{f"OIP vae.encode ({label})": (f"{base}/v2/models/vae.encode/infer", script)
                for label, script in protocol_scripts(folder).items()},
         }

@@ -50,6 +50,20 @@ EXAMPLES: list[tuple[str, str]] = [
      "| grep -i -E '^(HTTP|content-type|x-seed|x-request-id)'"),
     ("Or as JSON with base64 PNGs and the latents used:",
      "curl -s 'localhost:8000/sample?n=1&seed=7&model=vae-2d&format=json&encoding=base64' | head -c 200; echo ..."),
+    ("Sample a chosen digit: 8 threes, drawn from the 3s' Gaussian in the latent space:",
+     "curl -s 'localhost:8000/sample?digit=3&n=8&seed=1' -o /tmp/threes.png "
+     "-w '%{http_code} %{content_type} %{size_download} bytes\\n'"),
+    ("Walk from a 7 to a 2: the images decoded along the arc between their codes, as one PNG strip:",
+     f"curl -s -F file=@{D}/mnist_test_0_digit_7.png -F file=@{D}/mnist_test_1_digit_2.png "
+     "'localhost:8000/interpolate?steps=8' -o /tmp/walk.png "
+     "-w '%{http_code} %{content_type} %{size_download} bytes\\n'"),
+    ("Or between two latent vectors, as JSON (`path=linear` for the straight line):",
+     "curl -s -H 'Content-Type: application/json' -d '{\"z\": [[-2, 0], [2, 0]]}' "
+     "'localhost:8000/interpolate?model=vae-2d&steps=3&path=linear&format=json' | head -c 120; echo ..."),
+    ("The nearest real digits: the MNIST training digits whose codes lie nearest the image's (`format=png` draws "
+     "them):",
+     f"curl -s -X POST -H 'Content-Type: image/png' --data-binary @{D}/mnist_test_0_digit_7.png "
+     "'localhost:8000/similar?k=3'"),
     ("Reconstruct a photographed dark-on-light digit (inverted, levelled, cropped, fitted; PNG rows of original | "
      "reconstruction):",
      f"curl -s -X POST -H 'Content-Type: image/jpeg' --data-binary @{D}/photo_dark_on_light_digit_4.jpg "
@@ -94,14 +108,31 @@ NUMBER = re.compile(r"-?\d+\.\d+(?:[eE][-+]?\d+)?")
 
 
 # README.md: one example per endpoint, each also in docs/api.md's list above
+def example(start: str) -> str:
+    """The command of the example whose command starts with `start` (the front page quotes the list)."""
+    return next(command for _, command in EXAMPLES if command.startswith(start))
+
+
 FRONT_PAGE = [
     ("Ready, and with which models:", EXAMPLES[0][1]),
     ("Encode a PNG to its posterior (the 2-D model keeps the output short):", EXAMPLES[2][1]),
     ("Decode latents to a PNG grid:", EXAMPLES[5][1]),
     ("Sample 16 digits (the same seed gives the same images):", EXAMPLES[7][1]),
-    ("Reconstruct a photographed digit on paper:", EXAMPLES[9][1]),
-    ("Score how unusual an image is (its percentile among held-out MNIST digits, and the flag):", EXAMPLES[10][1]),
-    ("The same through the Open Inference Protocol (a PNG as a BYTES tensor):", EXAMPLES[18][1]),
+    ("Sample a chosen digit:", example("curl -s 'localhost:8000/sample?digit=3")),
+    ("Walk from one digit to another (a PNG strip of the path between their codes):",
+     example(f"curl -s -F file=@{D}/mnist_test_0_digit_7.png -F file=@{D}/mnist_test_1_digit_2.png "
+             "'localhost:8000/interpolate")),
+    ("The nearest real digits (MNIST training digits) in latent space:",
+     example(f"curl -s -X POST -H 'Content-Type: image/png' --data-binary @{D}/mnist_test_0_digit_7.png "
+             "'localhost:8000/similar")),
+    ("Reconstruct a photographed digit on paper:", example(f"curl -s -X POST -H 'Content-Type: image/jpeg' "
+                                                          f"--data-binary @{D}/photo_dark_on_light_digit_4.jpg "
+                                                          "localhost:8000/reconstruct")),
+    ("Score how unusual an image is (its percentile among held-out MNIST digits, and the flag):",
+     example(f"curl -s -X POST -H 'Content-Type: image/png' --data-binary @{D}/mnist_test_0_digit_7.png "
+             "localhost:8000/anomaly-score")),
+    ("The same through the Open Inference Protocol (a PNG as a BYTES tensor):",
+     example("curl -s -d \"{\\\"inputs\\\": [{\\\"name\\\": \\\"image_files\\\"")),
 ]
 
 

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from anomaly.score import (
+    POSES,
     STATISTICS,
     DigitHead,
     LatentMixture,
@@ -26,10 +27,12 @@ from anomaly.score import (
     recipe,
     reference_split,
     train_head,
+    turns,
     under_views,
     view_average,
     views,
 )
+from anomaly.suite import turned
 from app import explain
 from app.imaging import Preprocess, file_to_tensor
 from app.main import create_app
@@ -279,6 +282,43 @@ def test_statistics_are_the_named_ones_and_the_first_is_the_bound(scored: torch.
     stats = scored.anomaly_statistics(x, eps)
     assert stats.shape == (3, len(STATISTICS))
     assert stats[:, 0].tolist() == pytest.approx((-scored.log_likelihood_with_noise(x, eps)).tolist(), rel=1e-6)
+
+
+def test_turns_are_rotations_about_the_centre() -> None:
+    maps = turns((90.0, -30.0))
+    assert np.allclose(maps[0], [[0, -1, 0], [1, 0, 0]], atol=1e-7)
+    assert np.allclose(maps[1], [[math.sqrt(3) / 2, 0.5, 0], [-0.5, math.sqrt(3) / 2, 0]], atol=1e-7)
+
+
+def test_the_score_keeps_its_lowest_pose_never_below_the_gate(scored: torch.jit.ScriptModule,
+                                                              models_dir: Path) -> None:
+    """Images above the gate are scored turned by each pose (plus 1 per 15 degrees turned) and keep their
+    lowest score, clamped at the gate; the rest keep their upright score. Computed here from the
+    statistics, pose by pose."""
+    meta = export.load(models_dir / "vae.pt")[1]
+    poses = meta["anomaly_scores"]["methods"]["fisher"]["poses"]
+    assert poses == {"degrees": list(POSES), "gate": pytest.approx(float(scored.gate), abs=1e-4),
+                     "gate_percentile": 98.0, "cost_per_15_degrees": 0.5}
+    digits = np.stack([np.asarray(Image.open(p)) for p in DIGITS])
+    noise = np.random.default_rng(0).integers(0, 256, (2, 28, 28), dtype=np.uint8)
+    images = np.concatenate([digits, turned(digits, 30), turned(digits, -40), noise])
+    x = torch.from_numpy(images.astype(np.float32) / 255)[:, None]
+    eps = torch.randn(16, 1, 2, generator=torch.Generator().manual_seed(1)).expand(16, len(x), 2)
+    got = scored.anomaly_scores_with_noise(x, eps)[:, 1]
+
+    def fisher(images: torch.Tensor) -> torch.Tensor:
+        return -scored.tails(scored.anomaly_statistics(images, eps)).sum(dim=1)
+
+    upright = fisher(x)
+    lowest = torch.stack([fisher(under_views(x, m[None])) + 0.5 * abs(d) / 15 for m, d in zip(turns(POSES), POSES,
+                                                                                       strict=True)]).amin(0)
+    gate = scored.gate
+    expected = torch.where(upright > gate, torch.maximum(torch.minimum(upright, lowest), gate), upright)
+    assert got.tolist() == pytest.approx(expected.tolist(), rel=1e-5)
+    over = upright > gate
+    assert over.any() and (~over).any() and (lowest[over] < upright[over]).any()  # both branches, and a turn helps
+    alone = torch.cat([scored.anomaly_scores_with_noise(x[i : i + 1], eps[:, i : i + 1]) for i in range(len(x))])
+    assert alone[:, 1].tolist() == pytest.approx(got.tolist(), rel=1e-5)  # the same alone as in a batch
 
 
 def test_fitted_score_threshold_is_its_own_calibration(client: TestClient) -> None:

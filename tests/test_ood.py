@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from anomaly import base as score_base
 from anomaly import evaluate as ood
@@ -237,13 +238,17 @@ class Counting:
         return getattr(self.module, name)
 
 
-@pytest.mark.parametrize("tails_agree", [True, False])
+@pytest.mark.parametrize(("tails_agree", "poses"), [(True, False), (False, False), (True, True)])
 def test_suite_scores_are_the_artifacts_own_from_one_pass_once_checked(trained: Path, mnist,
                                                                        monkeypatch: pytest.MonkeyPatch,
-                                                                       tails_agree: bool) -> None:
+                                                                       tails_agree: bool, poses: bool) -> None:
     """The suite scores each batch from the statistics' pass alone once the first batch showed that this
-    gives the artifact's own answer; where it does not, every batch takes the artifact's own method."""
+    gives the artifact's own answer; where it does not, or where the score searches poses (its answer for
+    an image above the gate is not in that pass), every batch takes the artifact's own method."""
     module, meta = fit_score.export.load(trained / "vae.pt")
+    assert module.poses.shape == (4, 2, 3)  # every fitted score searches poses
+    if not poses:
+        module.poses = torch.zeros(0, 2, 3)
     if not tails_agree:
         monkeypatch.setattr(ood, "fisher_table", lambda model, stats: torch.zeros(stats.shape[0], 2))
     x = mnist.test_images[:600].float().div(255).unsqueeze(1)  # three batches of 250
@@ -252,5 +257,24 @@ def test_suite_scores_are_the_artifacts_own_from_one_pass_once_checked(trained: 
     noise = torch.randn(4, 1, module.latent_dim, generator=torch.Generator().manual_seed(0))
     table = anomaly.with_shared_noise(module.anomaly_scores_with_noise, x, noise, batch_size=250).double()
     assert torch.equal(scores["bound"], table[:, 0]) and torch.equal(scores["fisher"], table[:, 1])
-    assert counted.full_passes == (1 if tails_agree else 3)
+    assert counted.full_passes == (1 if tails_agree and not poses else 3)
+
+
+def test_variations_are_held_out_digits_moved_widened_and_turned(mnist) -> None:
+    digits = mnist.test_images[:40].numpy()
+    sets = ood_sets.variation_sets(digits, np.random.default_rng(0))
+    assert list(sets) == ["shifted", "bold", "bold-page", "turned+15", "turned-15", "turned+30", "turned-30"]
+    assert {s.kind for s in sets.values()} == {"variation"}
+    moved = sets["shifted"].images
+    for before, after in zip(digits, moved, strict=True):  # moved, never by nothing, no ink lost or wrapped
+        (y0, x0), (y1, x1) = (np.argwhere(before).min(0)), (np.argwhere(after).min(0))
+        assert (y1, x1) != (y0, x0) and abs(y1 - y0) <= 4 and abs(x1 - x0) <= 4
+        assert np.array_equal(np.roll(before, (y1 - y0, x1 - x0), axis=(0, 1)), after)
+    padded = np.pad(digits, ((0, 0), (1, 1), (1, 1)))
+    assert np.array_equal(sets["bold"].images, np.max([padded[:, i : i + 28, j : j + 28] for i in range(3)
+                                                       for j in range(3)], axis=0))
+    turned = Image.fromarray(digits[0]).rotate(30, resample=Image.Resampling.BILINEAR)
+    assert np.array_equal(sets["turned+30"].images[0], np.asarray(turned))
+    assert sets["bold-page"].images.shape == (40, 28, 28)
+    assert build_sets(mnist.test_images[:200].numpy(), None, n=24, seed=3).keys().isdisjoint(sets)  # none without
 

@@ -147,7 +147,8 @@ def nearest_digits(base: str, z: tuple[float, float], k: int = 50) -> list[int]:
 
 def test_the_page_and_everything_it_loads_come_from_the_service(page: Page, base: str) -> None:
     assert page.tab.title() == "MNIST VAE: draw a digit"
-    assert all(url.startswith(base) for url in page.requests), page.requests
+    # blob: URLs are pictures the page made from the service's answers
+    assert all(url.startswith((base, f"blob:{base}")) for url in page.requests), page.requests
     # the first view: the model with a map, listed with every served model
     assert page.tab.input_value("#model") == "vae-2d"
     options = page.tab.eval_on_selector_all("#model option", "os => os.map(o => o.value)")
@@ -276,19 +277,79 @@ def test_the_map_works_from_the_keyboard(page: Page, base: str) -> None:
 
 
 def test_every_control_is_reached_with_the_tab_key_and_has_a_label(page: Page) -> None:
+    page.stroke(ONE)  # Keep and the walk need a drawing
     reached = []
-    for _ in range(20):
+    for _ in range(40):
         page.tab.keyboard.press("Tab")
-        reached.append(page.tab.evaluate("document.activeElement.id || document.activeElement.tagName"))
-    assert {"model", "file", "map", "seed", "temperature", "count", "sample"} <= set(reached), reached
-    for control in ["model", "file", "seed", "temperature", "count"]:
+        reached.append(page.tab.evaluate("document.activeElement.id || document.activeElement.getAttribute("
+                                         "'aria-label') || document.activeElement.tagName"))
+    assert {"model", "file", "map", "seed", "temperature", "count", "sample", "Sample 0s", "Sample 9s", "walk-to",
+            "walk-path", "walk-go", "keep"} <= set(reached), reached
+    for control in ["model", "file", "seed", "temperature", "count", "walk-to", "walk-path", "walk-step"]:
         assert page.tab.evaluate(f"document.getElementById('{control}').labels.length") == 1, control
+
+
+def test_the_map_box_shows_the_prior_centre_until_pointed_at(page: Page, base: str) -> None:
+    page.tab.wait_for_function("document.getElementById('decoded').naturalWidth > 0")
+    api = httpx.post(f"{base}/decode", params={"model": "vae-2d", "format": "png"}, json={"z": [[0, 0]]})
+    assert page.image("#decoded") == api.content
+    assert page.tab.inner_text("#decoded-z").startswith("The prior's centre, z = (0, 0)")
+
+
+def test_the_nearest_real_digits_of_a_drawing_are_shown_with_their_labels(page: Page, base: str) -> None:
+    page.stroke(ONE)
+    page.tab.wait_for_function("!document.getElementById('nearest').hidden && "
+                               "document.getElementById('neighbours').naturalWidth > 0")
+    pad_png = page.tab.evaluate("new Promise(r => document.getElementById('pad').toBlob(b => b.arrayBuffer()"
+                                ".then(a => r(Array.from(new Uint8Array(a))))))")
+    api = httpx.post(f"{base}/similar", params={"model": "vae-2d", "k": 8}, content=bytes(pad_png),
+                     headers={"content-type": "image/png"}).json()["neighbours"]
+    labels = [n["label"] for n in api]
+    assert page.tab.inner_text("#neighbours-note").startswith(f"Nearest first: {', '.join(map(str, labels))}")
+    assert Counter(labels).most_common(1)[0][0] == 1  # a drawn one's nearest digits are mostly ones
+    grid = Image.open(io.BytesIO(page.image("#neighbours")))
+    assert grid.size == (9 * 30 + 2, 32)  # the drawing, then eight neighbours
+
+
+def test_the_digit_buttons_sample_that_digit(page: Page, base: str) -> None:
+    page.tab.get_by_label("Seed").fill("5")
+    page.tab.get_by_label("Count").select_option("16")
+    page.tab.get_by_role("button", name="Sample 3s").click()
+    page.tab.wait_for_function("document.getElementById('sample-note').textContent.includes('digit 3')")
+    api = httpx.get(f"{base}/sample", params={"model": "vae-2d", "n": 16, "seed": 5, "digit": 3, "format": "png"})
+    assert page.image("#grid") == api.content  # at the service's default temperature for one digit
+    assert any("digit=3" in url and "temperature" not in url for url in page.requests)
+    assert "temperature 0.8 (the default for one digit)" in page.tab.inner_text("#sample-note")
+
+
+@pytest.mark.parametrize("to", ["sampled", "kept"])
+def test_a_walk_from_the_drawing_plays_its_steps(page: Page, base: str, to: str) -> None:
+    if to == "kept":
+        page.stroke(ZERO)
+        page.tab.get_by_role("button", name="Keep this drawing").click()
+        page.tab.wait_for_function("document.getElementById('walk-to').value === 'kept'")
+        page.tab.get_by_role("button", name="Clear").click()
+    else:
+        page.tab.locator("#walk-to").select_option("8")
+    page.stroke(ONE)
+    page.tab.get_by_role("button", name="Walk", exact=True).click()
+    page.tab.wait_for_function("!document.getElementById('walk-strip').hidden")
+    assert page.tab.inner_text("#walk-note").startswith("12 steps from your drawing to "
+                                                        + ("the kept drawing" if to == "kept" else "a sampled 8"))
+    first = page.pixels("walk-frame")
+    page.tab.wait_for_function("document.getElementById('walk-step').value !== '0'")  # it plays
+    assert not np.array_equal(page.pixels("walk-frame"), first) or page.tab.input_value("#walk-step") != "0"
+    page.tab.get_by_role("button", name="Pause").click()
+    page.tab.get_by_role("slider", name="Step").fill("11")  # the last step: the far end's decoded code
+    strip = page.tab.evaluate("Array.from(document.getElementById('walk-strip').getContext('2d')"
+                              ".getImageData(11 * 28, 0, 28, 28).data).filter((_, i) => i % 4 === 0)")
+    assert np.array_equal(page.pixels("walk-frame"), np.array(strip, dtype=np.int16).reshape(28, 28))
 
 
 def test_the_sample_button_fills_the_grid_with_what_the_api_draws(page: Page, base: str) -> None:
     page.tab.get_by_label("Seed").fill("7")
     page.tab.get_by_label("Count").select_option("16")
-    page.tab.get_by_role("button", name="Sample").click()
+    page.tab.get_by_role("button", name="Sample", exact=True).click()
     page.tab.wait_for_function("document.getElementById('grid').naturalWidth > 0")
     api = httpx.get(f"{base}/sample", params={"model": "vae-2d", "n": 16, "seed": 7, "temperature": 1,
                                               "format": "png"})
@@ -320,7 +381,7 @@ def test_the_layout_fits_and_is_pictured(browser: Any, base: str, tmp_path: Path
     p.stroke(ZERO[:20])
     box = p.tab.locator("#map").bounding_box()
     p.tab.locator("#map").hover(position={"x": 0.62 * box["width"], "y": 0.3 * box["height"]})
-    p.tab.get_by_role("button", name="Sample").click()
+    p.tab.get_by_role("button", name="Sample", exact=True).click()
     p.tab.wait_for_function("document.getElementById('grid').naturalWidth > 0 && "
                             "document.getElementById('decoded').complete")
     width = p.tab.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")

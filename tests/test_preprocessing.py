@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from app.exceptions import ServiceError
 from app.imaging import Preprocess, file_to_gray28, file_to_tensor, is_small_gray, png_header
+from app.preprocess import BOLD, THIN, recentred, stroke_width, thinned
 from tests.conftest import TEST_DATA, bomb_png
 from training import export
 
@@ -273,7 +274,7 @@ def test_fit_crops_to_the_ink_and_puts_its_centre_of_mass_where_mnist_has_it() -
     im = np.zeros((40, 50), dtype=np.uint8)
     im[5:9, 10:30] = 200  # the bar: 4 x 20
     im[9:25, 26:30] = 200  # the stem: 16 x 4; the whole ink 20 x 20, off centre
-    out = prep(encoded(Image.fromarray(im, "L")))
+    out = prep(encoded(Image.fromarray(im, "L")), thin=False)  # the fit alone: 4 px strokes are bold
     ys, xs = np.nonzero(out)
     assert (ys.min(), ys.max(), xs.min(), xs.max()) == (8, 27, 1, 20)
     assert out[8:12, 1:21].min() == out[12:28, 17:21].min() == 255 and out.sum() == 255 * (80 + 64)  # MNIST's ink
@@ -353,7 +354,7 @@ def test_fit_keeps_one_pixel_lines_one_pixel_and_centres_odd_sizes(shape: tuple[
     is; an odd height's middle row lands there too, an even length's middle (a half pixel) just before it."""
     im = np.zeros((shape[0] + 20, shape[1] + 20), dtype=np.uint8)
     im[10 : 10 + shape[0], 10 : 10 + shape[1]] = 255
-    out = file_to_gray28(encoded(Image.fromarray(im, "L")), 10**6, Preprocess(invert="false"))
+    out = file_to_gray28(encoded(Image.fromarray(im, "L")), 10**6, Preprocess(invert="false", thin=False))
     ys, xs = np.nonzero(out)
     assert out.dtype == np.uint8 and out.shape == (28, 28)
     assert (ys.min(), ys.max(), xs.min(), xs.max()) == box
@@ -498,9 +499,11 @@ def test_a_thick_digit_that_fills_the_photo_keeps_its_ink() -> None:
     ink = np.zeros((size, size))
     ink[20:280, 125:175] = 1  # a "1" drawn with a marker, 50 px wide
     xx = np.mgrid[0:size, 0:size][1] / size
-    got = prep(paper_lit(size, 200 + 40 * xx, ink))
+    got = prep(paper_lit(size, 200 + 40 * xx, ink), thin=False)  # the levelling alone: a marker is bold
     core = got[6:22, 12:16]  # the middle of the stroke, 28x28 coordinates
     assert core.min() >= 200
+    thinned_core = prep(paper_lit(size, 200 + 40 * xx, ink))[6:22, 13:15]  # thinned, the stroke's middle stays
+    assert thinned_core.min() >= 200
 
 
 def test_soft_strokes_get_mnist_s_flat_topped_ink() -> None:
@@ -511,3 +514,50 @@ def test_soft_strokes_get_mnist_s_flat_topped_ink() -> None:
     out = prep(encoded(im.filter(ImageFilter.GaussianBlur(12))))
     ink = out[out > out.max() // 2]
     assert out.max() == 255 and np.mean(ink >= 250) >= 0.45  # MNIST's test digits: 0.50 on average
+
+
+# --- 28x28 inputs where MNIST's are, bold strokes thinned (issue 36) --------------------
+
+def moved(digit: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    out = np.roll(digit, (dy, dx), axis=(0, 1))
+    before, after = np.argwhere(digit), np.argwhere(out)
+    assert np.array_equal(after.min(0) - before.min(0), [dy, dx])  # within the margin: no ink wraps
+    return out
+
+
+@pytest.mark.parametrize(("dy", "dx"), [(-3, 3), (-7, 0), (0, 6), (1, -4), (-4, -6)])  # the 7: rows 7-26, columns 6-21
+def test_a_28x28_digit_off_centre_is_moved_where_mnist_has_it(dy: int, dx: int) -> None:
+    png = encoded(Image.fromarray(moved(INK, dy, dx)))
+    assert np.array_equal(prep(png), INK)
+    assert np.array_equal(prep(png, fit=False), moved(INK, dy, dx))  # fit=false: where it is, as it is
+
+
+def test_every_mnist_test_digit_stays_where_it_is(mnist) -> None:
+    digits = mnist.test_images.numpy()
+    assert all(np.array_equal(recentred(d), d) for d in digits)
+    changed = sum(not np.array_equal(thinned(d), d) for d in digits)
+    assert 250 < changed < 350  # the boldest 3% of MNIST's own digits (widths above BOLD)
+
+
+def test_stroke_width_is_the_width_of_a_bar() -> None:
+    bar = np.zeros((28, 28), np.uint8)
+    bar[4:24, 10:12] = 255  # 2 wide, 20 long: area 40, outline 2 x 20 + 2 x 2
+    assert stroke_width(bar) == 80 / 44
+    bar[4:24, 10:15] = 200
+    assert stroke_width(bar) == 200 / 50
+    assert stroke_width(np.zeros((28, 28), np.uint8)) == 0.0
+    edge = np.zeros((28, 28), np.uint8)
+    edge[:, :3] = 255  # ink at the edge has an outline there too
+    assert stroke_width(edge) == 2 * 84 / (2 * 28 + 2 * 3)
+
+
+def test_bold_strokes_are_thinned_to_an_ordinary_width_and_others_are_not() -> None:
+    padded = np.pad(INK, 1)
+    bold = np.max([padded[i : i + 28, j : j + 28] for i in range(3) for j in range(3)], axis=0)
+    assert stroke_width(bold) > BOLD and stroke_width(INK) <= BOLD
+    got = prep(encoded(Image.fromarray(bold)))
+    assert abs(stroke_width(got) - THIN) < 0.5
+    assert np.abs(got.astype(int) - INK).mean() < 0.6 * np.abs(bold.astype(int) - INK).mean()  # back towards it
+    page = Image.fromarray(bold).resize((280, 280), Image.Resampling.BILINEAR)
+    assert stroke_width(prep(encoded(page))) <= BOLD  # a page's bold digit too
+    assert np.array_equal(prep(DIGIT), INK)

@@ -98,13 +98,17 @@ def test_model_metadata_says_exactly_what_goes_in_and_out(client: TestClient) ->
         "deep-tiny.decode": ([{"name": "z", "datatype": "FP32", "shape": [-1, 8]}], [picture]),
         "vae.sample": ([{"name": "n", "datatype": "INT32", "shape": [1]},
                         {"name": "seed", "datatype": "INT64", "shape": [1]},
-                        {"name": "temperature", "datatype": "FP32", "shape": [1]}],
+                        {"name": "temperature", "datatype": "FP32", "shape": [1]},
+                        {"name": "digit", "datatype": "INT32", "shape": [1]}],
                        [picture, {"name": "z", "datatype": "FP32", "shape": [-1, 2]},
                         {"name": "seed", "datatype": "INT64", "shape": [1]}]),
         "vae.reconstruct": (images, [{"name": "reconstructions", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]),
         "vae.anomaly-score": (images, [{"name": "score", "datatype": "FP64", "shape": [-1]},
                                        {"name": "percentile", "datatype": "FP64", "shape": [-1]},
                                        {"name": "is_anomaly", "datatype": "BOOL", "shape": [-1]}]),
+        "vae.similar": (images, [{"name": "index", "datatype": "INT64", "shape": [-1, -1]},
+                                 {"name": "label", "datatype": "INT32", "shape": [-1, -1]},
+                                 {"name": "distance", "datatype": "FP32", "shape": [-1, -1]}]),
     }
     for name, (inputs, outputs) in expected.items():
         meta = client.get(f"/v2/models/{name}").json()

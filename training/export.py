@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from app.contract import LATENT_MAP_FILE, META_FILE
+from app.contract import LATENT_MAP_FILE, META_FILE, NEIGHBOURS_FILE
 from training.model import VAEBase
 
 
@@ -22,12 +22,22 @@ def script(model: nn.Module) -> torch.jit.ScriptModule:
 
 
 def save(scripted: torch.jit.ScriptModule, path: Path, meta: dict[str, Any],
-         latent_map: dict[str, Any] | None = None) -> None:
+         latent_map: dict[str, Any] | None = None, neighbours: bytes | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    extra = {META_FILE: json.dumps(meta, indent=2)}
+    extra: dict[str, str | bytes] = {META_FILE: json.dumps(meta, indent=2)}
     if latent_map is not None:
         extra[LATENT_MAP_FILE] = json.dumps(latent_map, separators=(",", ":"))
+    if neighbours is not None:
+        extra[NEIGHBOURS_FILE] = neighbours
     torch.jit.save(scripted, str(path), _extra_files=extra)
+
+
+def extra_file(path: Path, name: str) -> bytes | None:
+    """One extra file of an artifact as it was saved, or None if it has none: what a command that rewrites
+    one of them keeps of the others."""
+    extra = {name: ""}
+    torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    return extra[name] or None  # type: ignore[return-value]
 
 
 def load(path: Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:

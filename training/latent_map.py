@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from app.contract import LATENT_MAP_FILE, META_FILE, latent_map, latent_map_block
+from app.contract import LATENT_MAP_FILE, META_FILE, NEIGHBOURS_FILE, latent_map, latent_map_block
 from training import export
 from training.data import DataError, load_mnist, to_float
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     block = build(module.encode, to_float(data.test_images), data.test_labels)
     out = args.out or args.model
-    export.save(module, out, meta, block)
+    export.save(module, out, meta, block, export.extra_file(args.model, NEIGHBOURS_FILE))
     check = {META_FILE: "", LATENT_MAP_FILE: ""}
     torch.jit.load(str(out), map_location="cpu", _extra_files=check)
     latent_map(json.loads(check[LATENT_MAP_FILE]), meta["latent_dim"])

@@ -26,7 +26,7 @@ from anomaly.base import DEFAULT_PATH as SCORE_BASE
 from anomaly.base import MissingScoreBase, ScoreBase
 from app.contract import DEFAULT_ANOMALY_K, INPUT_SHAPE
 from app.devices import NoGpu, resolve_device
-from training import distributed, export, latent_map, plots
+from training import distributed, export, latent_map, neighbours, plots
 from training.data import DataError, binarize, load_mnist, to_float
 from training.evaluate import evaluate
 from training.model import VAEBase, build, loss_function
@@ -313,7 +313,9 @@ def finish(model: VAEBase, cfg: TrainConfig, name: str, sha256: dict[str, str], 
     model = model.cpu()
     mu = latent_map.means(model.encode, test_x.cpu())
     lmap = latent_map.block(mu, test_labels.cpu()) if cfg.latent_dim == 2 else None
-    export.save(export.script(served), cfg.out, meta, lmap)
+    index = neighbours.build(model.encode, train_x.cpu().mul(255).round().to(torch.uint8).reshape(-1, 28, 28),
+                             train_y.cpu())
+    export.save(export.script(served), cfg.out, meta, lmap, index)
     reloaded, _ = export.load(cfg.out)
     diff = export.parity(served, reloaded, test_x[:256].cpu())
     if diff > 1e-5:

@@ -20,15 +20,17 @@ from torch import Tensor
 from app.exceptions import Unavailable, UnknownModel
 from app.formats import Format, negotiate
 from app.inference import Engine
-from app.inputs import ImageReader, read_images
+from app.inputs import ImageReader, read_ends, read_images
 from app.queries import (
     AnomalyQuery,
     DecodeQuery,
     EncodeQuery,
     ImageQuery,
+    InterpolateQuery,
     QueryModel,
     ReconstructQuery,
     SampleQuery,
+    SimilarQuery,
     parse_query,
 )
 from app.settings import Settings
@@ -48,6 +50,12 @@ class Call(Generic[Q]):
         assert isinstance(self.query, ImageQuery)
         reader: ImageReader = self.request.app.state.image_reader
         return await read_images(self.request, self.engine.limits, reader, self.query.preprocess)
+
+    async def ends(self) -> Tensor | list[list[float]]:
+        """POST /interpolate's two ends: images, preprocessed as the query says, or latent vectors."""
+        assert isinstance(self.query, ImageQuery)
+        reader: ImageReader = self.request.app.state.image_reader
+        return await read_ends(self.request, self.engine.limits, reader, self.query.preprocess)
 
 
 def operation_id(route: APIRoute) -> str:
@@ -105,3 +113,5 @@ open_decode = model_call(DecodeQuery, "png")
 open_sample = model_call(SampleQuery, "png")
 open_reconstruct = model_call(ReconstructQuery, "png")
 open_anomaly_score = model_call(AnomalyQuery, "json")
+open_interpolate = model_call(InterpolateQuery, "png")
+open_similar = model_call(SimilarQuery, "json")

@@ -2,7 +2,7 @@
 of each served artifact, named `<model>.<capability>` (`vae.encode`, `vae-2d.anomaly-score`).
 
 The protocol's model is a function from named tensors to named tensors, with one metadata
-document saying which; this service's models do five different things, so each becomes five
+document saying which; this service's models do six different things, so each becomes six
 protocol models, each with exact metadata. Their work is the same Engine's as the REST API's,
 so batching, limits, timeouts and overload answers are shared, and so are the query models
 (app/queries.py) that check the per-request options, here read from the request's
@@ -25,7 +25,7 @@ from app.imaging import grays_to_tensor
 from app.inference import Engine
 from app.inputs import ImageReader
 from app.protocol.codec import Output, Parameters, Tensor
-from app.queries import AnomalyQuery, ImageQuery, SampleQuery, parse_parameters
+from app.queries import AnomalyQuery, ImageQuery, SampleQuery, SimilarQuery, parse_parameters
 from app.schemas import Z_LIMIT
 
 PLATFORM = "pytorch_torchscript"
@@ -50,7 +50,8 @@ IMAGE_FILES = Spec("image_files", "BYTES", (-1,))
 IMAGE_INPUTS = (IMAGES, IMAGES_UINT8, IMAGE_FILES)
 ONE_OF_IMAGES = ("exactly one of: images (FP32 [n,1,28,28] in [0, 1]), images_uint8 (UINT8 [n,28,28]) or "
                  "image_files (BYTES [n], encoded image files)")
-SAMPLE_INPUTS = (Spec("n", "INT32", (1,)), Spec("seed", "INT64", (1,)), Spec("temperature", "FP32", (1,)))
+SAMPLE_INPUTS = (Spec("n", "INT32", (1,)), Spec("seed", "INT64", (1,)), Spec("temperature", "FP32", (1,)),
+                 Spec("digit", "INT32", (1,)))
 
 Run = Callable[[Engine, list[Tensor], Parameters, ImageReader], Awaitable[tuple[list[Output], Parameters]]]
 
@@ -168,8 +169,18 @@ async def sample(engine: Engine, tensors: list[Tensor], parameters: Parameters, 
             raise InvalidInput(f"input {t.name!r} must hold one number")
         values[t.name] = t.array.reshape(-1)[0].item()
     q = parse_parameters(SampleQuery, values)
-    drawn = await engine.sample(q.n, q.seed, q.temperature)
+    drawn = await engine.sample(q.n, q.seed, q.temperature, q.digit)
     return [_f32("images", drawn.images), _f32("z", drawn.z), Output("seed", "INT64", np.array([drawn.seed]))], {}
+
+
+async def similar(engine: Engine, tensors: list[Tensor], parameters: Parameters, reader: ImageReader
+                  ) -> tuple[list[Output], Parameters]:
+    q = parse_parameters(SimilarQuery, parameters)
+    found = await engine.similar(await read_images(engine, tensors, parameters, reader), q.k)
+    assert engine.model.index is not None  # similar() refuses a model without one
+    rows = found.index.cpu().numpy()
+    return [Output("index", "INT64", rows), Output("label", "INT32", engine.model.index.labels[rows].astype(np.int32)),
+            _f32("distance", found.distance)], {"k": int(rows.shape[1])}
 
 
 CAPABILITIES: dict[str, Capability] = {
@@ -177,7 +188,8 @@ CAPABILITIES: dict[str, Capability] = {
                          lambda d: (Spec("mu", "FP32", (-1, d)), Spec("logvar", "FP32", (-1, d))), encode),
     "decode": Capability("latent vectors -> images", lambda d: (Spec("z", "FP32", (-1, d)),),
                          lambda d: (Spec("images", "FP32", (-1, 1, 28, 28)),), decode),
-    "sample": Capability("n images from z ~ N(0, T² I); every input optional (n=16, a random seed, T=1)",
+    "sample": Capability("n images from z ~ N(0, T² I), or of one digit from its latent Gaussian; every input "
+                         "optional (n=16, a random seed, T=1, any digit)",
                          lambda d: SAMPLE_INPUTS, lambda d: (Spec("images", "FP32", (-1, 1, 28, 28)),
                                                              Spec("z", "FP32", (-1, d)), Spec("seed", "INT64", (1,))),
                          sample),
@@ -187,6 +199,10 @@ CAPABILITIES: dict[str, Capability] = {
                                 "flag", lambda d: IMAGE_INPUTS,
                                 lambda d: (Spec("score", "FP64", (-1,)), Spec("percentile", "FP64", (-1,)),
                                            Spec("is_anomaly", "BOOL", (-1,))), anomaly_score),
+    "similar": Capability("images -> the k nearest MNIST training digits in latent space (parameter k, default 8): "
+                          "their rows of the training set, digits and distances, nearest first", lambda d: IMAGE_INPUTS,
+                          lambda d: (Spec("index", "INT64", (-1, -1)), Spec("label", "INT32", (-1, -1)),
+                                     Spec("distance", "FP32", (-1, -1))), similar),
 }
 
 

@@ -5,6 +5,9 @@
 const $ = (id) => document.getElementById(id);
 const DIGIT_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
                        "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]; // matplotlib's tab10, as latent.png
+const NEIGHBOURS = 8;       // nearest real digits shown under the drawing
+const WALK_STEPS = 12;      // points on a walk between two digits, both ends included
+const WALK_FRAME_MS = 160;  // how long each step of a walk is shown while it plays
 const STROKE = 18;          // pen width on the 280 px pad: about 2 px once the digit is scaled to MNIST's 20 px box
 const DEBOUNCE_MS = 100;    // while drawing, at most one analysis per this long
 
@@ -16,6 +19,7 @@ const state = {
   posterior: null,          // {mu, sigma} of the drawn image (2-D models)
   cursor: null,             // [z0, z1] being decoded on the map
   strokeEndAt: null,        // performance.now() when the last stroke ended, until its result is on screen
+  kept: null,               // the code (posterior mean) of a drawing kept as the far end of a walk
 };
 // Read by the end-to-end tests and bench/page.py: milliseconds from the end of a stroke to its result on screen.
 window.vaePage = { timings: [], analyses: 0 };
@@ -114,7 +118,7 @@ function redrawPad() {
     if (op.kind === "stroke") drawStroke(op.points);
     else drawImageOp(op);
   }
-  $("undo").disabled = $("clear").disabled = state.ops.length === 0;
+  $("undo").disabled = $("clear").disabled = $("keep").disabled = state.ops.length === 0;
 }
 
 pad.addEventListener("pointerdown", (event) => {
@@ -209,16 +213,20 @@ async function analyse() {
   if (!model || seq < rendered) return;
   if (!body) { rendered = seq; state.strokeEndAt = null; showNothing(); return; }
   const init = { method: "POST", body, headers: { "Content-Type": body.type || "application/octet-stream" } };
-  const [recon, scored, encoded] = await Promise.all([
+  const similar = model.capabilities && model.capabilities.similar;
+  const [recon, scored, encoded, near, nearPng] = await Promise.all([
     call(`reconstruct?${modelQuery({ format: "json" })}`, init).then((r) => r.json()),
     call(`anomaly-score?${modelQuery()}`, init).then((r) => r.json()),
     model.latent_dim === 2 ? call(`encode?${modelQuery()}`, init).then((r) => r.json()) : null,
+    similar ? call(`similar?${modelQuery({ k: NEIGHBOURS })}`, init).then((r) => r.json()) : null,
+    similar ? call(`similar?${modelQuery({ k: NEIGHBOURS, format: "png" })}`, init).then((r) => r.blob()) : null,
   ]);
   if (model !== state.model || seq < rendered) return; // outrun by a newer analysis, or another model picked
   rendered = seq;
   showPixels($("input28"), recon.originals[0]);
   showPixels($("recon28"), recon.images[0]);
   showScore(scored);
+  showNeighbours(near, nearPng);
   state.posterior = encoded && {
     mu: encoded.mu, sigma: encoded.logvar.map((v) => Math.exp(0.5 * v)),
   };
@@ -241,6 +249,20 @@ function showPixels(canvas, rows) {
   ctx.putImageData(img, 0, 0);
 }
 
+let neighboursUrl = null;
+function showNeighbours(near, png) {
+  $("nearest").hidden = !near;
+  if (!near) return;
+  if (neighboursUrl) URL.revokeObjectURL(neighboursUrl);
+  neighboursUrl = URL.createObjectURL(png);
+  $("neighbours").src = neighboursUrl;
+  const labels = near.neighbours.map((n) => n.label);
+  const votes = labels.filter((d) => d === labels[0]).length;
+  $("neighbours-note").textContent = `Nearest first: ${labels.join(", ")} (training images ` +
+    `${near.neighbours.map((n) => n.index).join(", ")}); the nearest is a ${labels[0]}` +
+    `${votes > 1 ? `, as are ${votes - 1} more of the ${labels.length}` : ""}.`;
+}
+
 function clearPixels(canvas) {
   const ctx = canvas.getContext("2d");
   ctx.fillStyle = "#000";
@@ -256,6 +278,7 @@ function showNothing() {
   $("score-text").textContent = "The anomaly score says how unlike the held-out MNIST digits your image is.";
   state.posterior = null;
   showPosterior();
+  $("nearest").hidden = true;
 }
 
 function ordinal(p) {
@@ -403,6 +426,20 @@ const decode = latestOnly(async (z) => {
   $("decoded-z").textContent = `decoded at z = (${z[0].toFixed(2)}, ${z[1].toFixed(2)})`;
 });
 
+// Until the map is pointed at, its box shows the image at the prior's centre, z = (0, 0).
+async function showCentre() {
+  const model = state.model;
+  const response = await call(`decode?${modelQuery({ format: "png" })}`, {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ z: [[0, 0]] }),
+  });
+  const blob = await response.blob();
+  if (model !== state.model || state.cursor) return;
+  if (decodedUrl) URL.revokeObjectURL(decodedUrl);
+  decodedUrl = URL.createObjectURL(blob);
+  $("decoded").src = decodedUrl;
+  $("decoded-z").textContent = "The prior's centre, z = (0, 0): point at the map to decode elsewhere";
+}
+
 function pointAt(z) {
   state.cursor = z;
   drawMap();
@@ -448,9 +485,15 @@ $("legend").replaceChildren(...DIGIT_COLOURS.map((colour, digit) => {
 // ---------- samples ----------
 
 let gridUrl = null;
+let sampledDigit = null; // the digit the grid shows, or null for draws from the prior
+let temperatureMoved = false; // until the slider is moved, a digit is sampled at the service's default for one
 async function sample() {
   const extra = { n: $("count").value, temperature: $("temperature").value, format: "png" };
   if ($("seed").value !== "") extra.seed = $("seed").value;
+  if (sampledDigit !== null) {
+    extra.digit = sampledDigit;
+    if (!temperatureMoved) delete extra.temperature;
+  }
   const response = await call(`sample?${modelQuery(extra)}`);
   const blob = await response.blob();
   if (gridUrl) URL.revokeObjectURL(gridUrl);
@@ -458,17 +501,119 @@ async function sample() {
   $("grid").src = gridUrl;
   $("grid").hidden = false;
   const seed = response.headers.get("X-Seed");
-  $("sample-note").textContent = `${extra.n} samples from ${state.model.name} at temperature ${extra.temperature}, ` +
+  const what = sampledDigit === null ? "samples" : `samples of the digit ${sampledDigit} (from its Gaussian in latent space)`;
+  const temperature = extra.temperature ?? "0.8 (the default for one digit)";
+  $("sample-note").textContent = `${extra.n} ${what} from ${state.model.name} at temperature ${temperature}, ` +
     `seed ${seed}: the same seed draws the same grid.`;
   report(null);
 }
 $("sample-form").addEventListener("submit", (event) => {
   event.preventDefault();
+  sampledDigit = null;
   sample().catch(report);
 });
+$("digit-buttons").append(...Array.from({ length: 10 }, (_, digit) => {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.textContent = String(digit);
+  button.setAttribute("aria-label", `Sample ${digit}s`);
+  button.dataset.digit = String(digit);
+  button.addEventListener("click", () => { sampledDigit = digit; sample().catch(report); });
+  return button;
+}));
 $("temperature").addEventListener("input", (event) => {
+  temperatureMoved = true;
   $("temperature-value").textContent = Number(event.target.value).toFixed(1);
 });
+
+// ---------- a walk between two digits ----------
+
+const walk = { frames: [], at: 0, timer: null };
+
+async function codeOfDrawing() {
+  const body = await padBody();
+  if (!body) throw new Error("Draw a digit (or open an image) first");
+  const init = { method: "POST", body, headers: { "Content-Type": body.type || "application/octet-stream" } };
+  return (await (await call(`encode?${modelQuery()}`, init)).json()).mu;
+}
+
+async function walkTo() {
+  const model = state.model;
+  const from = await codeOfDrawing();
+  const target = $("walk-to").value;
+  const to = target === "kept" ? state.kept
+    : (await (await call(`sample?${modelQuery({ digit: target, n: 1, format: "json" })}`)).json()).z[0];
+  const response = await call(`interpolate?${modelQuery({ steps: WALK_STEPS, path: $("walk-path").value, format: "json" })}`,
+    { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ z: [from, to] }) });
+  const path = await response.json();
+  if (model !== state.model) return;
+  const strip = $("walk-strip");
+  strip.width = 28 * path.images.length;
+  strip.hidden = false;
+  path.images.forEach((rows, i) => drawPixelsAt(strip, rows, 28 * i));
+  walk.frames = path.images;
+  $("walk-step").max = String(path.images.length - 1);
+  $("walk-step").disabled = $("walk-play").disabled = false;
+  const towards = target === "kept" ? "the kept drawing" : `a sampled ${target}`;
+  $("walk-note").textContent = `${path.images.length} steps from your drawing to ${towards} along the ` +
+    `${path.path === "slerp" ? "arc (slerp)" : "straight line"} between their codes.`;
+  play(true);
+  report(null);
+}
+
+function drawPixelsAt(canvas, rows, x) {
+  const img = canvas.getContext("2d").createImageData(28, 28);
+  rows.flat().forEach((v, i) => {
+    const g = Math.round(Math.min(1, Math.max(0, v)) * 255);
+    img.data.set([g, g, g, 255], i * 4);
+  });
+  canvas.getContext("2d").putImageData(img, x, 0);
+}
+
+function showStep(i) {
+  walk.at = i;
+  drawPixelsAt($("walk-frame"), walk.frames[i], 0);
+  $("walk-step").value = String(i);
+}
+
+// Plays back and forth, from the drawing to the other digit and back, until paused.
+function play(on) {
+  clearInterval(walk.timer);
+  walk.timer = null;
+  let direction = 1;
+  if (on) {
+    showStep(0);
+    walk.timer = setInterval(() => {
+      if (walk.at + direction < 0 || walk.at + direction >= walk.frames.length) direction = -direction;
+      showStep(walk.at + direction);
+    }, WALK_FRAME_MS);
+  }
+  $("walk-play").textContent = on ? "Pause" : "Play";
+}
+
+$("walk-to").replaceChildren(...Array.from({ length: 10 }, (_, d) => new Option(`a sampled ${d}`, String(d))),
+  new Option("the kept drawing", "kept"));
+$("walk-form").addEventListener("submit", (event) => { event.preventDefault(); walkTo().catch(report); });
+$("walk-play").addEventListener("click", () => play(walk.timer === null));
+$("walk-step").addEventListener("input", (event) => { play(false); showStep(Number(event.target.value)); });
+$("keep").addEventListener("click", () => {
+  codeOfDrawing().then((mu) => {
+    state.kept = mu;
+    $("walk-to").value = "kept";
+    setWalkControls();
+    $("walk-note").textContent = "Kept. Draw a second digit and walk from it to the kept one.";
+  }).catch(report);
+});
+
+function setWalkControls() {
+  const model = state.model;
+  const digits = Boolean(model.capabilities && model.capabilities.sample_digit);
+  for (const option of $("walk-to").options) option.disabled = option.value === "kept" ? !state.kept : !digits;
+  if ($("walk-to").selectedOptions[0]?.disabled) $("walk-to").value = state.kept ? "kept" : "0";
+  $("walk-go").disabled = !digits && !state.kept;
+  $("keep").disabled = state.ops.length === 0;
+  for (const button of $("digit-buttons").querySelectorAll("button")) button.disabled = !digits;
+}
 
 // ---------- models ----------
 
@@ -479,11 +624,17 @@ async function pick(name) {
   window.history.replaceState(null, "", url);
   state.cursor = null;
   state.posterior = null;
+  state.kept = null; // a code is only meaningful in the latent space it came from
+  play(false);
+  $("walk-strip").hidden = true;
+  $("walk-step").disabled = $("walk-play").disabled = true;
   $("decoded").removeAttribute("src");
   $("decoded-z").textContent = "Point at the map to decode";
+  setWalkControls();
   const model = state.model;
   const map = await loadMap(model);
   if (model !== state.model) return;
+  if (map) await showCentre();
   $("map-area").hidden = $("posterior").hidden = !map;
   $("no-map").hidden = Boolean(map);
   const mapped = state.models.filter((m) => m.latent_map).map((m) => m.name);
@@ -492,7 +643,10 @@ async function pick(name) {
     `for models with a 2-D one${suggestion}.`;
   showPosterior();
   analyseNow();
-  if (!$("grid").hidden) await sample();
+  if (!$("grid").hidden) {
+    if (!(model.capabilities && model.capabilities.sample_digit)) sampledDigit = null;
+    await sample();
+  }
 }
 
 async function start() {

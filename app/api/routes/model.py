@@ -10,9 +10,27 @@ from app.api import deps
 from app.api.deps import operation_id
 from app.exceptions import UnsupportedMediaType
 from app.inputs import max_json_values, parse_body
-from app.queries import AnomalyQuery, DecodeQuery, EncodeQuery, ReconstructQuery, SampleQuery, openapi_parameters
+from app.queries import (
+    AnomalyQuery,
+    DecodeQuery,
+    EncodeQuery,
+    InterpolateQuery,
+    ReconstructQuery,
+    SampleQuery,
+    SimilarQuery,
+    openapi_parameters,
+)
 from app.responses import JsonResponse, PngResponse
-from app.schemas import ERRORS, EXPLAINED_RESPONSE, IMAGE_BODY, PNG_RESPONSE, AnomalyOut, DecodeIn, EncodeOut
+from app.schemas import (
+    ERRORS,
+    EXPLAINED_RESPONSE,
+    IMAGE_BODY,
+    PNG_RESPONSE,
+    AnomalyOut,
+    DecodeIn,
+    EncodeOut,
+    SimilarOut,
+)
 
 router = APIRouter(tags=["model"], responses={k: ERRORS[k] for k in (400, 404, 422, 503, 504)},
                    generate_unique_id_function=operation_id)
@@ -52,8 +70,37 @@ async def decode(request: Request) -> Response:
 async def sample(request: Request) -> Response:
     call = await deps.open_sample(request)
     q = call.query
-    drawn = await call.engine.sample(q.n, q.seed, q.temperature)
+    drawn = await call.engine.sample(q.n, q.seed, q.temperature, q.digit)
     return responses.sampled(call.fmt, q.encoding, call.engine.model.name, drawn)
+
+
+@router.post("/interpolate", summary="The decoded path between two images (or two latent vectors): a PNG strip "
+             "or JSON", response_class=PngResponse, responses={**PNG_RESPONSE, **IMAGE_ERRORS},
+             openapi_extra={"parameters": openapi_parameters(InterpolateQuery), "requestBody": {
+                 "required": True, "content": {
+                     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+                         "file": {"type": "array", "items": {"type": "string", "format": "binary"},
+                                  "minItems": 2, "maxItems": 2, "description": "two image files"}}}},
+                     "application/json": {"schema": {"$ref": "#/components/schemas/InterpolateIn"},
+                                          "example": {"z": [[0.0, 0.0], [1.0, 1.0]]}}}}})
+async def interpolate(request: Request) -> Response:
+    call = await deps.open_interpolate(request)
+    q = call.query
+    z, images = await call.engine.interpolate(await call.ends(), q.steps, q.path)
+    return responses.interpolated(call.fmt, q.encoding, call.engine.model.name, q.path, z, images)
+
+
+@router.post("/similar", summary="The k MNIST training digits nearest to each image in latent space (JSON), or a "
+             "PNG grid of them", response_class=JsonResponse, response_model=SimilarOut,
+             response_model_exclude_none=True, responses={**PNG_RESPONSE, **IMAGE_ERRORS},
+             openapi_extra={**IMAGE_BODY, "parameters": openapi_parameters(SimilarQuery)})
+async def similar(request: Request) -> Response:
+    call = await deps.open_similar(request)
+    x = await call.images()
+    found = await call.engine.similar(x, call.query.k)
+    index = call.engine.model.index
+    assert index is not None  # similar() refuses a model without one
+    return responses.neighbours(call.fmt, call.engine.model.name, x, found, index)
 
 
 @router.post("/reconstruct", summary="Image(s) to reconstruction(s): PNG rows of original | reconstruction, or JSON",
