@@ -30,7 +30,16 @@ from app.inputs import ImageReader
 from app.metrics import Metrics
 from app.middleware import Drain, HttpLimits, ServiceMiddleware
 from app.protocol.codec import InferenceRequest
-from app.schemas import DecodeIn, ErrorOut, ImagesIn, ImagesOut, InferenceResponse, ProtocolErrorOut
+from app.schemas import (
+    DecodeIn,
+    ErrorOut,
+    ImagesIn,
+    ImagesOut,
+    InferenceResponse,
+    InterpolateIn,
+    InterpolateOut,
+    ProtocolErrorOut,
+)
 from app.settings import Settings, get_settings
 
 log = logging.getLogger("app")
@@ -137,7 +146,7 @@ def add_routes(app: FastAPI, *routers: APIRouter) -> None:
 
 
 def add_body_schemas(app: FastAPI) -> None:
-    """The hand-parsed bodies (ImagesIn, DecodeIn) and the error body are no route parameters or
+    """The hand-parsed bodies (ImagesIn, DecodeIn, InterpolateIn) and the error body are no route parameters or
     models, so FastAPI leaves their $refs dangling: add their schemas to the document FastAPI
     generates, keeping everything else."""
     generate = app.openapi
@@ -146,8 +155,8 @@ def add_body_schemas(app: FastAPI) -> None:
         if app.openapi_schema is None:
             spec = generate()
             components = spec.setdefault("components", {}).setdefault("schemas", {})
-            for body in (ImagesIn, DecodeIn, ImagesOut, ErrorOut, InferenceRequest, InferenceResponse,
-                         ProtocolErrorOut):
+            for body in (ImagesIn, DecodeIn, InterpolateIn, ImagesOut, InterpolateOut, ErrorOut, InferenceRequest,
+                         InferenceResponse, ProtocolErrorOut):
                 schema = body.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(schema.pop("$defs", {}))
                 components[body.__name__] = schema

@@ -50,6 +50,20 @@ EXPLAINED_RESPONSE: dict[int | str, dict[str, Any]] = {
                          "the input as seen, its reconstruction, the per-pixel -log p(x_i|z) and the score"},
 }
 
+# /similar: JSON by default, a grid of the neighbours on request; /interpolate: a strip by default.
+SIMILAR_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/SimilarOut"}},
+                      "image/png": {"schema": {"type": "string", "format": "binary"}}},
+          "description": "JSON (default), or with format=png / Accept: image/png a row per image: the image as "
+                         "seen, then its neighbours, nearest first"},
+}
+INTERPOLATE_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
+                      "application/json": {"schema": {"$ref": "#/components/schemas/InterpolateOut"}}},
+          "description": "one PNG strip, first to last (default), or JSON with format=json / Accept: "
+                         "application/json"},
+}
+
 
 Pixel = Annotated[float, Field(ge=0.0, le=1.0, strict=True)]  # NaN fails both bounds; strict: no true, no "0.5"
 Row = Annotated[list[Pixel], Field(min_length=28, max_length=28)]

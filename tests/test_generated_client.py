@@ -124,3 +124,18 @@ def test_anomaly_score_and_a_typed_error(gen: ModuleType, client) -> None:
     assert answer.k == 16 and answer.score > 0 and 0 <= answer.percentile <= 100
     missing = score.sync(client=client, body=upload, model="nope")
     assert isinstance(missing, ErrorOut) and missing.error == "unknown model"
+
+
+def test_what_only_a_vae_answers(gen: ModuleType, client) -> None:
+    from vae_client.models import InterpolateIn
+    from vae_client.types import File
+
+    similar, interpolate, sample = (api(gen, f"model.{n}") for n in ("similar", "interpolate", "sample"))
+    upload = File(payload=io.BytesIO(DIGIT), file_name="7.png", mime_type="image/png")
+    near = similar.sync(client=client, body=upload, k=3)
+    assert near.k == 3 and [n.distance for n in near.neighbours] == sorted(n.distance for n in near.neighbours)
+    assert all(0 <= n.label <= 9 and n.index >= 0 for n in near.neighbours)
+    strip = interpolate.sync(client=client, body=InterpolateIn(z=[[0.0, 0.0], [1.0, -1.0]]), steps=5)
+    assert png_size(strip) == (5 * 30 + 2, 32)
+    drawn = json.loads(sample.sync_detailed(client=client, n=2, seed=1, digit=3, format_="json").content)
+    assert drawn["seed"] == 1 and len(drawn["z"]) == 2

@@ -25,7 +25,9 @@ from app.schemas import (
     ERRORS,
     EXPLAINED_RESPONSE,
     IMAGE_BODY,
+    INTERPOLATE_RESPONSE,
     PNG_RESPONSE,
+    SIMILAR_RESPONSE,
     AnomalyOut,
     DecodeIn,
     EncodeOut,
@@ -75,7 +77,7 @@ async def sample(request: Request) -> Response:
 
 
 @router.post("/interpolate", summary="The decoded path between two images (or two latent vectors): a PNG strip "
-             "or JSON", response_class=PngResponse, responses={**PNG_RESPONSE, **IMAGE_ERRORS},
+             "or JSON", response_class=PngResponse, responses={**INTERPOLATE_RESPONSE, **IMAGE_ERRORS},
              openapi_extra={"parameters": openapi_parameters(InterpolateQuery), "requestBody": {
                  "required": True, "content": {
                      "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
@@ -92,7 +94,7 @@ async def interpolate(request: Request) -> Response:
 
 @router.post("/similar", summary="The k MNIST training digits nearest to each image in latent space (JSON), or a "
              "PNG grid of them", response_class=JsonResponse, response_model=SimilarOut,
-             response_model_exclude_none=True, responses={**PNG_RESPONSE, **IMAGE_ERRORS},
+             response_model_exclude_none=True, responses={**SIMILAR_RESPONSE, **IMAGE_ERRORS},
              openapi_extra={**IMAGE_BODY, "parameters": openapi_parameters(SimilarQuery)})
 async def similar(request: Request) -> Response:
     call = await deps.open_similar(request)
