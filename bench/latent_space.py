@@ -146,7 +146,8 @@ def main() -> int:
                 seconds[label] = time.perf_counter() - start
         served = load_model(path, torch.device("cpu"))
         assert served.index is not None
-        print(f"index: {len(served.index)} digits, {served.index.nbytes / 1e6:.1f} MB in memory, "
+        print(f"index: {len(served.index)} digits, {served.index.nbytes / 1e6:.1f} MB of codes in memory and "
+              f"{served.index.images.nbytes / 1e6:.1f} MB of images (one copy per process), "
               f"{len(index) / 1e6:.1f} MB in the artifact; the artifact loads and passes its checks in "
               f"{seconds['with']:.2f} s with it, {seconds['without']:.2f} s without\n", flush=True)
     return 0

@@ -288,3 +288,10 @@ def test_a_moved_bold_or_turned_digit_lands_among_its_own_digit(shipped: TestCli
         Image.fromarray(varied).save(buf, "PNG")
         score = shipped.post("/anomaly-score", content=buf.getvalue(), headers=PNG).json()
         assert not score["is_anomaly"], (path.name, score)
+
+
+def test_models_indexing_the_same_digits_share_one_copy_of_their_pixels(models_dir: Path) -> None:
+    vae, deep = (load_model(models_dir / f"{name}.pt", torch.device("cpu")) for name in ("vae", "deep-tiny"))
+    assert vae.index is not None and deep.index is not None
+    assert vae.index.images is deep.index.images  # the same 2,000 training digits: one array
+    assert not np.array_equal(vae.index.mu[:, :2].numpy(), deep.index.mu[:, :2].numpy())  # their own codes

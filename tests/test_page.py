@@ -409,6 +409,8 @@ def test_with_api_keys_the_page_asks_for_one_and_then_works(browser: Any) -> Non
         tab.get_by_label("API key").fill("page-key")
         tab.keyboard.press("Enter")  # submits the form: the key is kept for the tab, the page reloads
         tab.wait_for_function("document.getElementById('model').disabled === false")
+        # settled (the map's box decoded): Page() loads the page again, which would abort a call in flight
+        tab.wait_for_function("document.getElementById('decoded').naturalWidth > 0")
         assert errors == []
         page = Page(browser, url, DESKTOP, tab=tab)  # from here on, any failed call or console error fails
         assert page.tab.locator("#key-form").is_hidden()
