@@ -333,12 +333,12 @@ def turns(degrees: tuple[float, ...]) -> Tensor:
 class ScoredVAE(nn.Module):
     """A trained VAE with its anomaly score: the artifact contract plus `anomaly_scores_with_noise`.
 
-    The score searches a few poses: an image scoring above `gate` (the held-out digits' p95) is scored
-    again turned by each of `poses`, and keeps the lowest of its scores (a turned one plus what that turn
-    costs, `pose_costs`), never below the gate. A digit
-    someone wrote at a slant is then scored as the upright digit it is, while a letter stays a letter
-    in every pose; images below the gate (most digits) cost nothing more. Keeping scores above the gate
-    above it makes "flagged at percentile >= 95" mean exactly "anomalous in every pose"."""
+    The score searches a few poses: an image scoring above `gate` (the held-out digits' POSE_GATE
+    percentile) is scored again turned by each of `poses`, and keeps the lowest of its scores (a turned
+    one plus what that turn costs, `pose_costs`), never below the gate. A digit someone wrote at a slant
+    is then scored as the upright digit it is, while a letter stays a letter in every pose; images below
+    the gate (most digits) cost nothing more. Keeping scores above the gate above it makes "flagged at a
+    percentile at or above the gate's" mean exactly "anomalous in every pose"."""
 
     latent_dim: torch.jit.Final[int]
 
@@ -463,6 +463,9 @@ def assemble(vae: VAEBase, head: DigitHead, train_x: Tensor, train_y: Tensor, re
     return model, block
 
 
+_SERVED = preprocess.Preprocess()
+
+
 def as_served(x: Tensor) -> Tensor:
     """[B, 1, 28, 28] images in [0, 1] as the service feeds them to the model when they arrive as 28x28 image
     files (app/preprocess.py: moved to MNIST's centre of mass, bold strokes thinned). The score is
@@ -470,9 +473,6 @@ def as_served(x: Tensor) -> Tensor:
     grays = (x.reshape(-1, 28, 28) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
     served = np.stack([preprocess.gray28(b"image", None, 28 * 28, _SERVED, g) for g in grays]) if len(grays) else grays
     return torch.from_numpy(served.astype(np.float32) / 255).reshape(x.shape)
-
-
-_SERVED = preprocess.Preprocess()
 
 
 def reference_split(n: int, seed: int = 0, share: float = 1 / 6) -> tuple[Tensor, Tensor]:

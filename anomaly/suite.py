@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from app.preprocess import Preprocess, centred_by_mass, gray28
 
@@ -280,9 +280,7 @@ def shifted(digits: np.ndarray, rng: np.random.Generator, most: int = 4) -> np.n
 
 def bolder(images: np.ndarray, r: int) -> np.ndarray:
     """A (2r+1)x(2r+1) maximum filter: every stroke r px wider on each side, a marker instead of a pen."""
-    h, w = images.shape[1:]
-    padded = np.pad(images, ((0, 0), (r, r), (r, r)))
-    return np.max([padded[:, dy : dy + h, dx : dx + w] for dy in range(2 * r + 1) for dx in range(2 * r + 1)], axis=0)
+    return np.stack([np.asarray(Image.fromarray(im).filter(ImageFilter.MaxFilter(2 * r + 1))) for im in images])
 
 
 def turned(digits: np.ndarray, degrees: float) -> np.ndarray:

@@ -150,7 +150,7 @@ class Neighbour(BaseModel):
     distance: float = Field(description="Euclidean distance between the posterior means, latent units")
 
 
-class Neighbours(BaseModel):
+class NeighboursOfOne(BaseModel):
     neighbours: list[Neighbour]
 
 
@@ -158,7 +158,7 @@ class SimilarOut(BaseModel):
     model: str
     k: int
     neighbours: list[Neighbour] | None = Field(None, description="nearest first (one image sent)")
-    results: list[Neighbours] | None = Field(None, description="one entry per image when a batch was sent")
+    results: list[NeighboursOfOne] | None = Field(None, description="one entry per image when a batch was sent")
 
 
 class ImagesOut(BaseModel):

@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 from app.artifacts import load_model
 from app.contract import LATENT_MAP_FILE, NEIGHBOURS_FILE, neighbours
 from app.inference import path_between
+from app.neighbours import NeighbourIndex
 from training import export
 from training.data import load_mnist, to_float
 
@@ -51,26 +52,26 @@ def head_says(module: torch.jit.ScriptModule, x: torch.Tensor) -> np.ndarray:
     return module.head(x)[:, :10].argmax(1).numpy()
 
 
+def nearest(train: np.ndarray, labels: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """The labels of each query's k nearest training rows (Euclidean), nearest first: the search POST /similar
+    runs (app/neighbours.py), on any vectors."""
+    index = NeighbourIndex(train.astype(np.float32), labels, np.zeros((0, 28, 28), np.uint8), torch.device("cpu"))
+    flat = queries.astype(np.float32).reshape(len(queries), -1)
+    rows = [index.search(torch.from_numpy(flat[i : i + 500]), k).index.numpy() for i in range(0, len(flat), 500)]
+    return labels[np.concatenate(rows)]
+
+
 def nearest_pixels_says(train: torch.Tensor, labels: np.ndarray, x: torch.Tensor) -> np.ndarray:
     """1-nearest neighbour among the training images, Euclidean on pixels in [0, 1]."""
-    flat = train.reshape(len(train), -1)
-    sq = (flat * flat).sum(1)
-    out = []
-    for xb in x.reshape(len(x), -1).split(500):
-        out.append((sq[None] - 2 * xb @ flat.T).argmin(1).numpy())
-    return labels[np.concatenate(out)]
+    return nearest(train.reshape(len(train), -1).numpy(), labels, x.numpy(), 1)[:, 0]
 
 
 def knn_accuracy(train_mu: np.ndarray, train_y: np.ndarray, test_mu: np.ndarray, test_y: np.ndarray,
                  ks: tuple[int, ...] = (1, 5, 10)) -> dict[int, float]:
-    t = torch.from_numpy(train_mu)
-    sq = (t * t).sum(1)
-    near = torch.cat([(sq[None] - 2 * q @ t.T).topk(max(ks), dim=1, largest=False).indices
-                      for q in torch.from_numpy(test_mu).split(1000)]).numpy()
+    near = nearest(train_mu, train_y, test_mu, max(ks))
     out = {}
     for k in ks:
-        votes = train_y[near[:, :k]]
-        pred = np.array([np.bincount(v, minlength=10).argmax() for v in votes])  # ties: the smaller digit
+        pred = np.array([np.bincount(v, minlength=10).argmax() for v in near[:, :k]])  # ties: the smaller digit
         out[k] = float((pred == test_y).mean())
     return out
 

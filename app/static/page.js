@@ -239,14 +239,15 @@ async function analyse() {
   }
 }
 
-function showPixels(canvas, rows) {
+// A 28x28 image of pixels in [0, 1] (the API's JSON) drawn into a canvas, x pixels from its left edge.
+function showPixels(canvas, rows, x = 0) {
   const ctx = canvas.getContext("2d");
   const img = ctx.createImageData(28, 28);
   rows.flat().forEach((v, i) => {
     const g = Math.round(Math.min(1, Math.max(0, v)) * 255);
     img.data.set([g, g, g, 255], i * 4);
   });
-  ctx.putImageData(img, 0, 0);
+  ctx.putImageData(img, x, 0);
 }
 
 let neighboursUrl = null;
@@ -550,7 +551,7 @@ async function walkTo() {
   const strip = $("walk-strip");
   strip.width = 28 * path.images.length;
   strip.hidden = false;
-  path.images.forEach((rows, i) => drawPixelsAt(strip, rows, 28 * i));
+  path.images.forEach((rows, i) => showPixels(strip, rows, 28 * i));
   walk.frames = path.images;
   $("walk-step").max = String(path.images.length - 1);
   $("walk-step").disabled = $("walk-play").disabled = false;
@@ -561,18 +562,9 @@ async function walkTo() {
   report(null);
 }
 
-function drawPixelsAt(canvas, rows, x) {
-  const img = canvas.getContext("2d").createImageData(28, 28);
-  rows.flat().forEach((v, i) => {
-    const g = Math.round(Math.min(1, Math.max(0, v)) * 255);
-    img.data.set([g, g, g, 255], i * 4);
-  });
-  canvas.getContext("2d").putImageData(img, x, 0);
-}
-
 function showStep(i) {
   walk.at = i;
-  drawPixelsAt($("walk-frame"), walk.frames[i], 0);
+  showPixels($("walk-frame"), walk.frames[i]);
   $("walk-step").value = String(i);
 }
 
