@@ -8,7 +8,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VAE_MODELS_DIR=/srv/models \
     VAE_HOST=0.0.0.0 \
-    VAE_PORT=8000
+    VAE_PORT=8000 \
+    VAE_GRPC_PORT=8081
 
 WORKDIR /srv
 
@@ -41,7 +42,7 @@ COPY models ./models
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin vae
 USER 10001
 
-EXPOSE 8000
+EXPOSE 8000 8081
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=2).status != 200)"]
 

@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test lint bench models docker-smoke mutation clean
+.PHONY: serve test lint bench models docker-smoke mutation proto clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ needed"'
@@ -65,6 +65,11 @@ mutation: $(STAMP)
 
 docker-smoke:
 	bash scripts/docker-smoke.sh
+
+# The gRPC messages (app/rpc/inference.proto) as Python: checked in, so that serving needs no code
+# generator; tests/test_grpc.py fails when the checked-in files differ from what this writes.
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. app/rpc/inference.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache mutants .mutmut-artifacts node_modules .site

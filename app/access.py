@@ -29,7 +29,8 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 # What a browser loads to show the page and the docs; never needs a key (the page asks for one).
 PAGE_PATHS = ("/", "/docs", "/redoc", "/openapi.json", "/favicon.ico")
 PAGE_PREFIXES = ("/static/", "/docs-assets/")
-OPS_PATHS = ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready")
+OPS_PATHS = ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready",
+             "/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady")
 
 
 def is_loopback(host: str) -> bool:
@@ -59,6 +60,18 @@ class AccessRules:
         for key in self.keys:
             found |= hmac.compare_digest(given, key)
         return found
+
+
+def key_refusal(rules: AccessRules, path: str, authorization: bytes) -> Unauthorized | None:
+    """Why a call to `path` with this Authorization value (header or gRPC metadata) is refused, or None."""
+    if not rules.needs_key(path):
+        return None
+    scheme, _, given = authorization.partition(b" ")
+    if not given or scheme.lower() != b"bearer":
+        return Unauthorized("this endpoint needs an API key: send 'Authorization: Bearer <key>'")
+    if not rules.key_matches(given.strip()):
+        return Unauthorized("the API key is not valid", error="invalid API key")
+    return None
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -108,10 +121,4 @@ class AccessMiddleware:
             if not own and "*" not in rules.origins and sent_by not in rules.origins:
                 return Forbidden(f"requests from web pages at {sent_by} are not allowed; only from this service's "
                                  "own page and VAE_ALLOWED_ORIGINS")
-        if rules.needs_key(scope["path"]):
-            scheme, _, given = authorization.partition(b" ")
-            if not given or scheme.lower() != b"bearer":
-                return Unauthorized("this endpoint needs an API key: send 'Authorization: Bearer <key>'")
-            if not rules.key_matches(given.strip()):
-                return Unauthorized("the API key is not valid", error="invalid API key")
-        return None
+        return key_refusal(rules, scope["path"], authorization)

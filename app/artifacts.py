@@ -120,6 +120,7 @@ class ServedModel:
     digits: tuple[Tensor, Tensor] | None = None  # each digit's latent Gaussian: means [10, D], scale_tril [10, D, D]
     index: NeighbourIndex | None = None  # the training digits' posterior means, for POST /similar
     load_seconds: float = 0.0  # reading, checking and warming it up: vae_model_load_seconds
+    version: str = "1"  # of its model in the repository (app/repository.py)
 
     @property
     def fitted_columns(self) -> list[int]:
@@ -127,7 +128,8 @@ class ServedModel:
         return [s.column for s in self.scores.values() if s.column is not None]
 
     def describe(self) -> dict[str, Any]:
-        return {**self.meta, "device": str(self.device), "file": self.path.name,
+        return {**self.meta, "name": self.name, "version": self.version, "device": str(self.device),
+                "file": self.path.name,
                 "anomaly_score": {"default": self.default_score,
                                   "methods": {n: {"about": m.about, "calibration_k": m.k,
                                                   "calibrated": bool(m.calibration)}
@@ -252,18 +254,65 @@ def warm_up(model: ServedModel, passes: int = 3) -> None:
     model.load_seconds += time.perf_counter() - start
 
 
-def load_models(folder: Path, device: torch.device, default: str) -> dict[str, ServedModel]:
+VERSION_FILE = "model.pt"  # models/<name>/<version>/model.pt, Triton's layout for PyTorch models
+FLAT_VERSION = "1"  # a flat models/<file>.pt is version 1 of the model its meta.json names
+
+
+@dataclass(frozen=True, order=True)
+class ArtifactFile:
+    """A file the repository serves: `name` is its folder's for the versioned layout, None for a flat
+    file (its meta.json names it); `version` is a whole number."""
+
+    path: Path
+    name: str | None
+    version: str
+
+    def signature(self) -> tuple[int, int, int] | None:
+        """What changes when the file is replaced or rewritten (None: gone)."""
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+def artifact_files(folder: Path) -> list[ArtifactFile]:
+    """The artifacts in a models folder: flat `*.pt` files and `<name>/<version>/model.pt`."""
+    found = [ArtifactFile(p, None, FLAT_VERSION) for p in folder.glob("*.pt") if p.is_file()]
+    for path in folder.glob(f"*/*/{VERSION_FILE}"):
+        version, name = path.parent.name, path.parent.parent.name
+        if version.isascii() and version.isdigit() and not name.startswith("."):
+            found.append(ArtifactFile(path, name, str(int(version))))
+    return sorted(found)
+
+
+def load_artifact(file: ArtifactFile, device: torch.device) -> ServedModel:
+    """A file loaded, checked and warmed up; a versioned file serves under its folder's name."""
+    model = load_model(file.path, device)
+    if file.name is not None and file.name != model.name:
+        log.info("%s: served as %r, its folder's name (meta.json says %r)", file.path, file.name, model.name)
+        model.name = file.name
+    model.version = file.version
+    warm_up(model)
+    return model
+
+
+def load_models(folder: Path, device: torch.device, default: str) -> dict[str, dict[str, ServedModel]]:
+    """Every artifact of a models folder by name and version, as start-up needs them: any file that
+    fails its checks fails the whole start, so that a service never comes up half-ready."""
     if not folder.is_dir():
         raise ModelLoadError(f"{folder}: models folder does not exist")
-    files = sorted(folder.glob("*.pt"))
+    files = artifact_files(folder)
     if not files:
-        raise ModelLoadError(f"{folder}: no *.pt model files in the models folder")
-    models: dict[str, ServedModel] = {}
-    for path in files:
-        model = load_model(path, device)
-        if model.name in models:
-            raise ModelLoadError(f"{path}: model name {model.name!r} already used by {models[model.name].path}")
-        models[model.name] = model
+        raise ModelLoadError(f"{folder}: no *.pt or <name>/<version>/{VERSION_FILE} model files in the models folder")
+    models: dict[str, dict[str, ServedModel]] = {}
+    for file in files:
+        model = load_artifact(file, device)
+        same = models.setdefault(model.name, {})
+        if file.version in same:
+            raise ModelLoadError(f"{file.path}: model name {model.name!r} version {file.version} already used by "
+                                 f"{same[file.version].path}")
+        same[file.version] = model
     if default not in models:
         raise ModelLoadError(f"{folder}: default model {default!r} not among {sorted(models)} (set VAE_DEFAULT_MODEL)")
     return models

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from app import tracing
 from app.exceptions import ComputeTimeout, Unavailable
 
 Result = Tensor | tuple[Tensor, ...]
@@ -41,6 +42,10 @@ class _Item:
     future: asyncio.Future[Result]
     enqueued: float = 0.0
     waited: float = 0.0  # from the call to the start of its pass
+    # set only while tracing (app/tracing.py): when its pass ended, that pass's rows and requests
+    done: float = 0.0
+    rows: int = 0
+    requests: int = 0
 
 
 class ComputeThread:
@@ -68,8 +73,9 @@ class Batcher:
     def __init__(self, fn: Callable[..., Result], batch_dims: Sequence[int], max_size: int, max_wait_s: float,
                  compute: ComputeThread | None, timeout_s: float | None = None, inline_max_s: float = 0.0,
                  clock: Callable[[], float] = time.perf_counter,
-                 observer: Callable[[int, list[float]], None] | None = None) -> None:
+                 observer: Callable[[int, list[float]], None] | None = None, name: str = "") -> None:
         self.fn, self.batch_dims, self.timeout_s = fn, tuple(batch_dims), timeout_s
+        self.name = name  # the model method, for trace spans
         self.clock = clock  # times passes; tests give a fake one
         self.observer = observer  # told (rows, each request's wait) after every pass: the metrics
         self.max_size, self.max_wait_s, self.compute = max_size, max_wait_s, compute
@@ -99,10 +105,14 @@ class Batcher:
                 self._schedule(loop, self.max_wait_s)
         timer = loop.call_later(self.timeout_s, _expire, item.future, self.timeout_s) if self.timeout_s else None
         try:
-            return await item.future
+            result = await item.future
         finally:
             if timer is not None:
                 timer.cancel()
+        if tracing.tracer is not None:
+            tracing.batch_spans(self.name, item.enqueued, item.enqueued + item.waited, item.done, item.rows,
+                                item.requests)
+        return result
 
     def close(self) -> None:
         """Shutting down: every queued request is answered (503) now; a pass already running finishes."""
@@ -268,6 +278,10 @@ def _split(result: Result, sizes: list[int]) -> list[Result]:
 
 
 def _settle(items: list[_Item], outcomes: list[Outcome]) -> None:
+    if tracing.tracer is not None:
+        done, rows = time.perf_counter(), sum(it.size for it in items)
+        for item in items:
+            item.done, item.rows, item.requests = done, rows, len(items)
     for item, (result, exc) in zip(items, outcomes, strict=True):
         if item.future.done():
             continue

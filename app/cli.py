@@ -16,6 +16,7 @@ import uvicorn
 from pydantic import SecretStr, ValidationError
 from pydantic_settings import CliApp
 
+from app import logs
 from app.access import LOOPBACK_HOSTS, is_loopback
 from app.settings import Settings, get_settings
 from app.supervisor import STATUS_ENV, Supervisor
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
                "timeout_graceful_shutdown": settings.shutdown_grace_s, "timeout_keep_alive": settings.keep_alive_s,
                "limit_concurrency": settings.max_connections, "http": "app.server:GuardedHttpToolsProtocol",
                "ssl_certfile": settings.ssl_certfile, "ssl_keyfile": settings.ssl_keyfile}
+    if settings.log_format == "json":
+        options["log_config"] = logs.uvicorn_config(settings.log_format)
     if settings.workers == 1:
         uvicorn.run("app.main:create_app", factory=True, **options)  # exits with status 3 itself when start-up fails
         return 0

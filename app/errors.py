@@ -10,6 +10,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -24,6 +25,7 @@ STATUS: dict[type[ex.ServiceError], int] = {
     ex.Unauthorized: 401,
     ex.Forbidden: 403,
     ex.UnknownModel: 404,
+    ex.ArtifactRefused: 422,
     ex.NoLatentMap: 404,
     ex.FormatNotAvailable: 406,
     ex.LimitExceeded: 413,
@@ -80,8 +82,34 @@ def protocol_status(exc: ex.ServiceError) -> int:
 def protocol_error_response(exc: ex.ServiceError) -> JSONResponse:
     """{"error": "<title>: <what to fix>"}: the protocol's error body has one string."""
     status = protocol_status(exc)
-    return JSONResponse({"error": f"{exc.error}: {describe(exc.detail)}" if exc.detail else exc.error},
-                        status_code=status, headers=headers_for(exc, status))
+    return JSONResponse({"error": error_message(exc)}, status_code=status, headers=headers_for(exc, status))
+
+
+GRPC_CODES: dict[int, grpc.StatusCode] = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
+    413: grpc.StatusCode.INVALID_ARGUMENT,  # a batch or k over its limit; gRPC's own message limit has its code
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def grpc_code(exc: ex.ServiceError) -> grpc.StatusCode:
+    """The gRPC status of a domain error (app/rpc/service.py): overload is a resource to back off from,
+    a refused model file a state of the repository that a request cannot fix."""
+    if isinstance(exc, ex.Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, ex.ArtifactRefused):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    return GRPC_CODES.get(protocol_status(exc), grpc.StatusCode.INTERNAL)
+
+
+def error_message(exc: ex.ServiceError) -> str:
+    """The protocol's one-string error: `<title>: <what to fix>`."""
+    return f"{exc.error}: {describe(exc.detail)}" if exc.detail else exc.error
 
 
 def describe(detail: Any) -> str:

@@ -109,6 +109,12 @@ class UnknownModel(ServiceError):
     error = "unknown model"
 
 
+class ArtifactRefused(ServiceError):
+    """A model file that fails the checks every artifact passes before it takes traffic (repository load)."""
+
+    error = "model file refused"
+
+
 class NoLatentMap(ServiceError):
     """The model carries no latent map: its latents are not 2-D, or it was exported without one."""
 

@@ -8,9 +8,11 @@ seed gives the same answer whether the request was batched with others or not.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import secrets
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,7 +117,7 @@ class Engine:
         b = self._batching
         observer = self._metrics.pass_observer(self.model.name, method) if self._metrics else None
         return Batcher(self._on_device(fn), dims, max_size or b.max_size, b.max_wait_s, self._compute, b.timeout_s,
-                       b.inline_max_s, observer=observer)
+                       b.inline_max_s, observer=observer, name=method)
 
     def _on_device(self, fn: Any) -> Any:
         device = self.model.device
@@ -271,7 +273,8 @@ class Engine:
     # --- operations -----------------------------------------------------------------------
 
     def batchers(self) -> dict[str, Batcher]:
-        named = {"encode": self._encode, "decode": self._decode, "forward": self._forward}
+        named = {"encode": self._encode, "decode": self._decode, "forward": self._forward,
+                 **({"similar": self._nearest} if self._nearest is not None else {})}
         named.update({f"log_likelihood_k{k}": b for k, b in sorted(self._ll.items())})
         named.update({f"anomaly_scores_k{k}": b for k, b in sorted(self._scores.items())})
         return named
@@ -281,6 +284,19 @@ class Engine:
         batched passes that failed and were retried one request at a time (a bad input among good ones)."""
         return {name: {"requests": b.requests, "passes": b.batches, "inline_passes": b.inline_batches,
                        "isolated_passes": b.isolated_batches} for name, b in self.batchers().items() if b.requests}
+
+    @property
+    def active(self) -> int:
+        """Calls waiting for or in a forward pass. An engine taken out of service is never closed under
+        its callers (app/repository.py), so a request between two passes loses nothing either."""
+        return sum(len(b.queue) + b.busy for b in self.batchers().values())
+
+    async def drained(self, timeout_s: float) -> bool:
+        """Wait until no call waits for or is in a forward pass (at most timeout_s); False if some still do."""
+        deadline = time.monotonic() + timeout_s
+        while self.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return not self.active
 
     def close(self) -> None:
         for b in self.batchers().values():

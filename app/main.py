@@ -19,17 +19,19 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI
 
-from app import draining, errors, supervisor, tuning
+from app import draining, errors, logs, supervisor, tracing, tuning
 from app.access import AccessMiddleware, AccessRules
-from app.api.routes import docs, model, ops, page, v2
-from app.artifacts import ModelLoadError, load_models, warm_up
+from app.api.routes import docs, model, ops, page, repository, v2
+from app.artifacts import ModelLoadError, ServedModel
 from app.batching import ComputeThread
 from app.devices import resolve_device
 from app.inference import Batching, Engine, Limits
 from app.inputs import ImageReader
 from app.metrics import Metrics
-from app.middleware import Drain, HttpLimits, ServiceMiddleware
+from app.middleware import Drain, HttpLimits, ServiceMiddleware, Slots, TracingMiddleware
 from app.protocol.codec import InferenceRequest
+from app.repository import Repository
+from app.rpc.service import GrpcServer, InferenceService
 from app.schemas import (
     DecodeIn,
     ErrorOut,
@@ -54,25 +56,38 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     tuning.set_event_loop_threads(inline_threads)
     reader = ImageReader(settings.max_image_pixels, settings.request_timeout_s, settings.decoders or None)
     decoders_started = reader.start()  # the decoder processes start while the models load
+    metrics: Metrics | None = app.state.metrics
+    compute = ComputeThread(inline_threads, compute_threads)
+    batching, limits = Batching.from_settings(settings), Limits.from_settings(settings)
+
+    def make_engine(m: ServedModel) -> Engine:
+        log.info("model %s version %s ready on %s (latent_dim=%d, %s)", m.name, m.version, m.device, m.latent_dim,
+                 m.path)
+        if metrics is not None:
+            metrics.load_seconds.labels(m.name).set(m.load_seconds)
+        return Engine(m, compute, batching, limits, metrics)
+
+    repository = Repository(settings.models_dir, device, make_engine, settings.model_poll_s,
+                            settings.request_timeout_s, supervisor.shared_file("repository.json"))
     try:
-        models = load_models(settings.models_dir, device, settings.default_model)
+        repository.open(settings.default_model)
     except ModelLoadError as e:
         decoders_started.cancel()
         reader.close()
+        compute.shutdown()
         log.error("start-up failed: %s", e)
         raise  # uvicorn reports the start-up failed and exits with status 3: never a half-ready service
-    metrics: Metrics | None = app.state.metrics
-    for m in models.values():
-        warm_up(m)
-        log.info("model %s ready on %s (latent_dim=%d, %s)", m.name, m.device, m.latent_dim, m.path)
-        if metrics is not None:
-            metrics.load_seconds.labels(m.name).set(m.load_seconds)
-    compute = ComputeThread(inline_threads, compute_threads)
-    batching, limits = Batching.from_settings(settings), Limits.from_settings(settings)
-    app.state.engines = {name: Engine(m, compute, batching, limits, metrics) for name, m in models.items()}
+    app.state.repository = repository
     await decoders_started
     app.state.image_reader = reader
+    grpc_server = None
+    if settings.grpc_port:
+        service = InferenceService(app.state, settings, app.state.access_rules, app.state.slots, metrics, app.version)
+        tls = (settings.ssl_certfile, settings.ssl_keyfile) if settings.ssl_certfile and settings.ssl_keyfile else None
+        grpc_server = GrpcServer(service, settings.host, settings.grpc_port, settings.max_body_bytes, tls)
+        await grpc_server.start(app.state.drain)
     tuning.freeze_startup_objects()
+    repository.start_watching()
     app.state.ready = True
     supervisor.mark_ready()
     try:
@@ -80,28 +95,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             yield
     finally:
         app.state.ready = False
-        for engine in app.state.engines.values():
-            engine.close()
+        if grpc_server is not None:
+            await grpc_server.stop(settings.shutdown_grace_s)
+        await repository.close()
         app.state.image_reader.close()
+        tracing.shutdown()
         compute.shutdown()
         tuning.unfreeze()
-
-
-def configure_logging(level: str) -> None:
-    """Give the app's loggers a handler when nobody else did (plain `uvicorn --factory app.main:create_app`)."""
-    logger = logging.getLogger("app")
-    logger.setLevel(level.upper())
-    if not logger.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.propagate = False
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The app factory (`uvicorn --factory app.main:create_app`); settings from VAE_* unless given."""
     settings = settings or get_settings()
-    configure_logging(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     app = FastAPI(
         title="MNIST VAE service",
         version="0.1.0",
@@ -113,17 +119,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.ready = False
-    app.state.engines = {}
+    app.state.repository = None
     app.state.metrics = Metrics() if settings.metrics else None
     errors.install(app)
     app.state.drain = Drain()
     # Inside ServiceMiddleware: refusals carry the request id and are logged and counted like any answer
-    app.add_middleware(AccessMiddleware, rules=AccessRules.parse(
-        settings.allowed_hosts, settings.allowed_origins, settings.api_key_list(), settings.open_ops))
+    app.state.access_rules = AccessRules.parse(settings.allowed_hosts, settings.allowed_origins,
+                                               settings.api_key_list(), settings.open_ops)
+    app.add_middleware(AccessMiddleware, rules=app.state.access_rules)
+    app.state.slots = Slots(settings.max_in_flight, app.state.metrics)
     app.add_middleware(ServiceMiddleware, limits=HttpLimits(settings.max_body_bytes, settings.max_in_flight,
                                                         settings.max_receiving, settings.body_timeout_s),
-                       metrics=app.state.metrics, drain=app.state.drain)
-    routers = [model.router, v2.router, ops.router, *([ops.metrics_router] if settings.metrics else []), docs.router,
+                       metrics=app.state.metrics, drain=app.state.drain, slots=app.state.slots)
+    if tracing.configure(app.version):  # OTEL_* variables ask for it; off, no request pays for the hook
+        app.add_middleware(TracingMiddleware)
+    routers = [model.router, v2.router, repository.router, ops.router,
+               *([ops.metrics_router] if settings.metrics else []), docs.router,
                page.router if settings.page else page.docs_only, *([ops.bare_router] if settings.bare_endpoint else [])]
     add_routes(app, *routers)
     docs.mount_assets(app)

@@ -7,7 +7,11 @@
   reading, or by counting the stream for chunked uploads; a body not in within
   `body_timeout_s` gets 408 and the connection is closed.
 - Draining (SIGTERM, app/draining.py): every answer carries `Connection: close`.
-- Access log: one JSON line per request with id, method, path, status, latency.
+- Access log: one JSON line per request with id, method, path, status, latency (and the trace
+  and span ids while tracing).
+- Tracing (app/tracing.py, when configured): `TracingMiddleware`, outside this one, makes each
+  request a server span that continues the caller's `traceparent`; this one names it by route
+  and gives it the request id and status.
 - Unexpected exceptions: a JSON 500 that still carries the request id (Starlette's own
   500 handler runs outside every middleware, so its answers would not), and the
   traceback in the log.
@@ -28,6 +32,7 @@ from typing import Any
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import tracing
 from app.errors import error_response_for, internal_error_response, is_protocol
 from app.exceptions import BodyTooLarge, Overloaded, RequestTimeout, ServiceError
 from app.metrics import Metrics
@@ -45,6 +50,31 @@ class Drain:
     draining: bool = False
 
 
+@dataclass
+class Slots:
+    """Model requests computing, over REST and gRPC (app/rpc/service.py) together, against VAE_MAX_IN_FLIGHT."""
+
+    limit: int = 256
+    metrics: Metrics | None = None
+    in_flight: int = 0
+
+    def take(self) -> bool:
+        if self.in_flight >= self.limit:
+            return False
+        self.in_flight += 1
+        if self.metrics is not None:
+            self.metrics.in_flight.inc()
+        return True
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        if self.metrics is not None:
+            self.metrics.in_flight.dec()
+
+    def full(self) -> Overloaded:
+        return Overloaded(f"{self.in_flight} requests in progress; the limit is {self.limit} (VAE_MAX_IN_FLIGHT)")
+
+
 @dataclass(frozen=True)
 class HttpLimits:
     max_body_bytes: int = 10 * 1024 * 1024
@@ -59,11 +89,12 @@ class ServiceMiddleware:
     (time and size); this middleware bounds everything after the head: the body's size and
     arrival time, uploads still arriving, and requests computing."""
 
-    def __init__(self, app: ASGIApp, limits: HttpLimits, metrics: Metrics | None = None, drain: Drain | None = None
-                 ) -> None:
+    def __init__(self, app: ASGIApp, limits: HttpLimits, metrics: Metrics | None = None, drain: Drain | None = None,
+                 slots: Slots | None = None) -> None:
         self.app, self.limits, self.metrics = app, limits, metrics
         self.drain = drain or Drain()
-        self.in_flight = 0  # requests computing: their body (if any) is in
+        # requests computing (their body, if any, is in), shared with the gRPC service
+        self.slots = slots or Slots(limits.max_in_flight, metrics)
         self.receiving = 0  # requests whose body is still arriving
         # The uploads' deadlines, checked by one sweep (every quarter of the timeout, at most a
         # second) rather than a timer per request, which under load costs more than the check.
@@ -113,8 +144,8 @@ class ServiceMiddleware:
             await refuse(Overloaded(f"{self.receiving} uploads still arriving; the limit is {limits.max_receiving} "
                                     "(VAE_MAX_RECEIVING)"))
             return
-        if limited and not uploading and not self._take_slot():
-            await refuse(self._full())
+        if limited and not uploading and not self.slots.take():
+            await refuse(self.slots.full())
             return
         computing = limited and not uploading
         self.receiving += uploading
@@ -141,8 +172,8 @@ class ServiceMiddleware:
                 self.receiving -= 1
                 self.deadlines.pop(task, None)  # type: ignore[arg-type]
                 if message["type"] == "http.request":  # from receiving to computing
-                    if not self._take_slot():
-                        raise self._full()
+                    if not self.slots.take():
+                        raise self.slots.full()
                     computing = True
             return message
 
@@ -171,9 +202,7 @@ class ServiceMiddleware:
                 self.expired.discard(task)  # type: ignore[arg-type]
             self.receiving -= uploading
             if computing:
-                self.in_flight -= 1
-                if self.metrics is not None:
-                    self.metrics.in_flight.dec()
+                self.slots.release()
             self._done(scope, rid, status, start)
 
     def _sweep_interval(self) -> float:
@@ -192,23 +221,13 @@ class ServiceMiddleware:
         else:
             self.sweeping = False
 
-    def _take_slot(self) -> bool:
-        if self.in_flight >= self.limits.max_in_flight:
-            return False
-        self.in_flight += 1
-        if self.metrics is not None:
-            self.metrics.in_flight.inc()
-        return True
-
-    def _full(self) -> Overloaded:
-        return Overloaded(f"{self.in_flight} requests in progress; the limit is {self.limits.max_in_flight} "
-                          "(VAE_MAX_IN_FLIGHT)")
-
     def _done(self, scope: Scope, rid: str, status: int, start: float) -> None:
+        route = getattr(scope.get("route"), "path", "unmatched")  # set by the router; none for a 404
         if self.metrics is not None:
-            route = scope.get("route")  # set by the router; none for a 404 (no unbounded label values)
-            self.metrics.observe_request(getattr(route, "path", "unmatched"),
-                                         scope.get("state", {}).get("model", ""), status, time.perf_counter() - start)
+            self.metrics.observe_request(route, scope.get("state", {}).get("model", ""), status,
+                                         time.perf_counter() - start)
+        if tracing.tracer is not None:
+            tracing.finish_request(f"{scope['method']} {route}", rid, status)
         if not access_log.isEnabledFor(logging.INFO):
             return
         record: dict[str, Any] = {
@@ -219,7 +238,9 @@ class ServiceMiddleware:
         model = scope.get("state", {}).get("model")
         if model:
             record["model"] = model
-        access_log.info(json.dumps(record))
+        if tracing.tracer is not None:
+            record.update(tracing.ids())
+        access_log.info(json.dumps(record), extra={"access": record})
 
 
 def _quiet_startup_failure(send: Send) -> Send:
@@ -229,3 +250,19 @@ def _quiet_startup_failure(send: Send) -> Send:
         await send(message)
 
     return wrapped
+
+
+class TracingMiddleware:
+    """Each HTTP request a server span continuing the caller's `traceparent` (app/tracing.py). Added by
+    create_app only when tracing is configured, so that with tracing off no request pays for it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or tracing.tracer is None:
+            await self.app(scope, receive, send)
+            return
+        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        with tracing.server_span(f"{scope['method']} {scope['path']}", carrier):
+            await self.app(scope, receive, send)

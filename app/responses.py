@@ -22,6 +22,7 @@ from app.formats import MEDIA, Format
 from app.imaging import to_png
 from app.inference import Sample, Scores
 from app.neighbours import NeighbourIndex, Neighbours
+from app.tracing import traced
 
 
 class JsonResponse(JSONResponse):
@@ -49,6 +50,7 @@ def pixels(images: Tensor) -> list[list[list[float]]]:
     return (np.rint(scaled) / 1e5).tolist()
 
 
+@traced("encode answer")
 def images(fmt: Format, encoding: str, imgs: Tensor, payload: dict[str, Any], png: Tensor | None = None,
            nrow: int | None = None, headers: dict[str, str] | None = None) -> Response:
     """`imgs` as a PNG grid (or `png`, when the picture differs from the JSON images) or as JSON `payload` + images."""
@@ -61,6 +63,7 @@ def images(fmt: Format, encoding: str, imgs: Tensor, payload: dict[str, Any], pn
     return JsonResponse({k: v for k, v in payload.items() if v is not None}, headers=headers)
 
 
+@traced("encode answer")
 def encoded(model: str, latent_dim: int, mu: Tensor, logvar: Tensor) -> JsonResponse:
     out: dict[str, Any] = {"model": model, "latent_dim": latent_dim}
     if mu.shape[0] == 1:
@@ -70,16 +73,19 @@ def encoded(model: str, latent_dim: int, mu: Tensor, logvar: Tensor) -> JsonResp
     return JsonResponse(out)
 
 
+@traced("encode answer")
 def sampled(fmt: Format, encoding: str, model: str, sample: Sample) -> Response:
     payload = {"model": model, "seed": sample.seed, "z": sample.z.tolist()}
     return images(fmt, encoding, sample.images, payload, headers={"X-Seed": str(sample.seed)})
 
 
+@traced("encode answer")
 def interpolated(fmt: Format, encoding: str, model: str, path: str, z: Tensor, imgs: Tensor) -> Response:
     """PNG: one strip, first to last; JSON: the path's latents and images."""
     return images(fmt, encoding, imgs, {"model": model, "path": path, "z": z.tolist()}, nrow=imgs.shape[0])
 
 
+@traced("encode answer")
 def neighbours(fmt: Format, model: str, x: Tensor, found: Neighbours, index: NeighbourIndex) -> Response:
     """PNG: a row per image, the image (as the model saw it) then its neighbours, nearest first; JSON: their
     rows of the training set, digits and distances."""
@@ -99,6 +105,7 @@ def neighbours(fmt: Format, model: str, x: Tensor, found: Neighbours, index: Nei
     return JsonResponse(out)
 
 
+@traced("encode answer")
 def reconstructed(fmt: Format, encoding: str, model: str, x: Tensor, recon: Tensor) -> Response:
     """PNG: rows of original | reconstruction; JSON: the reconstructions, and the preprocessed originals."""
     pairs = torch.stack([x, recon], dim=1).reshape(-1, *x.shape[1:])  # original, reconstruction, ...
@@ -108,6 +115,7 @@ def reconstructed(fmt: Format, encoding: str, model: str, x: Tensor, recon: Tens
     return images(fmt, encoding, recon, payload, png=pairs, nrow=2)
 
 
+@traced("encode answer")
 def scored(model: str, scores: Scores) -> JsonResponse:
     out: dict[str, Any] = {"model": model, "method": scores.method, "k": scores.k, "threshold": scores.threshold,
                            "threshold_percentile": scores.threshold_percentile, "calibration_k": scores.calibration_k}
@@ -118,6 +126,7 @@ def scored(model: str, scores: Scores) -> JsonResponse:
     return JsonResponse(out)
 
 
+@traced("encode answer")
 async def explained(x: Tensor, recon: Tensor, scores: Scores) -> PngResponse:
     """Drawn on a worker thread: Pillow takes ~3 ms per image (200 ms for a batch of 64), which on the
     event loop would hold up every other request and the health probes."""

@@ -230,3 +230,26 @@ PROTOCOL_INFER_RESPONSE: dict[int | str, dict[str, Any]] = {200: {
     "Inference-Header-Content-Length giving the document's length",
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferenceResponse"}},
                 "application/octet-stream": _BINARY}}}
+
+
+class RepositoryIndexIn(BaseModel):
+    ready: bool = Field(False, description="only the model versions that are ready")
+
+
+class RepositoryModel(BaseModel):
+    name: str
+    version: str
+    state: str = Field(description="READY or UNAVAILABLE")
+    reason: str = Field(description="why it is unavailable (unloaded, or the file's fault), else empty")
+
+
+class RepositoryLoadOut(BaseModel):
+    name: str
+    load: bool = True
+    versions: list[str] = Field(description="the versions now served, oldest first; requests naming none get the "
+                                "last")
+
+
+class RepositoryUnloadOut(BaseModel):
+    name: str
+    unload: bool = True

@@ -15,15 +15,28 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VAE_", protected_namespaces=(), cli_kebab_case=True,
                                       cli_prog_name="vae-serve")
 
-    models_dir: Path = Field(Path("models"), description="folder whose *.pt TorchScript artifacts are served")
+    models_dir: Path = Field(Path("models"), description="folder of the TorchScript artifacts served: flat *.pt "
+                             "files (version 1 of the model their meta.json names) and <name>/<version>/model.pt "
+                             "(Triton's layout; every version is served, the newest by default)")
     default_model: str = Field("vae", description="model used when a request names none (?model=NAME)")
+    model_poll_s: float = Field(2.0, ge=0, description="how often the models folder is looked at: a new, replaced "
+                                "or removed artifact is loaded, swapped in or dropped without a restart once it has "
+                                "stopped changing for one look (0 = only at start-up and through the repository "
+                                "API); a file that fails its checks is refused with one log line and the version "
+                                "it would replace keeps serving")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: CUDA when torch.cuda.is_available(), else CPU; cuda without a GPU falls back "
         "to CPU with a warning")
     host: str = Field("127.0.0.1", description="vae-serve bind address (the container sets 0.0.0.0)")
     port: int = Field(8000, description="vae-serve port")
+    grpc_port: int = Field(8081, ge=0, le=65535, description="port of the Open Inference Protocol's gRPC "
+                           "service and the standard gRPC health service (KServe's default; 0 = off), on "
+                           "VAE_HOST; shared by every worker; TLS with VAE_SSL_CERTFILE's certificate when set")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="app log level; info logs one JSON line per request (app.access)")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: `time level logger: message` lines; json: one JSON object per line for every "
+        "log record (time, level, logger, message; an access record's fields, trace id included, at the top level)")
     workers: int = Field(1, ge=1, description="vae-serve: worker processes sharing the port, each with its own "
                          "models, batching and in-flight limit, and ~400 MB of its own memory (torch's runtime); "
                          "on CPU each gets its share of the cores as torch threads. More workers: more throughput "

@@ -183,3 +183,10 @@ def status() -> dict | None:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def shared_file(name: str) -> Path | None:
+    """A file every worker of this supervisor can read and write (beside its status file); None when
+    not run by this supervisor, where there are no other workers to share with."""
+    path = os.environ.get(STATUS_ENV)
+    return Path(path).parent / name if path else None

@@ -8,7 +8,9 @@ not: docs/benchmarks.md#layout). Compare two trees by pointing --tree at each, i
 
 Several --path values are measured in the same process, round by round in turn; `oip:LABEL`
 is the Open Inference Protocol's vae.encode with the body bench/serve.py sends for LABEL
-(`oip:binary-UINT8`, `oip:binary-FP32`, `oip:BYTES-PNG`, `oip:JSON-FP32`).
+(`oip:binary-UINT8`, `oip:binary-FP32`, `oip:BYTES-PNG`, `oip:JSON-FP32`). `--trace` measures with
+tracing on: every request with a `traceparent`, each span exported in batches (the SDK's
+BatchSpanProcessor, as OTLP is sent) by the console exporter into /dev/null.
 """
 
 from __future__ import annotations
@@ -37,10 +39,25 @@ def request_for(path: str) -> tuple[str, str, bytes, list[tuple[bytes, bytes]]]:
         (b"content-type", b"image/png")]
 
 
-async def measure(paths: list[str], n: int, rounds: int) -> dict[str, list[float]]:
+def trace_to_nowhere() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    from app import tracing
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter(out=open(os.devnull, "w"))))
+    tracing._provider, tracing.tracer = provider, provider.get_tracer("bench")
+
+
+async def measure(paths: list[str], n: int, rounds: int, trace: bool = False) -> dict[str, list[float]]:
     from app.main import create_app
     from app.settings import Settings
 
+    if trace:
+        trace_to_nowhere()
+    traceparent = [(b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")] if trace else []
+    os.environ["VAE_GRPC_PORT"] = "0"  # REST alone is measured (a tree from before gRPC ignores the variable)
     app = create_app(Settings(bare_endpoint=True, log_level="warning"))
 
     async def call(route: str, query: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
@@ -48,7 +65,7 @@ async def measure(paths: list[str], n: int, rounds: int) -> dict[str, list[float
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
                  "scheme": "http", "path": route, "raw_path": route.encode(), "query_string": query.encode(),
                  "root_path": "", "headers": [(b"host", b"bench"), (b"content-length", str(len(body)).encode()),
-                                              *headers],
+                                              *headers, *traceparent],
                  "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "state": {}}
         messages = [{"type": "http.request", "body": body, "more_body": False}]
 
@@ -84,16 +101,19 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--tree", type=Path, action="append", help="checkout(s) to measure, in turn (default: this one)")
     p.add_argument("--alternations", type=int, default=2, help="with several trees: how many times to go round")
+    p.add_argument("--trace", action="store_true", help="with tracing on (see above)")
     args = p.parse_args()
     if args.tree:  # each tree in its own process, taking turns, so that drifts of the machine hit all alike
         for _ in range(args.alternations):
             for tree in args.tree:
                 subprocess.run([sys.executable, str(Path(__file__).resolve()), "--path", *args.path, "--n",
-                                str(args.n), "--rounds", str(args.rounds)], cwd=tree,
+                                str(args.n), "--rounds", str(args.rounds), *(["--trace"] if args.trace else [])],
+                               cwd=tree,
                                env={**os.environ, "PYTHONPATH": str(tree.resolve())}, check=True)
         return 0
-    for path, rounds in asyncio.run(measure(args.path, args.n, args.rounds)).items():
-        print(f"{REPO.name if Path.cwd() == REPO else Path.cwd()} {path}: {min(rounds):.1f} µs/request "
+    for path, rounds in asyncio.run(measure(args.path, args.n, args.rounds, args.trace)).items():
+        print(f"{REPO.name if Path.cwd() == REPO else Path.cwd()}{' traced' if args.trace else ''} {path}: "
+              f"{min(rounds):.1f} µs/request "
               f"(best of {args.rounds} rounds of {args.n}; all {', '.join(f'{r:.1f}' for r in rounds)})", flush=True)
     return 0
 

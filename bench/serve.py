@@ -4,7 +4,11 @@ Starts `vae-serve` (one worker unless --workers, bundled models, the bare /_bare
 on), drives each endpoint with wrk (bounded: fixed duration, fixed connections) at several
 concurrencies, and prints requests/second and p50/p99 latency, each also as a ratio
 to the bare upload endpoint measured in the same run. Run it with dynamic batching on
-and off (--batching both). Needs `wrk` (Debian: apt-get install wrk).
+and off (--batching both). Needs `wrk` (Debian: apt-get install wrk). The gRPC rows
+(`vae.encode` over the protocol's gRPC service, the same image as the REST rows) are driven
+by h2load (Debian: nghttp2-client) with c connections of one stream each, when it is
+installed; h2load reports mean latency, not percentiles, so those rows' p50 column is the
+mean and their p99 is left out.
 
     python -m bench.serve [--duration 5] [--concurrency 1 32 128] [--batching both] [--workers 1]
 """
@@ -79,6 +83,55 @@ def protocol_bodies() -> dict[str, tuple[bytes, dict[str, str]]]:
                             "data": (pixels / 255).astype("float32").reshape(-1).tolist()}]}
     bodies["JSON FP32"] = (json.dumps(document).encode(), {"Content-Type": "application/json"})
     return bodies
+
+
+def grpc_bodies(folder: Path) -> dict[str, Path]:
+    """The same image to the gRPC ModelInfer of vae.encode, as tritonclient.grpc sends it (raw contents),
+    each a gRPC frame (uncompressed, 4-byte big-endian length) for h2load to send. Label -> file."""
+    import numpy as np
+    from PIL import Image
+
+    from app.rpc import inference_pb2 as pb
+
+    pixels = np.asarray(Image.open(DIGIT).convert("L"))[None]
+    png = DIGIT.read_bytes()
+    inputs = {"binary UINT8": ("images_uint8", "UINT8", [1, 28, 28], pixels.tobytes()),
+              "BYTES PNG": ("image_files", "BYTES", [1], len(png).to_bytes(4, "little") + png)}
+    files = {}
+    for i, (label, (name, datatype, shape, blob)) in enumerate(inputs.items()):
+        request = pb.ModelInferRequest(model_name="vae.encode")
+        request.inputs.add(name=name, datatype=datatype, shape=shape)
+        request.raw_input_contents.append(blob)
+        message = request.SerializeToString()
+        files[label] = folder / f"grpc-{i}.bin"
+        files[label].write_bytes(b"\x00" + len(message).to_bytes(4, "big") + message)
+    return files
+
+
+def check_grpc(address: str, body: Path) -> None:
+    """h2load counts HTTP statuses, and a gRPC error is HTTP 200 too: one call first must answer OK."""
+    import grpc
+
+    from app.rpc import inference_pb2 as pb
+
+    message = pb.ModelInferRequest.FromString(body.read_bytes()[5:])
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                   request_serializer=pb.ModelInferRequest.SerializeToString,
+                                   response_deserializer=pb.ModelInferResponse.FromString)
+        answer = call(message, timeout=30)
+    assert [o.name for o in answer.outputs] == ["mu", "logvar"], answer
+
+
+def h2load(url: str, body: Path, connections: int, duration: int) -> dict[str, float]:
+    cmd = ["h2load", "-D", str(duration), "-c", str(connections), "-m", "1", "-d", str(body),
+           "-H", "content-type: application/grpc", "-H", "te: trailers", url]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+    mean, unit = re.search(r"time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", out).groups()
+    failed = re.search(r"requests: .* (\d+) failed, (\d+) errored", out)
+    return {"rps": rps, "p50_ms": float(mean) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit], "p99_ms": float("nan"),
+            "non2xx": int(failed.group(1)) + int(failed.group(2)), "socket_errors": ""}
 
 
 def protocol_scripts(folder: Path) -> dict[str, Path]:
@@ -160,8 +213,9 @@ def wrk(url: str, script: Path, connections: int, duration: int) -> dict[str, fl
 
 def run(batching: str, duration: int, concurrency: list[int], only: list[str] | None = None,
         workers: int = 1) -> list[dict]:
+    grpc_port = free_port()
     env = {"VAE_BARE_ENDPOINT": "true", "VAE_BATCH_MAX_SIZE": "64" if batching == "on" else "1",
-           "VAE_WORKERS": str(workers)}
+           "VAE_WORKERS": str(workers), "VAE_GRPC_PORT": str(grpc_port)}
     port = free_port()
     server = start_server(port, env)
     base = f"http://127.0.0.1:{port}"
@@ -186,14 +240,24 @@ def run(batching: str, duration: int, concurrency: list[int], only: list[str] | 
             **{f"OIP vae.encode ({label})": (f"{base}/v2/models/vae.encode/infer", script)
                for label, script in protocol_scripts(folder).items()},
         }
+        if shutil.which("h2load"):
+            targets |= {f"gRPC vae.encode ({label}; mean)": (f"grpc://127.0.0.1:{grpc_port}", body)
+                        for label, body in grpc_bodies(folder).items()}
         if only:  # the ceiling always runs: every figure is a ratio to it
             targets = {n: t for i, (n, t) in enumerate(targets.items()) if i == 0 or any(o in n for o in only)}
         with stopping(server):
             for c in concurrency:
                 ceiling = None
                 for name, (url, script) in targets.items():
-                    wrk(url, script, c, 1)  # warm the path and the connection pool
-                    r = wrk(url, script, c, duration)
+                    if url.startswith("grpc://"):
+                        address = url.removeprefix("grpc://")
+                        check_grpc(address, script)
+                        grpc_url = f"http://{address}/inference.GRPCInferenceService/ModelInfer"
+                        h2load(grpc_url, script, c, 1)
+                        r = h2load(grpc_url, script, c, duration)
+                    else:
+                        wrk(url, script, c, 1)  # warm the path and the connection pool
+                        r = wrk(url, script, c, duration)
                     ceiling = ceiling or r
                     row = {"workers": workers, "batching": batching, "concurrency": c, "endpoint": name, **r,
                            "rps_ratio": r["rps"] / ceiling["rps"], "p50_ratio": r["p50_ms"] / ceiling["p50_ms"]}

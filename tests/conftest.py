@@ -27,6 +27,9 @@ from training import train
 from training.data import MNIST, load_mnist
 
 REPO = Path(__file__).resolve().parents[1]
+# Apps made by the tests (and vae-serve processes they start) leave gRPC off unless a test opens it on a
+# port of its own: the default port would be shared by every app of the session.
+os.environ.setdefault("VAE_GRPC_PORT", "0")
 DATA_DIR = Path(os.environ.get("VAE_TEST_DATA_DIR", REPO.parent / "shared" / "data" / "mnist"))
 TEST_DATA = Path(__file__).resolve().parent / "data"
 

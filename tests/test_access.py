@@ -7,13 +7,14 @@ import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
-from tests.conftest import TEST_DATA, vae_serve
+from tests.conftest import TEST_DATA, free_port, vae_serve
 
 DIGIT = (TEST_DATA / "mnist_test_0_digit_7.png").read_bytes()
 KEY = "s3cret-key-1"
@@ -126,8 +127,24 @@ def test_vae_serve_on_loopback_refuses_foreign_host_names_and_serves_https(model
     ca.cert_pem.write_to_path(tmp_path / "ca.pem")
     env = {"VAE_MODELS_DIR": str(models_dir), "VAE_SSL_CERTFILE": str(tmp_path / "server.pem"),
            "VAE_SSL_KEYFILE": str(tmp_path / "server.key"), "VAE_API_KEYS": KEY}
+    grpc_port = free_port()
+    env["VAE_GRPC_PORT"] = str(grpc_port)
     context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
     with vae_serve(env, scheme="https", verify=context) as (base, _):
+        # gRPC under the same certificate: the API key in its metadata is never sent in the clear
+        from app.rpc import inference_pb2 as pb
+
+        credentials = grpc.ssl_channel_credentials((tmp_path / "ca.pem").read_bytes())
+        with grpc.secure_channel(f"localhost:{grpc_port}", credentials) as channel:
+            live = channel.unary_unary("/inference.GRPCInferenceService/ServerLive",
+                                       request_serializer=pb.ServerLiveRequest.SerializeToString,
+                                       response_deserializer=pb.ServerLiveResponse.FromString)
+            assert live(pb.ServerLiveRequest(), timeout=30).live
+        with grpc.insecure_channel(f"localhost:{grpc_port}") as channel, pytest.raises(grpc.RpcError):
+            channel.unary_unary("/inference.GRPCInferenceService/ServerLive",
+                                request_serializer=pb.ServerLiveRequest.SerializeToString,
+                                response_deserializer=pb.ServerLiveResponse.FromString)(pb.ServerLiveRequest(),
+                                                                                         timeout=5)
         with httpx.Client(base_url=base, verify=context, timeout=30) as client:
             r = client.post("/encode", content=DIGIT, headers=bearer())
             assert r.status_code == 200 and r.json()["model"] == "vae"

@@ -108,7 +108,7 @@ def test_models_names_each_methods_counts(client: TestClient) -> None:
 
 def test_the_inline_budget_setting_reaches_every_batcher(models_dir: Path) -> None:
     with TestClient(create_app(settings(models_dir, inline_max_us=1234))) as c:
-        batchers = c.app.state.engines["vae"].batchers()
+        batchers = c.app.state.repository.engines["vae"].batchers()
     assert {b.inline_max_s for b in batchers.values()} == {0.001234}
 
 
@@ -606,7 +606,7 @@ def test_startup_failure_is_reported_once(tmp_path: Path) -> None:
     async def run() -> None:
         await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
 
-    with pytest.raises(Exception, match=r"no \*\.pt model files"):
+    with pytest.raises(Exception, match=r"no \*\.pt or <name>/<version>/model\.pt model files"):
         asyncio.run(run())
     assert sent == [{"type": "lifespan.startup.failed", "message": ""}]
 

@@ -133,7 +133,8 @@ def test_bad_files_and_folders_are_refused_by_name(tmp_path: Path, trained: Path
     cpu = torch.device("cpu")
     with pytest.raises(ModelLoadError, match=f"^{tmp_path / 'none'}: models folder does not exist$"):
         load_models(tmp_path / "none", cpu, "vae")
-    with pytest.raises(ModelLoadError, match=r": no \*\.pt model files in the models folder$"):
+    empty = r": no \*\.pt or <name>/<version>/model\.pt model files in the models folder$"
+    with pytest.raises(ModelLoadError, match=empty):
         load_models(tmp_path, cpu, "vae")
     (tmp_path / "junk.pt").write_bytes(b"not a zip")
     with pytest.raises(ModelLoadError) as junk:
@@ -151,12 +152,12 @@ def test_bad_files_and_folders_are_refused_by_name(tmp_path: Path, trained: Path
     (tmp_path / "nometa.pt").unlink()
     _save(tmp_path, "a", module, meta)
     _save(tmp_path, "b", module, meta)
-    with pytest.raises(ModelLoadError, match=r"b\.pt: model name 'deep-tiny' already used by .*a\.pt$"):
+    with pytest.raises(ModelLoadError, match=r"b\.pt: model name 'deep-tiny' version 1 already used by .*a\.pt$"):
         load_models(tmp_path, cpu, "deep-tiny")
     (tmp_path / "b.pt").unlink()
     with pytest.raises(ModelLoadError, match=r"default model 'vae' not among \['deep-tiny'\] \(set VAE_DEFAULT"):
         load_models(tmp_path, cpu, "vae")
-    loaded = load_models(tmp_path, cpu, "deep-tiny")["deep-tiny"]
+    loaded = load_models(tmp_path, cpu, "deep-tiny")["deep-tiny"]["1"]
     assert 0 < loaded.load_seconds < 60
     assert not any(p.requires_grad for p in loaded.module.parameters())
     assert loaded.scores["bound"].about == "-log p(x), IWAE bound, nats"

@@ -73,9 +73,12 @@ def test_manifests_agree_with_the_app_and_the_image(overlay: str) -> None:
     settings_map = k["ConfigMap"]["data"]
     pod = k["Deployment"]["spec"]["template"]["spec"]
     [container] = pod["containers"]
-    port = int(re.search(r"^EXPOSE (\d+)$", DOCKERFILE, re.M).group(1))
-    assert container["ports"] == [{"name": "http", "containerPort": port, "protocol": "TCP"}]
+    port, grpc_port = map(int, re.search(r"^EXPOSE (\d+) (\d+)$", DOCKERFILE, re.M).groups())  # HTTP, gRPC
+    assert container["ports"] == [{"name": "http", "containerPort": port, "protocol": "TCP"},
+                                  {"name": "grpc", "containerPort": grpc_port, "protocol": "TCP"}]
     assert int(settings_map["VAE_PORT"]) == port and settings_map["VAE_HOST"] == "0.0.0.0"
+    assert int(settings_map["VAE_GRPC_PORT"]) == grpc_port == int(re.search(r"VAE_GRPC_PORT=(\d+)", DOCKERFILE)[1])
+    assert k["Service"]["spec"]["ports"][1]["targetPort"] == "grpc"
     paths = {route.path for route in create_app(Settings()).routes}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"]["path"] in paths and container[probe]["httpGet"]["port"] == "http"
@@ -137,7 +140,7 @@ def test_kserve_runtime_speaks_v2_on_the_apps_port_and_probes() -> None:
     assert model["runtime"] == runtime["metadata"]["name"]
     assert model["modelFormat"]["name"] == runtime["spec"]["supportedModelFormats"][0]["name"]
     [container] = runtime["spec"]["containers"]
-    port = int(re.search(r"^EXPOSE (\d+)$", DOCKERFILE, re.M).group(1))
+    port = int(re.search(r"^EXPOSE (\d+)( \d+)?$", DOCKERFILE, re.M).group(1))  # HTTP, then gRPC
     assert container["ports"][0]["containerPort"] == port
     paths = {route.path for route in create_app(Settings()).routes}
     for probe in ("readinessProbe", "livenessProbe"):

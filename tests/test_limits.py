@@ -52,7 +52,7 @@ def test_requests_beyond_in_flight_limit_get_503_at_once() -> None:
     assert first.status_code == second.status_code == probe.status_code == 200
     assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
     assert refused.json()["error"] == "overloaded"
-    assert app.in_flight == 0
+    assert app.slots.in_flight == 0
 
 
 def test_compute_timeout_answers_504(models_dir: Path) -> None:
@@ -239,7 +239,7 @@ def test_uploads_hold_receiving_slots_and_compute_slots_only_once_their_body_is_
         gate = asyncio.Event()
         slow = [asgi_call(app, "POST", [b"a", b"b"], gate) for _ in range(2)]
         await asyncio.sleep(0.01)
-        assert (app.receiving, app.in_flight) == (2, 0)  # trickling uploads hold no compute slot
+        assert (app.receiving, app.slots.in_flight) == (2, 0)  # trickling uploads hold no compute slot
         third = await asgi_call(app, "POST", [b"a", b"b"], gate)  # a third upload: over VAE_MAX_RECEIVING
         fast = await asgi_call(app, "GET", [])  # a request without a body computes at once
         gate.set()
@@ -249,7 +249,7 @@ def test_uploads_hold_receiving_slots_and_compute_slots_only_once_their_body_is_
     assert [s[0]["status"] for s in slow] == [200, 200] and fast[0]["status"] == 200
     assert third[0]["status"] == 503
     assert json.loads(third[1]["body"])["detail"] == "2 uploads still arriving; the limit is 2 (VAE_MAX_RECEIVING)"
-    assert (app.receiving, app.in_flight) == (0, 0)
+    assert (app.receiving, app.slots.in_flight) == (0, 0)
 
 
 def test_a_client_that_leaves_mid_upload_is_no_error(models_dir: Path, caplog) -> None:
@@ -300,7 +300,7 @@ def test_stalled_uploads_get_408_each_including_those_that_start_later() -> None
             "error": "request timeout",
             "detail": f"the body did not arrive within {timeout:g} s ({came} bytes came; VAE_BODY_TIMEOUT_S)"}
     assert timeout <= ends[0] < ends[1] and ends[1] >= 1.6 * timeout  # each at its own deadline, not before
-    assert (app.receiving, app.in_flight, app.deadlines, app.expired, app.sweeping) == (0, 0, {}, set(), False)
+    assert (app.receiving, app.slots.in_flight, app.deadlines, app.expired, app.sweeping) == (0, 0, {}, set(), False)
 
 
 @pytest.mark.parametrize(("timeout", "interval"), [(0.2, 0.05), (2.0, 0.5), (4.0, 1.0), (30.0, 1.0)])
@@ -393,7 +393,7 @@ def test_the_body_deadline_holds_for_chunked_uploads_and_never_for_a_slow_answer
     stalled_sent, slow_sent, bodiless_sent = asyncio.run(main())
     assert stalled_sent[0]["status"] == 408
     assert slow_sent[0]["status"] == bodiless_sent[0]["status"] == 200
-    assert (app.deadlines, app.expired, app.receiving, app.in_flight) == ({}, set(), 0, 0)
+    assert (app.deadlines, app.expired, app.receiving, app.slots.in_flight) == ({}, set(), 0, 0)
 
 
 def test_an_upload_computes_in_an_in_flight_slot_and_leaves_nothing_behind_when_the_app_fails() -> None:
@@ -431,7 +431,7 @@ def test_an_upload_computes_in_an_in_flight_slot_and_leaves_nothing_behind_when_
 
     upload_sent, second_sent, failed_sent = asyncio.run(main())
     assert (upload_sent[0]["status"], second_sent[0]["status"], failed_sent[0]["status"]) == (200, 503, 500)
-    assert (mw.in_flight, mw.receiving) == (0, 0)
+    assert (mw.slots.in_flight, mw.receiving) == (0, 0)
     assert (failing.deadlines, failing.receiving) == ({}, 0)  # the upload's deadline went with it
 
 

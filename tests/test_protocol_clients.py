@@ -6,9 +6,13 @@ answers must equal the REST endpoints' for the same images: encode to 1e-6, anom
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import io
+import json
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,16 +25,29 @@ from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 from kserve.protocol.infer_type import RequestedOutput
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import REPO, vae_serve
+from tests.conftest import REPO, free_port, vae_serve
 from tests.test_protocol import PIXELS, PNGS
 
 pytestmark = pytest.mark.slow
 
 
+GRPC_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def server(models_dir: Path) -> Iterator[str]:
-    with vae_serve({"VAE_MODELS_DIR": str(models_dir)}) as (base, _):
+    with vae_serve({"VAE_MODELS_DIR": str(models_dir), "VAE_GRPC_PORT": str(GRPC_PORT)}) as (base, _):
         yield base
+
+
+def grpc_client(which: str) -> dict[str, Any]:
+    """What tritonclient.grpc or KServe's gRPC client got from the server (tests/grpc_clients.py says why
+    in a process of its own)."""
+    given = json.dumps({"pixels": PIXELS.tolist(), "pngs": [base64.b64encode(p).decode() for p in PNGS]})
+    run = subprocess.run([sys.executable, "-m", "tests.grpc_clients", which, f"127.0.0.1:{GRPC_PORT}"], cwd=REPO,
+                         input=given, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +168,66 @@ def test_the_docs_tritonclient_block_runs_as_written(server: str, rest: dict[str
     assert namespace["scored"].as_numpy("score")[0] == pytest.approx(
         httpx.post(f"{server}/anomaly-score", content=(REPO / "tests/data/mnist_test_0_digit_7.png").read_bytes(),
                    headers={"content-type": "image/png"}).json()["score"], abs=1e-4)
+
+
+def test_tritonclient_grpc_answers_equal_rest(server: str, rest: dict[str, Any]) -> None:
+    got = grpc_client("triton")
+    assert (got["live"], got["ready"], got["model_ready"]) == (True, True, [True, True])
+    assert got["server"] == {"name": "mnist-vae-service", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+    assert [(t["name"], t["datatype"], t["shape"]) for t in got["metadata"]["outputs"]] == [
+        ("mu", "FP32", ["-1", "2"]), ("logvar", "FP32", ["-1", "2"])]
+    assert got["metadata"]["versions"] == ["1"]
+    assert (got["encode"]["id"], got["encode"]["version"]) == ("t1", "1")
+    for mu in (got["encode"]["mu"], got["encode_fp32"], got["encode_files"]):
+        np.testing.assert_allclose(mu, rest["mu"], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(got["encode"]["logvar"], rest["logvar"], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(got["score"]["score"], rest["score"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got["score"]["percentile"], rest["percentile"], atol=1e-4, rtol=0)
+    assert got["score"]["is_anomaly"] == rest["is_anomaly"]
+    np.testing.assert_allclose(got["sample"]["z"], rest["z"], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.array(got["sample"]["images"])[:, 0], rest["images"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got["decode"], got["sample"]["images"], atol=1e-6, rtol=0)
+    errors = got["errors"]
+    assert errors["unknown_model"][0] == "StatusCode.NOT_FOUND"
+    assert errors["unknown_model"][1].startswith("unknown model: 'nope.encode'; served: deep-tiny.encode, ")
+    assert errors["wrong_datatype"] == ["StatusCode.INVALID_ARGUMENT", "invalid request: input 'images' is FP32, "
+                                        "not UINT8; give " + errors["wrong_datatype"][1].split("; give ")[1]]
+    assert errors["unknown_version"] == ["StatusCode.NOT_FOUND", "unknown model: 'vae.encode' has no version '9'; "
+                                         "served: 1"]
+    assert errors["load_missing"][0] == "StatusCode.NOT_FOUND"
+    assert {(m["name"], m["version"], m["state"]) for m in got["index"]} == {("vae", "1", "READY"),
+                                                                             ("deep-tiny", "1", "READY")}
+    ready, index = got["after_unload"]
+    assert not ready
+    assert {"name": "deep-tiny", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"} in index
+    assert got["after_load"] is True
+
+
+def test_kserve_grpc_client_answers_equal_rest(server: str, rest: dict[str, Any]) -> None:
+    got = grpc_client("kserve")
+    assert (got["live"], got["ready"], got["model_ready"]) == (True, True, True)
+    for form in ("encode_raw", "encode_typed"):
+        assert got[form]["id"] == "k1"
+        np.testing.assert_allclose(got[form]["mu"], rest["mu"], atol=1e-6, rtol=0)
+        np.testing.assert_allclose(got[form]["logvar"], rest["logvar"], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(got["score"]["score"], rest["score"], atol=1e-4, rtol=0)
+    assert got["score"]["is_anomaly"] == rest["is_anomaly"]
+
+
+def test_the_readme_client_block_runs_as_written(server: str) -> None:
+    """README's tritonclient block, over HTTP and gRPC, in a process of its own (tritonclient.grpc cannot share
+    one with kserve): both print the same latent mean, the REST /encode's."""
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- clients:start -->\n```python\n(.*?)```\n<!-- clients:end -->", readme, re.S)
+    assert block, "README.md lost its clients block"
+    code = block.group(1).replace('"localhost:8000"', repr(server.removeprefix("http://"))).replace(
+        '"localhost:8081"', repr(f"127.0.0.1:{GRPC_PORT}"))
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["tritonclient.http", "tritonclient.grpc"]
+    seven = httpx.post(f"{server}/encode", content=(REPO / "tests/data/mnist_test_0_digit_7.png").read_bytes(),
+                       headers={"content-type": "image/png"}).json()
+    for line in lines:
+        printed = np.array(line.split("[", 1)[1].rstrip("]").split(), dtype=np.float32)
+        np.testing.assert_allclose(printed, seven["mu"][:2], atol=1e-5, rtol=0)

@@ -17,6 +17,7 @@ from fastapi import Depends, Request
 from fastapi.routing import APIRoute
 from torch import Tensor
 
+from app import tracing
 from app.exceptions import Unavailable, UnknownModel
 from app.formats import Format, negotiate
 from app.inference import Engine
@@ -33,6 +34,7 @@ from app.queries import (
     SimilarQuery,
     parse_query,
 )
+from app.repository import Repository
 from app.settings import Settings
 
 Q = TypeVar("Q", bound=QueryModel)
@@ -49,7 +51,12 @@ class Call(Generic[Q]):
         """The request's images as [B, 1, 28, 28], preprocessed as the query says."""
         assert isinstance(self.query, ImageQuery)
         reader: ImageReader = self.request.app.state.image_reader
-        return await read_images(self.request, self.engine.limits, reader, self.query.preprocess)
+        if tracing.tracer is None:
+            return await read_images(self.request, self.engine.limits, reader, self.query.preprocess)
+        with tracing.span("read body"):
+            await self.request.body()  # kept by the request for what reads it next
+        with tracing.span("decode images"):
+            return await read_images(self.request, self.engine.limits, reader, self.query.preprocess)
 
     async def ends(self) -> Tensor | list[list[float]]:
         """POST /interpolate's two ends: images, preprocessed as the query says, or latent vectors."""
@@ -75,15 +82,18 @@ def not_ready(request: Request) -> Unavailable | None:
     return None
 
 
-def engines_of(request: Request) -> dict[str, Engine]:
-    """Every served model's engine, once they are all loaded (503 before)."""
+def repository_of(request: Request) -> Repository:
+    """The served models, once they are all loaded (503 before)."""
     if not request.app.state.ready:
         raise Unavailable("models are still loading")
-    return request.app.state.engines
+    return request.app.state.repository
 
 
 def engine_for(request: Request, name: str | None) -> Engine:
-    engines = engines_of(request)
+    """The newest version of the named model (the default model when none is named)."""
+    if not request.app.state.ready:
+        raise Unavailable("models are still loading")
+    engines = request.app.state.repository.engines
     name = name or request.app.state.settings.default_model
     if name not in engines:
         raise UnknownModel(f"{name!r}; available: {sorted(engines)}")

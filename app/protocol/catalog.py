@@ -26,10 +26,12 @@ from app.inference import Engine
 from app.inputs import ImageReader
 from app.protocol.codec import Output, Parameters, Tensor
 from app.queries import AnomalyQuery, ImageQuery, SampleQuery, SimilarQuery, parse_parameters
+from app.repository import Repository
 from app.schemas import Z_LIMIT
 
 PLATFORM = "pytorch_torchscript"
-VERSION = "1"  # one version of each artifact is served: the file in VAE_MODELS_DIR
+SERVER_NAME = "mnist-vae-service"
+EXTENSIONS = ["binary_tensor_data"]  # over REST; gRPC carries binary tensors natively
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,19 +212,28 @@ def names(engines: dict[str, Engine]) -> list[str]:
     return [f"{model}.{capability}" for model in engines for capability in CAPABILITIES]
 
 
-def resolve(engines: dict[str, Engine], name: str, version: str | None) -> tuple[Engine, Capability]:
-    """The engine and capability a protocol model name stands for."""
+def artifact_of(name: str) -> str:
+    """The repository's model behind a protocol model name (`vae.encode` -> `vae`); other names as they are."""
     model, _, capability = name.rpartition(".")
-    if model not in engines or capability not in CAPABILITIES:
-        raise UnknownModel(f"{name!r}; served: {', '.join(names(engines))}")
-    if version not in (None, VERSION):
-        raise UnknownModel(f"{name!r} has no version {version!r}; served: {VERSION}")
-    return engines[model], CAPABILITIES[capability]
+    return model if model and capability in CAPABILITIES else name
 
 
-def metadata(name: str, engine: Engine, capability: Capability) -> dict[str, Any]:
+def resolve(repository: Repository, name: str, version: str | None) -> tuple[Engine, Capability]:
+    """The engine (of the version named, else the newest) and capability a protocol model name stands for."""
+    model, _, capability = name.rpartition(".")
+    if model not in repository.engines or capability not in CAPABILITIES:
+        raise UnknownModel(f"{name!r}; served: {', '.join(names(repository.engines))}")
+    if version:
+        if version not in repository.versions.get(model, {}):
+            raise UnknownModel(f"{name!r} has no version {version!r}; served: "
+                               f"{', '.join(repository.versions_of(model))}")
+        return repository.versions[model][version], CAPABILITIES[capability]
+    return repository.engines[model], CAPABILITIES[capability]
+
+
+def metadata(name: str, engine: Engine, capability: Capability, versions: list[str]) -> dict[str, Any]:
     d = engine.model.latent_dim
-    return {"name": name, "versions": [VERSION], "platform": PLATFORM,
+    return {"name": name, "versions": versions, "platform": PLATFORM,
             "inputs": [s.metadata() for s in capability.inputs(d)],
             "outputs": [s.metadata() for s in capability.outputs(d)],
             "parameters": {"about": capability.about, "latent_dim": d}}

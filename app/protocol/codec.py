@@ -119,21 +119,21 @@ def read_request(body: bytes, header_length: str | None, max_values: int) -> tup
         if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(rest):
             raise InvalidInput(f"input {spec.name!r}: binary_data_size {size!r} is more than the "
                                f"{len(rest) - offset} bytes of binary data left in the body")
-        tensors.append(_from_bytes(spec, rest[offset:offset + size]))
+        tensors.append(from_bytes(spec, rest[offset:offset + size]))
         offset += size
     if offset != len(rest):
         raise InvalidInput(f"{len(rest) - offset} bytes of binary data after the last binary input")
     return request, tensors
 
 
-def _count(spec: RequestInput) -> int:
+def count_of(spec: RequestInput) -> int:
     if spec.datatype not in DATATYPES:
         raise InvalidInput(f"input {spec.name!r}: datatype {spec.datatype!r} is none of {', '.join(DATATYPES)}")
     return math.prod(spec.shape)
 
 
-def _from_bytes(spec: RequestInput, chunk: bytes) -> Tensor:
-    count = _count(spec)
+def from_bytes(spec: RequestInput, chunk: bytes) -> Tensor:
+    count = count_of(spec)
     if spec.datatype == BYTES:
         return Tensor(spec.name, BYTES, tuple(spec.shape), elements=_split_bytes(spec.name, chunk, count))
     dtype = NUMERIC[spec.datatype]
@@ -162,7 +162,7 @@ def _split_bytes(name: str, chunk: bytes, count: int) -> list[bytes | str]:
 
 
 def _from_json(spec: RequestInput) -> Tensor:
-    count = _count(spec)
+    count = count_of(spec)
     if spec.data is None:
         raise InvalidInput(f"input {spec.name!r} has neither 'data' nor parameters.binary_data_size")
     data = spec.data if isinstance(spec.data, list) else [spec.data]

@@ -12,7 +12,7 @@ from app import supervisor
 from app.api.deps import SettingsDep, engine_for, not_ready, operation_id
 from app.errors import service_error_response
 from app.exceptions import NoLatentMap
-from app.inference import Engine
+from app.repository import Repository
 from app.schemas import ERRORS, LatentMapOut
 
 router = APIRouter(tags=["ops"], generate_unique_id_function=operation_id)
@@ -30,7 +30,7 @@ async def readyz(request: Request) -> JSONResponse:
     reason = not_ready(request)
     if reason is not None:
         return service_error_response(reason)
-    answer: dict[str, Any] = {"status": "ready", "models": sorted(request.app.state.engines)}
+    answer: dict[str, Any] = {"status": "ready", "models": sorted(request.app.state.repository.engines)}
     workers = supervisor.status()  # VAE_WORKERS > 1: this worker serves; are the others?
     if workers is not None:
         answer["workers"] = workers
@@ -40,9 +40,11 @@ async def readyz(request: Request) -> JSONResponse:
 @router.get("/models", summary="Each model's meta.json, the device it runs on, and batching counts since start "
             "(requests and forward passes per method, in the worker process that answered)")
 async def models(request: Request, settings: SettingsDep) -> dict[str, Any]:
-    engines: dict[str, Engine] = request.app.state.engines
+    repository: Repository | None = request.app.state.repository  # None while loading
+    engines = repository.engines if repository is not None else {}
     return {"default": settings.default_model, "worker_pid": os.getpid(),
-            "models": [{**e.model.describe(), "batching": e.stats()} for e in engines.values()]}
+            "models": [{**e.model.describe(), "versions": repository.versions_of(name), "batching": e.stats()}
+                       for name, e in engines.items() if repository is not None]}
 
 
 @router.get("/models/{name}/latent-map", summary="A 2-D model's map of the MNIST test set: each image's posterior "

@@ -12,7 +12,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.api.deps import engines_of, not_ready, operation_id
+from app import tracing
+from app.api.deps import not_ready, operation_id, repository_of
 from app.inference import Engine
 from app.inputs import max_json_values, off_the_loop_if_large
 from app.protocol import catalog, codec
@@ -20,14 +21,12 @@ from app.schemas import PROTOCOL_ERRORS, PROTOCOL_INFER_BODY, PROTOCOL_INFER_RES
 
 router = APIRouter(tags=["open inference protocol"], generate_unique_id_function=operation_id,
                    responses=PROTOCOL_ERRORS)
-SERVER_NAME = "mnist-vae-service"
-EXTENSIONS = ["binary_tensor_data"]
 VERSIONED = "/versions/{model_version}"
 
 
 @router.get("/v2", summary="Server metadata: name, version, the protocol extensions supported")
 async def server_metadata(request: Request) -> dict[str, Any]:
-    return {"name": SERVER_NAME, "version": request.app.version, "extensions": EXTENSIONS}
+    return {"name": catalog.SERVER_NAME, "version": request.app.version, "extensions": catalog.EXTENSIONS}
 
 
 @router.get("/v2/health/live", summary="The server is alive")
@@ -44,7 +43,7 @@ async def server_ready(request: Request) -> JSONResponse:
 
 def _model(request: Request) -> tuple[str, Engine, catalog.Capability]:
     name = request.path_params["model_name"]
-    engine, capability = catalog.resolve(engines_of(request), name, request.path_params.get("model_version"))
+    engine, capability = catalog.resolve(repository_of(request), name, request.path_params.get("model_version"))
     request.state.model = name  # for the access log and the metrics' model label
     return name, engine, capability
 
@@ -58,7 +57,7 @@ def _path_parameters(versioned: bool) -> list[dict[str, Any]]:
 
 async def model_metadata(request: Request) -> dict[str, Any]:
     name, engine, capability = _model(request)
-    return catalog.metadata(name, engine, capability)
+    return catalog.metadata(name, engine, capability, repository_of(request).versions_of(engine.model.name))
 
 
 async def model_ready(request: Request) -> dict[str, Any]:
@@ -68,11 +67,15 @@ async def model_ready(request: Request) -> dict[str, Any]:
 
 async def infer(request: Request) -> Response:
     name, engine, capability = _model(request)
-    inference, tensors = await off_the_loop_if_large(codec.read_request, await request.body(),
-                                                     request.headers.get(codec.HEADER_LENGTH),
-                                                     max_json_values(engine.limits.max_batch, 28 * 28))
+    with tracing.span("read body"):
+        body = await request.body()
+    with tracing.span("decode tensors"):
+        inference, tensors = await off_the_loop_if_large(codec.read_request, body,
+                                                         request.headers.get(codec.HEADER_LENGTH),
+                                                         max_json_values(engine.limits.max_batch, 28 * 28))
     outputs, parameters = await capability.run(engine, tensors, inference.parameters, request.app.state.image_reader)
-    body, header_length = codec.write_response(name, catalog.VERSION, inference, outputs, parameters)
+    with tracing.span("encode answer"):
+        body, header_length = codec.write_response(name, engine.model.version, inference, outputs, parameters)
     if header_length is None:
         return Response(body, media_type="application/json")
     return Response(body, media_type="application/octet-stream",
