@@ -28,7 +28,7 @@ from app.devices import resolve_device
 from app.inference import Batching, Engine, Limits
 from app.inputs import ImageReader
 from app.metrics import Metrics
-from app.middleware import Drain, HttpLimits, ServiceMiddleware, Slots, TracingMiddleware
+from app.middleware import Drain, HttpLimits, ServiceMiddleware, Slots
 from app.protocol.codec import InferenceRequest
 from app.repository import Repository
 from app.rpc.service import GrpcServer, InferenceService
@@ -45,6 +45,7 @@ from app.schemas import (
 from app.settings import Settings, get_settings
 
 log = logging.getLogger("app")
+VERSION = "0.1.0"
 
 
 @asynccontextmanager
@@ -108,9 +109,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The app factory (`uvicorn --factory app.main:create_app`); settings from VAE_* unless given."""
     settings = settings or get_settings()
     logs.configure(settings.log_level, settings.log_format)
+    tracing.configure(VERSION)  # on only when OTEL_* variables ask for it
     app = FastAPI(
         title="MNIST VAE service",
-        version="0.1.0",
+        version=VERSION,
+        telemetry=tracing.fastapi_telemetry(),  # type: ignore[arg-type]
         description="Encode, decode, sample, reconstruct and score digits with a variational autoencoder. "
         "Output format: `?format=png|json` wins, else the Accept header, else the endpoint's default.",
         lifespan=lifespan,
@@ -131,8 +134,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ServiceMiddleware, limits=HttpLimits(settings.max_body_bytes, settings.max_in_flight,
                                                         settings.max_receiving, settings.body_timeout_s),
                        metrics=app.state.metrics, drain=app.state.drain, slots=app.state.slots)
-    if tracing.configure(app.version):  # OTEL_* variables ask for it; off, no request pays for the hook
-        app.add_middleware(TracingMiddleware)
     routers = [model.router, v2.router, repository.router, ops.router,
                *([ops.metrics_router] if settings.metrics else []), docs.router,
                page.router if settings.page else page.docs_only, *([ops.bare_router] if settings.bare_endpoint else [])]

@@ -9,9 +9,8 @@
 - Draining (SIGTERM, app/draining.py): every answer carries `Connection: close`.
 - Access log: one JSON line per request with id, method, path, status, latency (and the trace
   and span ids while tracing).
-- Tracing (app/tracing.py, when configured): `TracingMiddleware`, outside this one, makes each
-  request a server span that continues the caller's `traceparent`; this one names it by route
-  and gives it the request id and status.
+- Tracing (app/tracing.py, when configured): FastAPI's own server span of the request gets the
+  request id here.
 - Unexpected exceptions: a JSON 500 that still carries the request id (Starlette's own
   500 handler runs outside every middleware, so its answers would not), and the
   traceback in the log.
@@ -121,6 +120,8 @@ class ServiceMiddleware:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 status, started = message["status"], True
+                if tracing.tracer is not None:  # FastAPI's span of the request ends with its answer
+                    tracing.finish_request(rid)
                 more = [*extra_headers, (b"connection", b"close")] if self.drain.draining else extra_headers
                 message["headers"] = [*message.get("headers", ()), *more]
             await send(message)
@@ -226,8 +227,6 @@ class ServiceMiddleware:
         if self.metrics is not None:
             self.metrics.observe_request(route, scope.get("state", {}).get("model", ""), status,
                                          time.perf_counter() - start)
-        if tracing.tracer is not None:
-            tracing.finish_request(f"{scope['method']} {route}", rid, status)
         if not access_log.isEnabledFor(logging.INFO):
             return
         record: dict[str, Any] = {
@@ -251,18 +250,3 @@ def _quiet_startup_failure(send: Send) -> Send:
 
     return wrapped
 
-
-class TracingMiddleware:
-    """Each HTTP request a server span continuing the caller's `traceparent` (app/tracing.py). Added by
-    create_app only when tracing is configured, so that with tracing off no request pays for it."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or tracing.tracer is None:
-            await self.app(scope, receive, send)
-            return
-        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        with tracing.server_span(f"{scope['method']} {scope['path']}", carrier):
-            await self.app(scope, receive, send)

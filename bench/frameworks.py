@@ -9,12 +9,17 @@
   which `vae-serve` takes at `/encode` too.
 - BentoML (bench/bentoml_encoder.py, one worker), without and with its adaptive batching (up to
   64). Its image parameter takes a multipart upload, the same bytes as `/encode`'s form.
+- TorchServe (bench/torchserve_encoder.py, a custom handler, one worker), without and with its
+  batching (batchSize 32, maxBatchDelay 5 ms). The body is the PNG itself, as `/encode` takes it.
+- Ray Serve (bench/rayserve_encoder.py, one replica), without and with `@serve.batch` (up to 32,
+  1 ms). The body is the PNG itself too.
 
 `vae-serve` runs with its defaults (one worker, dynamic batching). Before timing, each server's
 answer for the digit is checked against `vae-serve`'s (mu within 1e-5). Each server is measured in
 turn, `--alternations` times over, wrk on the same machine; the REST `/encode` of the same digit
 as a raw PNG is shown for reference. A framework that is not installed is left out, saying so
-(`pip install kserve litserve bentoml`; the `bench` extra names the last two).
+(`pip install kserve litserve bentoml torchserve torch-model-archiver "ray[serve]"`; the `bench`
+extra names all but KServe, which comes with `dev`; TorchServe also needs Java).
 
     python -m bench.frameworks [--duration 5] [--concurrency 1 32] [--only vae-serve litserve bentoml]
 """
@@ -73,6 +78,34 @@ def start_bentoml(port: int, batch: int) -> subprocess.Popen:
     return wait_ready(proc, f"http://127.0.0.1:{port}/readyz", "the BentoML server")
 
 
+def start_torchserve(port: int, batch: int) -> subprocess.Popen:
+    """TorchServe with the encoder archived into a model store of its own, its management and metrics
+    APIs on the next free ports, token authorisation off (as a benchmark on loopback needs)."""
+    store = Path(tempfile.mkdtemp(prefix="vae-torchserve-"))
+    subprocess.run(["torch-model-archiver", "--model-name", "vae", "--version", "1.0", "--serialized-file",
+                    str(REPO / "models" / "vae.pt"), "--handler", str(REPO / "bench" / "torchserve_encoder.py"),
+                    "--export-path", str(store)], check=True)
+    models = {"vae": {"1.0": {"defaultVersion": True, "marName": "vae.mar", "minWorkers": 1, "maxWorkers": 1,
+                              "batchSize": batch, "maxBatchDelay": 5, "responseTimeout": 60}}}
+    (store / "config.properties").write_text("\n".join([
+        f"inference_address=http://127.0.0.1:{port}", f"management_address=http://127.0.0.1:{free_port()}",
+        f"metrics_address=http://127.0.0.1:{free_port()}", f"model_store={store}", "load_models=vae.mar",
+        f"models={json.dumps(models)}", "disable_token_authorization=true", "enable_metrics_api=false",
+        "default_workers_per_model=1", "async_logging=true"]) + "\n")
+    env = {**os.environ, "LOG_LOCATION": str(store / "logs"), "METRICS_LOCATION": str(store / "logs")}
+    proc = subprocess.Popen(["torchserve", "--start", "--foreground", "--ncs", "--model-store", str(store),
+                             "--ts-config", str(store / "config.properties"), "--disable-token-auth"], cwd=store,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return wait_ready(proc, f"http://127.0.0.1:{port}/ping", "the TorchServe server", 180)
+
+
+def start_rayserve(port: int, batch: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "bench.rayserve_encoder", "--port", str(port), "--model-path",
+                             str(REPO / "models" / "vae.pt"), "--max-batch-size", str(batch)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return wait_ready(proc, f"http://127.0.0.1:{port}/-/healthz", "the Ray Serve server", 180)
+
+
 SERVERS = {  # name -> (module it needs, how to start it on a port, the payloads it takes)
     "vae-serve": (None, lambda port: start_server(port, {}),
                   ("OIP binary UINT8", "OIP JSON UINT8", "JSON base64 PNG", "multipart PNG", "REST /encode raw PNG")),
@@ -81,6 +114,10 @@ SERVERS = {  # name -> (module it needs, how to start it on a port, the payloads
     "litserve-batch64": ("litserve", lambda port: start_litserve(port, 64), ("JSON base64 PNG",)),
     "bentoml": ("bentoml", lambda port: start_bentoml(port, 1), ("multipart PNG",)),
     "bentoml-batch64": ("bentoml", lambda port: start_bentoml(port, 64), ("multipart PNG",)),
+    "torchserve": ("ts", lambda port: start_torchserve(port, 1), ("raw PNG to /predictions/vae",)),
+    "torchserve-batch32": ("ts", lambda port: start_torchserve(port, 32), ("raw PNG to /predictions/vae",)),
+    "rayserve": ("ray", lambda port: start_rayserve(port, 1), ("raw PNG to /encode",)),
+    "rayserve-batch32": ("ray", lambda port: start_rayserve(port, 32), ("raw PNG to /encode",)),
 }
 
 
@@ -105,13 +142,17 @@ def scripts(folder: Path) -> tuple[dict[str, dict[str, tuple[str, Path]]], dict[
     check = {"kserve": (INFER, folder / "json.json", json_type),
              "vae-serve": ("/encode", folder / "ours.json", json_type),
              "litserve": ("/predict", folder / "litserve.json", json_type),
-             "bentoml": ("/encode", multipart_body(folder), multipart_type)}
+             "bentoml": ("/encode", multipart_body(folder), multipart_type),
+             "torchserve": ("/predictions/vae", DIGIT, "image/png"),
+             "rayserve": ("/encode", DIGIT, "image/png")}
     shared = {
         "OIP binary UINT8": (INFER, lua_script(folder, "POST", folder / "binary.bin", "application/octet-stream",
                                                {"Inference-Header-Content-Length": str(header_length)})),
         "OIP JSON UINT8": (INFER, lua_script(folder, "POST", folder / "json.json", json_type)),
         "REST /encode raw PNG": ("/encode", lua_script(folder, "POST", DIGIT, "image/png")),
         "multipart PNG": ("/encode", lua_script(folder, "POST", check["bentoml"][1], multipart_type)),
+        "raw PNG to /predictions/vae": ("/predictions/vae", lua_script(folder, "POST", DIGIT, "image/png")),
+        "raw PNG to /encode": ("/encode", lua_script(folder, "POST", DIGIT, "image/png")),
     }
     base64_json = {family: (path, lua_script(folder, "POST", body, json_type))
                    for family, (path, body, _) in check.items() if family in ("vae-serve", "litserve")}
@@ -122,7 +163,7 @@ def scripts(folder: Path) -> tuple[dict[str, dict[str, tuple[str, Path]]], dict[
 
 def family(server: str) -> str:
     """`litserve-batch64` is LitServe: the same requests, another configuration."""
-    return server.removesuffix("-batch64")
+    return server.removesuffix("-batch64").removesuffix("-batch32")
 
 
 def mu_of(server: str, port: int, check: dict[str, tuple[str, Path, str]]) -> list[float]:

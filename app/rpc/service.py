@@ -143,8 +143,8 @@ class InferenceService:
             metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
             rid = metadata.get("x-request-id", "")[:128] or uuid.uuid4().hex
             context.set_trailing_metadata((("x-request-id", rid),))  # sent with the status: no extra write
-            with tracing.server_span(path, metadata):
-                call, status, took_slot = Call(context), 200, False
+            with tracing.grpc_span(SERVICE, name, metadata):
+                call, status, code, took_slot = Call(context), 200, grpc.StatusCode.OK, False
                 try:
                     refusal = key_refusal(self.rules, path, metadata.get("authorization", "").encode("latin-1"))
                     if refusal is not None:
@@ -159,31 +159,31 @@ class InferenceService:
                     # separate write of the initial metadata, cost 30% at c=1 (bench.serve: 1194 -> 1696 req/s).
                     return await method(request, call)
                 except ServiceError as e:
-                    status = protocol_status(e)
-                    await context.abort(grpc_code(e), error_message(e))
-                except asyncio.CancelledError:  # the client cancelled or went away
-                    status = 499
+                    status, code = protocol_status(e), grpc_code(e)
+                    await context.abort(code, error_message(e))
+                except asyncio.CancelledError:  # the client cancelled, went away, or its deadline passed
+                    status, code = 499, grpc.StatusCode.CANCELLED
                     raise
                 except Exception as e:
-                    status = 500
+                    status, code = 500, grpc.StatusCode.INTERNAL
                     log.error("unhandled %s in %s", type(e).__name__, name, exc_info=e)
                     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
                 finally:
                     if took_slot:
                         self.slots.release()
-                    self._done(path, call.model, rid, status, start)
+                    self._done(path, call.model, rid, status, code, start)
 
         return grpc.unary_unary_rpc_method_handler(handle, request_deserializer=request_type.FromString,
                                                    response_serializer=response_type.SerializeToString)
 
-    def _done(self, path: str, model: str, rid: str, status: int, start: float) -> None:
+    def _done(self, path: str, model: str, rid: str, status: int, code: grpc.StatusCode, start: float) -> None:
         seconds = time.perf_counter() - start
         if self.metrics is not None:
             self.metrics.observe_request(path, model, status, seconds)
         if tracing.tracer is not None:
-            tracing.finish_request(path, rid, status)
+            tracing.finish_request(rid, code)
         if access_log.isEnabledFor(logging.INFO):
-            record = {"request_id": rid, "method": "GRPC", "path": path, "status": status,
+            record = {"request_id": rid, "method": "GRPC", "path": path, "status": status, "grpc_status": code.name,
                       "latency_ms": round(seconds * 1000, 2), **({"model": model} if model else {}),
                       **tracing.ids()}
             access_log.info(json.dumps(record), extra={"access": record})
