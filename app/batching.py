@@ -238,8 +238,12 @@ class LoopTurnGroup:
     only its own request.
     """
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn = fn
+    def __init__(self, fn: Callable[..., Any] | None = None,
+                 many: Callable[[list[tuple[Any, ...]]], list[Any]] | None = None) -> None:
+        """`fn(*args)` per call, or `many([args, ...])` once for the turn's calls, answering each call's
+        result or the Exception that fails it alone: for work that is cheaper on all of them at once."""
+        assert (fn is None) != (many is None)
+        self.fn, self.many = fn, many
         self.queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self.handle: asyncio.Handle | None = None
 
@@ -254,9 +258,20 @@ class LoopTurnGroup:
     def _run(self) -> None:
         self.handle = None
         queue, self.queue = self.queue, []
-        for args, future in queue:
-            if future.done():
-                continue
+        live = [(args, future) for args, future in queue if not future.done()]  # cancelled: not done at all
+        if self.many is not None:
+            try:
+                outcomes = self.many([args for args, _ in live])
+            except Exception as e:
+                outcomes = [e] * len(live)
+            for (_, future), outcome in zip(live, outcomes, strict=True):
+                if isinstance(outcome, Exception):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+            return
+        assert self.fn is not None
+        for args, future in live:
             try:
                 future.set_result(self.fn(*args))
             except Exception as e:

@@ -29,9 +29,9 @@ from app.exceptions import (
     ServiceError,
     UnsupportedMediaType,
 )
-from app.imaging import fast_gray28, grays_to_tensor, is_fast_png, pixels_to_tensor
+from app.imaging import fast_gray28_many, grays_to_tensor, is_fast_png, pixels_to_tensor
 from app.inference import Limits
-from app.preprocess import Preprocess, check_pixels, png_header
+from app.preprocess import PngHeader, Preprocess, check_pixels, png_header
 from app.schemas import ImagesIn, InterpolateIn
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -97,8 +97,20 @@ class ImageReader:
     def __init__(self, max_pixels: int, timeout_s: float, processes: int | None = None) -> None:
         self.max_pixels = max_pixels
         self.decoders = DecoderPool(max_pixels, timeout_s, processes)
-        self.small = LoopTurnGroup(lambda blobs, headers, prep: grays_to_tensor(
-            [fast_gray28(b, h, max_pixels, prep) for b, h in zip(blobs, headers, strict=True)]))
+        self.small = LoopTurnGroup(many=self._small_many)
+
+    def _small_many(self, calls: list[tuple[list[bytes], list[PngHeader | None], Preprocess]]
+                    ) -> list[torch.Tensor | Exception]:
+        """Every fast PNG of one loop turn's requests decoded and screened together; each request's
+        images as one tensor, or the first failure among them."""
+        files = [(b, h, prep) for blobs, headers, prep in calls for b, h in zip(blobs, headers, strict=True)]
+        grays = iter(fast_gray28_many(files, self.max_pixels))
+        answers: list[torch.Tensor | Exception] = []
+        for blobs, _, _ in calls:
+            mine = [next(grays) for _ in blobs]
+            failed = next((g for g in mine if isinstance(g, Exception)), None)
+            answers.append(failed if failed is not None else grays_to_tensor(mine))  # type: ignore[arg-type]
+        return answers
 
     async def __call__(self, blobs: list[bytes], prep: Preprocess) -> torch.Tensor:
         headers = [png_header(b) for b in blobs]  # read once: routing, then the pixel limit and the decoder

@@ -23,8 +23,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,7 +111,7 @@ class ServiceMiddleware:
         start = time.perf_counter()
         limits = self.limits
         headers = dict(scope["headers"])
-        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or os.urandom(16).hex()  # uuid4: 3x the cost
         status = 500
         started = False
         extra_headers = [(b"x-request-id", rid.encode("latin-1"))]

@@ -307,6 +307,31 @@ def recentred(gray: np.ndarray) -> np.ndarray:
 BOLD, THIN = 3.3, 2.2
 
 
+def unchanged(grays: np.ndarray, fit: bool, thin: bool) -> np.ndarray:
+    """Which of these decoded 28x28 images `gray28` (invert other than "true") returns as they are: a black
+    border, and with `fit` centred by mass as MNIST's (`recentred`'s test) and with `thin` no bolder than
+    BOLD or mostly ink (`thinned`'s). All at once, with the same arithmetic as those functions (integer
+    moments, IEEE division, round half to even): a loop turn's uploads screened together cost a few
+    µs, where the checks image by image cost ~11 µs each. The rest go through `gray28`."""
+    g = grays
+    keep = ~(g[:, 0].any(1) | g[:, -1].any(1) | g[:, :, 0].any(1) | g[:, :, -1].any(1))
+    if not fit:
+        return keep
+    rows, cols = g.sum(2, dtype=np.int64), g.sum(1, dtype=np.int64)
+    total = rows.sum(1)
+    some = np.maximum(total, 1)
+    centred = (total == 0) | ((np.rint(14 - (rows @ _AXIS) / some) == 0) & (np.rint(14 - (cols @ _AXIS) / some) == 0))
+    keep &= centred
+    if thin:
+        ink = np.zeros((len(g), 30, 30), bool)  # a blank frame, as stroke_width's
+        np.greater(g, 127, out=ink[:, 1:-1, 1:-1])
+        area = ink.sum((1, 2))
+        outline = (ink[:, 1:] != ink[:, :-1]).sum((1, 2)) + (ink[:, :, 1:] != ink[:, :, :-1]).sum((1, 2))
+        width = np.where(area > 0, 2 * area / np.maximum(outline, 1), 0.0)
+        keep &= (width <= BOLD) | (area * 2 > 28 * 28)
+    return keep
+
+
 def stroke_width(gray: np.ndarray) -> float:
     """Mean width of the strokes in pixels: 2 x ink area / ink outline (a stroke of width w and length L
     has area wL and an outline of about 2L), on the pixels above half ink."""

@@ -50,7 +50,8 @@ def trace_to_nowhere() -> None:
     tracing._provider, tracing.tracer = provider, provider.get_tracer("bench")
 
 
-async def measure(paths: list[str], n: int, rounds: int, trace: bool = False) -> dict[str, list[float]]:
+async def measure(paths: list[str], n: int, rounds: int, trace: bool = False, concurrency: int = 1
+                  ) -> dict[str, list[float]]:
     from app.main import create_app
     from app.settings import Settings
 
@@ -84,12 +85,17 @@ async def measure(paths: list[str], n: int, rounds: int, trace: bool = False) ->
             for _ in range(2000):  # warm-up: caches, JIT profiling, the batcher's estimates
                 await call(*request)
         results: dict[str, list[float]] = {path: [] for path in paths}
+
+        async def client(request: tuple[str, str, bytes, list[tuple[bytes, bytes]]], calls: int) -> None:
+            for _ in range(calls):
+                await call(*request)
+
         for _ in range(rounds):
             for path, request in requests.items():
                 start = time.perf_counter()
-                for _ in range(n):
-                    await call(*request)
-                results[path].append((time.perf_counter() - start) / n * 1e6)
+                # `concurrency` clients, each sending its share one after another: batching as under load
+                await asyncio.gather(*(client(request, n // concurrency) for _ in range(concurrency)))
+                results[path].append((time.perf_counter() - start) / (n // concurrency * concurrency) * 1e6)
     return results
 
 
@@ -102,17 +108,21 @@ def main() -> int:
     p.add_argument("--tree", type=Path, action="append", help="checkout(s) to measure, in turn (default: this one)")
     p.add_argument("--alternations", type=int, default=2, help="with several trees: how many times to go round")
     p.add_argument("--trace", action="store_true", help="with tracing on (see above)")
+    p.add_argument("--concurrency", type=int, default=1, help="requests in flight at once (each client sends "
+                   "its share in turn): dynamic batching as under load, without sockets")
     args = p.parse_args()
     if args.tree:  # each tree in its own process, taking turns, so that drifts of the machine hit all alike
         for _ in range(args.alternations):
             for tree in args.tree:
                 subprocess.run([sys.executable, str(Path(__file__).resolve()), "--path", *args.path, "--n",
-                                str(args.n), "--rounds", str(args.rounds), *(["--trace"] if args.trace else [])],
+                                str(args.n), "--rounds", str(args.rounds), "--concurrency", str(args.concurrency),
+                                *(["--trace"] if args.trace else [])],
                                cwd=tree,
                                env={**os.environ, "PYTHONPATH": str(tree.resolve())}, check=True)
         return 0
-    for path, rounds in asyncio.run(measure(args.path, args.n, args.rounds, args.trace)).items():
-        print(f"{REPO.name if Path.cwd() == REPO else Path.cwd()}{' traced' if args.trace else ''} {path}: "
+    for path, rounds in asyncio.run(measure(args.path, args.n, args.rounds, args.trace, args.concurrency)).items():
+        print(f"{REPO.name if Path.cwd() == REPO else Path.cwd()}{' traced' if args.trace else ''} {path} "
+              f"c={args.concurrency}: "
               f"{min(rounds):.1f} µs/request "
               f"(best of {args.rounds} rounds of {args.n}; all {', '.join(f'{r:.1f}' for r in rounds)})", flush=True)
     return 0

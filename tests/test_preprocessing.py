@@ -561,3 +561,38 @@ def test_bold_strokes_are_thinned_to_an_ordinary_width_and_others_are_not() -> N
     page = Image.fromarray(bold).resize((280, 280), Image.Resampling.BILINEAR)
     assert stroke_width(prep(encoded(page))) <= BOLD  # a page's bold digit too
     assert np.array_equal(prep(DIGIT), INK)
+
+
+def test_a_loop_turns_files_screened_together_equal_each_one_alone(mnist) -> None:
+    """`fast_gray28_many` (one loop turn's fast PNGs, screened by `preprocess.unchanged`) answers exactly what
+    `fast_gray28` answers file by file: MNIST's test digits (all unchanged), and the same digits shifted,
+    drawn bold, on a grey border, one a ridge of exact ties, under every preprocessing option set; a
+    broken file fails alone."""
+    from app.imaging import fast_gray28, fast_gray28_many, is_fast_png
+
+    digits = mnist.test_images[:2000].numpy().astype(np.uint8).reshape(-1, 28, 28)
+    variants = [np.roll(digits[:200], 3, axis=2), np.roll(digits[200:400], -4, axis=1),
+                np.asarray([np.asarray(Image.fromarray(d).filter(ImageFilter.MaxFilter(3))) for d in digits[400:600]]),
+                np.where(digits[600:700] == 0, 40, digits[600:700]).astype(np.uint8)]
+    ridge = np.zeros((28, 28), np.uint8)
+    ridge[5:23, 13:15] = 255  # centre of mass exactly half a pixel off in x: round half to even
+    images = [*digits, *np.concatenate(variants), ridge, np.zeros((28, 28), np.uint8)]
+
+    def png(a: np.ndarray) -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(a, "L").save(out, "PNG")
+        return out.getvalue()
+
+    blobs = [png(a) for a in images] + [png(images[0])[:40]]  # the last one cut short
+    assert all(is_fast_png(b, png_header(b)) for b in blobs[:-1])
+    for prep in (Preprocess(), Preprocess(fit=False), Preprocess(thin=False), Preprocess(invert="true"),
+                 Preprocess(invert="false")):
+        together = fast_gray28_many([(b, png_header(b), prep) for b in blobs], 16_000_000)
+        for blob, got in zip(blobs, together, strict=True):
+            try:
+                alone = fast_gray28(blob, png_header(blob), 16_000_000, prep)
+            except Exception as e:
+                assert type(got) is type(e) and str(got) == str(e)
+                continue
+            assert isinstance(got, np.ndarray) and np.array_equal(got, alone), prep
+    assert isinstance(fast_gray28_many([(blobs[-1], png_header(blobs[-1]), Preprocess())], 784)[0], Exception)

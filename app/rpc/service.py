@@ -18,8 +18,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -141,7 +141,7 @@ class InferenceService:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
             metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-            rid = metadata.get("x-request-id", "")[:128] or uuid.uuid4().hex
+            rid = metadata.get("x-request-id", "")[:128] or os.urandom(16).hex()
             context.set_trailing_metadata((("x-request-id", rid),))  # sent with the status: no extra write
             with tracing.grpc_span(SERVICE, name, metadata):
                 call, status, code, took_slot = Call(context), 200, grpc.StatusCode.OK, False
