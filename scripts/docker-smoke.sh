@@ -11,6 +11,7 @@
 #   overlay scripts/docker-compose.smoke.yml only swaps the bridge network for the host's;
 # - waits for /readyz and the container's HEALTHCHECK, checks that compose ran it read-only with
 #   every capability dropped, calls /encode with a test PNG and /sample?n=16, checks the answers,
+#   and over gRPC (inside the container) the health service and vae.encode of the same PNG,
 #   and loads the page at / with its script and the 2-D model's latent map;
 # - cleans up: `docker compose down`, stops the mirror and the daemon it started, by PID. It
 #   leaves $WORK (default /tmp/vae-docker-smoke: the daemon's image, ~6 GB, its build cache and
@@ -181,5 +182,26 @@ curl -fsS "http://127.0.0.1:$PORT/" | grep -q '<script type="module" src="static
 curl -fsS -o /dev/null -w 'page.js: HTTP %{http_code}, %{size_download} bytes\n' "http://127.0.0.1:$PORT/static/page.js"
 curl -fsS --compressed "http://127.0.0.1:$PORT/models/vae-2d/latent-map" \
   | python3 -c "import json,sys; m=json.load(sys.stdin); assert m['n']==len(m['x'])==10000; print('latent map:', m['n'], 'points')"
+say "gRPC on the container's port 8081: the health service, and ModelInfer equal to POST /encode"
+docker exec -i "$NAME" python - "$(base64 -w0 tests/data/mnist_test_0_digit_7.png)" "$(cat "$WORK/encode.json")" <<'PY'
+import base64, json, struct, sys
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from app.rpc import inference_pb2 as pb
+png, rest = base64.b64decode(sys.argv[1]), json.loads(sys.argv[2])
+with grpc.insecure_channel("127.0.0.1:8081") as channel:
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING, health
+    request = pb.ModelInferRequest(model_name="vae.encode")
+    request.inputs.add(name="image_files", datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(struct.pack("<I", len(png)) + png)
+    infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                request_serializer=pb.ModelInferRequest.SerializeToString,
+                                response_deserializer=pb.ModelInferResponse.FromString)
+    mu = np.frombuffer(infer(request, timeout=30).raw_output_contents[0], np.float32)
+assert np.allclose(mu, rest["mu"], atol=1e-6), (mu[:3], rest["mu"][:3])
+print("gRPC: SERVING; vae.encode mu equals /encode's")
+PY
 docker logs "$NAME" 2>&1 | tail -5
 say "docker smoke test passed"
