@@ -13,7 +13,8 @@ no version gets the newest. Three things change what is served while requests fl
   would replace keeps serving. A model an operator unloaded stays unloaded until loaded.
 
 Requests are never lost to a change: routing tables are replaced whole (a request holds the
-engine it resolved), and a replaced or dropped engine is never closed under its callers.
+engine it resolved), and a replaced or dropped engine is never closed under its callers: it is
+freed with its last one. An unload answers once the model's passes are done.
 With several workers (VAE_WORKERS), each keeps its own models: load and unload are written
 to a shared state file that the other workers apply within a second.
 """
@@ -29,7 +30,6 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -111,14 +111,13 @@ class Repository:
         # Replaced whole on every change, never mutated: a request reads one consistent table.
         self.engines: dict[str, Engine] = {}  # the newest ready version of each model
         self.versions: dict[str, dict[str, Engine]] = {}
-        self.retired: set[Engine] = set()  # replaced or dropped, closed at shutdown
         self._lock = asyncio.Lock()
         self._seen: dict[Path, tuple[int, int, int] | None] = {}  # each file's signature at the last poll
         self._watcher: asyncio.Task[None] | None = None
 
     # --- start-up and shutdown ---------------------------------------------------------------
 
-    def open(self, default: str) -> list[ServedModel]:
+    def open(self, default: str) -> None:
         """Load every artifact (start-up: any fault fails the start; app/artifacts.py)."""
         if self.shared is not None:
             self.shared.read()
@@ -126,18 +125,15 @@ class Repository:
             self.loads_seen = dict(self.shared.loads)
         models = load_models(self.folder, self.device, default)
         files = {f.path: f for f in artifact_files(self.folder)}
-        loaded = []
         for by_version in models.values():
             for model in by_version.values():
                 file = files[model.path]
                 sig = file.signature()
                 self.entries[file.path] = Entry(file, model.name, sig, self.make_engine(model))
                 self._seen[file.path] = sig
-                loaded.append(model)
         for name in self.unloaded & set(models):  # another worker's operator unloaded it
             self._drop(name, "unloaded")
         self._publish()
-        return loaded
 
     def start_watching(self) -> None:
         intervals = [*([self.poll_s] if self.poll_s > 0 else []), *([SHARED_POLL_S] if self.shared else [])]
@@ -149,23 +145,11 @@ class Repository:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
-        for engine in {*self.retired, *(e.engine for e in self.entries.values() if e.engine is not None)}:
-            engine.close()
+        for entry in self.entries.values():
+            if entry.engine is not None:
+                entry.engine.close()
 
     # --- what is served ----------------------------------------------------------------------
-
-    def engine(self, name: str, version: str | None = None) -> Engine:
-        """The engine of a model's version, its newest when none is named."""
-        if version is None or version == "":
-            if name in self.engines:
-                return self.engines[name]
-            raise UnknownModel(f"{name!r}; available: {sorted(self.engines)}")
-        by_version = self.versions.get(name)
-        if by_version is None:
-            raise UnknownModel(f"{name!r}; available: {sorted(self.engines)}")
-        if version not in by_version:
-            raise UnknownModel(f"{name!r} has no version {version!r}; served: {', '.join(self.versions_of(name))}")
-        return by_version[version]
 
     def versions_of(self, name: str) -> list[str]:
         return sorted(self.versions.get(name, {}), key=int)
@@ -227,9 +211,8 @@ class Repository:
             return
         for name in sorted(self.shared.unloaded - self.unloaded):
             if any(e.name == name for e in self.entries.values()):
-                dropped = self._drop(name, "unloaded")
+                self._drop(name, "unloaded")
                 self._publish()
-                asyncio.get_running_loop().create_task(self._drain(dropped))
             self.unloaded.add(name)
         for name, count in self.shared.loads.items():
             if count > self.loads_seen.get(name, 0):
@@ -265,7 +248,7 @@ class Repository:
                 self._refuse(file, file.signature(), reason)
                 raise ArtifactRefused(reason)
             by_version[file.version] = file.path
-        dropped = self._drop(name, "")
+        self._drop(name, "")
         for path in [p for p, e in self.entries.items() if e.name == name and p not in by_version.values()]:
             del self.entries[path]  # its file is gone
         for file, model, sig in loaded:
@@ -274,7 +257,6 @@ class Repository:
         self.unloaded.discard(name)
         self._publish()
         log.info("model %s loaded: version(s) %s", name, ", ".join(sorted(by_version, key=int)))
-        asyncio.get_running_loop().create_task(self._drain(dropped))
         return sorted(by_version, key=int)
 
     async def _scan(self) -> None:
@@ -285,7 +267,6 @@ class Repository:
             log.info("model %s version %s: %s is gone; no longer served", entry.name, entry.file.version, path)
             if entry.engine is not None:
                 self._publish()
-                asyncio.get_running_loop().create_task(self._drain([entry.engine]))
         for path, file in files.items():
             sig, before = file.signature(), self._seen.get(path)
             self._seen[path] = sig
@@ -307,12 +288,11 @@ class Repository:
                 self._refuse(file, sig, f"{path}: version {file.version} of {model.name!r} is already served from "
                              f"{clash.file.path}")
                 continue
-            old = entry.engine if entry is not None else None
+            replaced = entry is not None and entry.engine is not None
             self.entries[path] = Entry(file, model.name, sig, self.make_engine(model))
             self._publish()
-            log.info("model %s version %s %s from %s", model.name, file.version, "replaced" if old else "loaded", path)
-            if old is not None:
-                asyncio.get_running_loop().create_task(self._drain([old]))
+            log.info("model %s version %s %s from %s", model.name, file.version, "replaced" if replaced else "loaded",
+                     path)
 
     def _refuse(self, file: ArtifactFile, sig: tuple[int, int, int] | None, reason: str) -> None:
         """One line in the log, the reason in the index; whatever served before keeps serving."""
@@ -329,7 +309,6 @@ class Repository:
         return dropped
 
     async def _drain(self, engines: list[Engine]) -> None:
-        self.retired.update(engines)
         for engine in engines:
             if not await engine.drained(self.drain_s):
                 log.warning("model %s: %d call(s) still in progress after %g s", engine.model.name, engine.active,
@@ -345,6 +324,3 @@ class Repository:
 
     def _names(self) -> list[str]:
         return sorted({e.name for e in self.entries.values() if e.name})
-
-    def describe(self) -> dict[str, Any]:
-        return {"folder": str(self.folder), "poll_s": self.poll_s, "unloaded": sorted(self.unloaded)}

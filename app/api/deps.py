@@ -91,9 +91,7 @@ def repository_of(request: Request) -> Repository:
 
 def engine_for(request: Request, name: str | None) -> Engine:
     """The newest version of the named model (the default model when none is named)."""
-    if not request.app.state.ready:
-        raise Unavailable("models are still loading")
-    engines = request.app.state.repository.engines
+    engines = repository_of(request).engines
     name = name or request.app.state.settings.default_model
     if name not in engines:
         raise UnknownModel(f"{name!r}; available: {sorted(engines)}")

@@ -47,12 +47,13 @@ PROBES = ("ServerLive", "ServerReady", "ModelReady")  # answered while loading, 
 
 
 class Call:
-    """What one call's handler needs besides its message: the model it named, for metrics and the log."""
+    """What a method tells the handler around it: the model it named (once known to be served), for the
+    metrics and the access log."""
 
-    __slots__ = ("context", "model")
+    __slots__ = ("model",)
 
-    def __init__(self, context: grpc.aio.ServicerContext) -> None:
-        self.context, self.model = context, ""
+    def __init__(self) -> None:
+        self.model = ""
 
 
 class InferenceService:
@@ -144,7 +145,7 @@ class InferenceService:
             rid = metadata.get("x-request-id", "")[:128] or os.urandom(16).hex()
             context.set_trailing_metadata((("x-request-id", rid),))  # sent with the status: no extra write
             with tracing.grpc_span(SERVICE, name, metadata):
-                call, status, code, took_slot = Call(context), 200, grpc.StatusCode.OK, False
+                call, status, code, took_slot = Call(), 200, grpc.StatusCode.OK, False
                 try:
                     refusal = key_refusal(self.rules, path, metadata.get("authorization", "").encode("latin-1"))
                     if refusal is not None:
